@@ -1,0 +1,239 @@
+"""Prompts and gold answers for RLVR: the embedded world's splits, or your own JSON / JSONL / Parquet / CSV files.
+
+A batch is a plain ``list[dict]`` of ``{"prompt", "answer", "index", "split"}``: RL batches are prompts, not
+tensors; tokenization happens in the rollout engine. Every row is checked before training starts, and a row
+without a prompt or an answer is an error naming the file and the row.
+
+The training loader is resumable: it shuffles with a generator seeded by ``(seed, epoch)``, shards across ranks
+itself (so Lightning never wraps it in a ``DistributedSampler``), and saves its position in the checkpoint, so a
+run resumed with ``--ckpt_path last`` sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from p2o_lightning.tasks import Problem, get_task
+
+_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _prompt_text(value: Any) -> str | None:
+    """A prompt is a string, or a chat message list (verl's format) whose last user message is the prompt."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        users = [m.get("content") for m in value if m.get("role") == "user"]
+        return users[-1] if users and isinstance(users[-1], str) else None
+    return None
+
+
+def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_key: str = "answer") -> list[Problem]:
+    """Read a data file with ``datasets`` and check every row; errors name the file, the row and the key."""
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    import datasets
+
+    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    for key in (prompt_key, answer_key):
+        if key not in ds.column_names:
+            raise ValueError(f"{path}: no column {key!r} (columns: {ds.column_names})")
+    problems = []
+    for i, row in enumerate(ds):
+        prompt = _prompt_text(row[prompt_key])
+        answer = row[answer_key]
+        if isinstance(answer, dict) and "ground_truth" in answer:  # verl's reward_model column
+            answer = answer["ground_truth"]
+        if not prompt or not prompt.strip():
+            raise ValueError(f"{path}: row {i} has no usable {prompt_key!r} (got {row[prompt_key]!r})")
+        if answer is None or not str(answer).strip():
+            raise ValueError(f"{path}: row {i} has no {answer_key!r} (got {answer!r})")
+        problems.append(Problem(prompt=prompt, answer=str(answer).strip()))
+    if not problems:
+        raise ValueError(f"{path}: no rows")
+    return problems
+
+
+class PromptStream(IterableDataset):
+    """Batches of prompts for one rank: shuffled per epoch, sharded, resumable at a batch boundary."""
+
+    def __init__(self, problems: list[Problem], batch_size: int, seed: int, split: str, shuffle: bool = True) -> None:
+        self.problems = problems
+        self.batch_size = batch_size
+        self.seed = seed
+        self.split = split
+        self.shuffle = shuffle
+        self.epoch = 0  # the epoch the next iteration (or the current one) belongs to
+        self.yielded = 0  # batches handed out in the current epoch
+        self.exhausted = False
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        _, world = _rank_and_world()
+        return len(self.problems) // (self.batch_size * world)
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.problems)))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.problems), generator=g).tolist()
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        rank, world = _rank_and_world()
+        if self.exhausted:  # a new pass after a finished one is the next epoch
+            self.epoch += 1
+        self.exhausted = False
+        start, self._resume_at = self._resume_at, 0
+        order = self._order(self.epoch)
+        n_batches = len(self)
+        per_step = self.batch_size * world
+        for b in range(start, n_batches):
+            self.yielded = b + 1
+            rows = order[b * per_step : (b + 1) * per_step][rank::world]
+            yield [
+                {"prompt": self.problems[i].prompt, "answer": self.problems[i].answer, "index": i, "split": self.split}
+                for i in rows
+            ]
+        self.exhausted = True
+
+    # Lightning fetches one batch ahead of training_step (its prefetching data fetcher), so when a checkpoint
+    # is written after step N of an epoch the stream has already handed out batch N+1 unless it is exhausted.
+    def state_dict(self) -> dict[str, int]:
+        consumed = self.yielded if self.exhausted else max(self.yielded - 1, 0)
+        return {"epoch": self.epoch, "consumed": consumed, "exhausted": int(self.exhausted)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.exhausted = bool(state.get("exhausted", 0))
+        self._resume_at = 0 if self.exhausted else int(state["consumed"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`PromptStream` that Lightning saves and restores with the checkpoint."""
+
+    def __init__(self, stream: PromptStream) -> None:
+        super().__init__(stream, batch_size=None, collate_fn=lambda batch: batch, num_workers=0)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.dataset.load_state_dict(state)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Training prompts and named validation splits for a verifiable task.
+
+    Args:
+        task: the verifiable task's name (``addition`` is the embedded world, ``math`` uses math-verify).
+        train_file: JSON / JSONL / Parquet / CSV with a prompt and an answer per row. None: the embedded world's
+            training split (task ``addition`` only).
+        val_files: validation splits by name, e.g. ``{"in_dist": dev.jsonl, "ood": aime24.jsonl}``. None: the
+            embedded world's ``in_dist`` (held-out easy + hard) and ``ood`` splits.
+        prompt_key: the column holding the prompt (a string, or a chat message list whose last user turn is used).
+        answer_key: the column holding the gold answer (verl's ``reward_model`` dict is accepted too).
+        batch_size: prompts per optimizer step on each device (each gets K rollouts).
+        val_batch_size: prompts per validation batch.
+        max_val_samples: keep at most this many problems of each validation split (None: all).
+        seed: seed of the training order (shuffled anew each epoch).
+        world_seed: seed of the embedded world's splits.
+    """
+
+    def __init__(
+        self,
+        task: str = "addition",
+        train_file: str | None = None,
+        val_files: dict[str, str] | None = None,
+        prompt_key: str = "prompt",
+        answer_key: str = "answer",
+        batch_size: int = 8,
+        val_batch_size: int = 32,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+        world_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        get_task(task)  # fail on an unknown task before anything else
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
+        if train_file is None and task != "addition":
+            raise ValueError(f"task={task!r} has no embedded data: set data.train_file (and data.val_files)")
+        self.task = task
+        self.train_file, self.val_files = train_file, val_files
+        self.prompt_key, self.answer_key = prompt_key, answer_key
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.max_val_samples = max_val_samples
+        self.seed, self.world_seed = seed, world_seed
+        self.train_problems: list[Problem] = []
+        self.val_problems: dict[str, list[Problem]] = {}
+        self._train_stream: PromptStream | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.train_problems:
+            return
+        if self.train_file is None or self.val_files is None:
+            from p2o_lightning.tasks.world import world_splits
+
+            splits = world_splits(self.world_seed)
+        if self.train_file is None:
+            self.train_problems = splits["train"]
+        else:
+            self.train_problems = load_problems(self.train_file, self.prompt_key, self.answer_key)
+        if self.val_files is None:
+            self.val_problems = {"in_dist": splits["easy"] + splits["hard"], "ood": splits["ood"]}
+        else:
+            self.val_problems = {
+                name: load_problems(path, self.prompt_key, self.answer_key) for name, path in self.val_files.items()
+            }
+        if self.max_val_samples is not None:
+            self.val_problems = {k: v[: self.max_val_samples] for k, v in self.val_problems.items()}
+        _, world = _rank_and_world()
+        if len(self.train_problems) < self.batch_size * world:
+            raise ValueError(
+                f"{len(self.train_problems)} training problems cannot fill one step of batch_size={self.batch_size}"
+                f" on {world} device(s)"
+            )
+
+    @property
+    def val_split_names(self) -> list[str]:
+        return list(self.val_problems)
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self._train_stream is None:
+            self._train_stream = PromptStream(self.train_problems, self.batch_size, self.seed, "train")
+        return ResumableLoader(self._train_stream)
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        rank, world = _rank_and_world()
+        loaders = []
+        for name, problems in self.val_problems.items():
+            rows = [
+                {"prompt": p.prompt, "answer": p.answer, "index": i, "split": name}
+                for i, p in enumerate(problems)
+                if i % world == rank
+            ]
+            loaders.append(DataLoader(rows, batch_size=self.val_batch_size, collate_fn=lambda batch: batch))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()

@@ -1,0 +1,500 @@
+"""``P2OModule``: GRPO with PPO-clip on verifiable rewards, as a LightningModule.
+
+One ``training_step`` is one RL iteration, the shape TRL's ``GRPOTrainer`` and verl's ``ray_trainer`` share:
+
+1. **Rollouts.** K responses per prompt from the rollout engine (HF ``generate``; temperature, top-p, EOS).
+2. **Rewards.** ``task.score`` per response, in worker threads with a timeout (:mod:`p2o_lightning.rewards`).
+3. **Advantages.** Group-normalised rewards, GRPO ``(r - mean) / (std + eps)`` or Dr. GRPO's ``r - mean``.
+4. **Old / reference log-probs** once, under no grad (the reference only when ``kl_coef > 0``).
+5. **PPO updates.** ``ppo_epochs`` passes over the rollouts in mini-batches of prompts, each split into
+   micro-batches for gradient accumulation; PPO-clip with separate low / high clip, KL to the reference with the
+   k1 / k2 / k3 estimators, gradient clipping, warm-up. Manual optimisation: one optimizer step per mini-batch,
+   so Lightning's ``global_step`` counts PPO updates (``train/rollout_step`` counts RL iterations).
+
+Log-probs come from hidden states and the LM head through :func:`p2o_lightning.ops.get_ops`, chunked over tokens,
+never as a tokens × vocab tensor. The module never imports triton: ``backend`` chooses.
+
+P²O hooks in through two seams, both inert without the P²O callback: ``rollout_prompts`` (the K generation
+prompts of each prompt, templated for hard samples) and the per-step ``outputs`` (prompts, answers and rewards
+that the callback collects hard samples from).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from p2o_lightning.metrics import CollapseRate
+from p2o_lightning.ops import get_ops
+from p2o_lightning.rewards import SafeGrader
+from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams, check_rollout_engine, require_extra
+from p2o_lightning.tasks import get_task
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
+    """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path == "embedded":
+        from p2o_lightning.tasks.world import build_world
+
+        path = str(build_world())
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class PolicyLogProb(nn.Module):
+    """Per-token log-prob (and entropy) of response tokens, from the decoder's hidden states and the LM head.
+
+    One module whose ``forward`` does the whole computation, so that DDP and FSDP2 (which gather parameters in a
+    module's forward hooks) see the LM head used inside a forward.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the LM head has a bias; the fused log-prob assumes logits = hidden @ weight.T")
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [M, P + R] prompt (left-padded) then response (right-padded)
+        attention_mask: Tensor,  # [M, P + R]
+        targets: Tensor,  # [M, R] response ids, ignore_index where masked
+        ops: Any,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        chunk_size: int = 1024,
+    ) -> tuple[Tensor, Tensor | None]:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        hidden = self.lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [M, P + R, H]
+        response_len = targets.shape[1]
+        hidden = hidden[:, -response_len - 1 : -1]  # [M, R, H]: the positions that predict the response tokens
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        return ops.linear_logprob(
+            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size
+        )
+
+
+class P2OModule(L.LightningModule):
+    """GRPO policy optimisation on verifiable rewards, with seams for P²O's prompt evolution and distillation.
+
+    Args:
+        model: local path of a HF causal LM (``save_pretrained`` layout), or ``embedded`` for the embedded world.
+        task: the verifiable task's name (must match the data's).
+        optimizer: the optimizer, called with the policy's parameters (LightningCLI ``class_path`` / ``init_args``).
+        warmup_steps: linear warm-up, in PPO updates; a value in (0, 1) is a share of all updates.
+        lr_schedule: after warm-up: ``constant`` (the paper) or ``cosine`` decay to 0.
+        max_grad_norm: clip the global gradient norm to this (0 or None: no clipping).
+        num_rollouts: K, rollouts per prompt.
+        temperature: sampling temperature of rollouts; log-probs are computed at the same temperature.
+        top_p: nucleus sampling of rollouts.
+        max_new_tokens: response length limit of rollouts.
+        ppo_epochs: passes over one rollout batch.
+        ppo_mini_batch_size: prompts per PPO update (None: the whole batch, one update per pass).
+        micro_batch_size: sequences per forward / backward (gradient accumulation inside a mini-batch).
+        clip_low: PPO ratio clip below (1 - clip_low).
+        clip_high: PPO ratio clip above (1 + clip_high); > clip_low is DAPO's clip-higher.
+        clip_ratio_c: dual-clip bound for negative advantages (None: off).
+        loss_agg: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum``.
+        norm_adv_by_std: GRPO's std normalisation of advantages (False: Dr. GRPO's ``r - mean``).
+        kl_coef: weight of the KL-to-reference term in the loss (0, the paper's setting, skips the reference).
+        kl_estimator: ``k1`` | ``k2`` | ``k3``.
+        backend: op implementation: ``auto`` (Triton on CUDA when available, else torch) | ``torch`` | ``triton``.
+        logprob_chunk_size: tokens per chunk of the log-prob op (bounds the live logits to chunk × vocab).
+        reward_timeout: seconds a reward call may take before it scores 0 and is counted as a timeout.
+        val_num_samples: k of the validation mean@k (sampled at ``val_temperature``; 0 disables it).
+        val_temperature: sampling temperature of mean@k validation.
+        val_max_new_tokens: response length limit in validation (None: ``max_new_tokens``).
+        dtype: parameter dtype of policy and reference: ``float32`` | ``bfloat16`` | ``float16``.
+        attn_implementation: HF attention kernel (``sdpa``, ``eager``, ``flash_attention_2`` needs the flash extra).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (optional extra).
+        seed: seed of validation sampling (kept apart from the training RNG stream).
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded",
+        task: str = "addition",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: float = 0.0,
+        lr_schedule: str = "constant",
+        max_grad_norm: float | None = 1.0,
+        num_rollouts: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 64,
+        ppo_epochs: int = 1,
+        ppo_mini_batch_size: int | None = None,
+        micro_batch_size: int = 32,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        clip_ratio_c: float | None = None,
+        loss_agg: str = "token-mean",
+        norm_adv_by_std: bool = True,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        backend: str = "auto",
+        logprob_chunk_size: int = 1024,
+        reward_timeout: float = 10.0,
+        val_num_samples: int = 4,
+        val_temperature: float = 1.0,
+        val_max_new_tokens: int | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        rollout_engine: str = "hf",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # Everything a config can get wrong is checked here, before a model is loaded or a rollout sampled.
+        if loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg={loss_agg!r} is unknown; choose one of {LOSS_AGGS}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={kl_estimator!r} is unknown; choose one of {KL_ESTIMATORS}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {tuple(DTYPES)}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={lr_schedule!r} is unknown; choose 'constant' or 'cosine'")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend={backend!r} is unknown; choose 'auto', 'torch' or 'triton'")
+        if num_rollouts < 1 or ppo_epochs < 1 or micro_batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("num_rollouts, ppo_epochs, micro_batch_size and max_new_tokens must all be >= 1")
+        if attn_implementation == "flash_attention_2":
+            require_extra("flash_attn", "flash", "attn_implementation='flash_attention_2'")
+        check_rollout_engine(rollout_engine)
+        get_task(task)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.automatic_optimization = False
+
+        self.task = get_task(task)
+        self.grader = SafeGrader(self.task, timeout=reward_timeout)
+        self.policy: PolicyLogProb | None = None  # loaded in configure_model, after the data is checked
+        self._reference: list[PolicyLogProb] = []  # held outside the module tree: frozen, never checkpointed
+        self.tokenizer = None
+        self.engine: HFRolloutEngine | None = None
+        self.collapse = CollapseRate()
+        self.rollout_steps = 0  # RL iterations done (checkpointed)
+        self.val_metrics = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        lm, self.tokenizer = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
+        if hp.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.config.use_cache = False
+        self.policy = PolicyLogProb(lm)
+        ref_lm, _ = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
+        ref_lm.eval().requires_grad_(False)
+        self._reference = [PolicyLogProb(ref_lm).to(self.device)]
+        self.engine = HFRolloutEngine(lm, self.tokenizer)
+
+    @property
+    def reference(self) -> PolicyLogProb:
+        """The frozen reference model (initial weights): eval mode, no grad, outside the optimizer."""
+        ref = self._reference[0]
+        if next(ref.parameters()).device != self.device:
+            ref.to(self.device)
+        return ref
+
+    @property
+    def ops(self):
+        return get_ops(self.hparams.backend, self.device)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "task", self.hparams.task) != self.hparams.task:
+            raise ValueError(f"model.task={self.hparams.task!r} but data.task={dm.task!r}: they must match")
+        names = getattr(dm, "val_split_names", None) or []
+        for name in names:
+            for kind in ("greedy", "mean_at_k"):
+                key = f"{name}_{kind}"
+                if key not in self.val_metrics:
+                    self.val_metrics[key] = MeanMetric()
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = self._total_updates()
+        warmup = self.hparams.warmup_steps
+        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine or total <= warmup:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _updates_per_batch(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = getattr(dm, "batch_size", None) or 1
+        mini = self.hparams.ppo_mini_batch_size or batch
+        return self.hparams.ppo_epochs * math.ceil(batch / mini)
+
+    def _total_updates(self) -> int:
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps  # manual optimisation: max_steps counts optimizer steps
+        return max(1, int(self.trainer.estimated_stepping_batches) * self._updates_per_batch())
+
+    # ------------------------------------------------------------------ rollouts
+    def rollout_prompts(self, prompts: list[str]) -> list[str] | None:
+        """Per-rollout generation prompts ([B*K]) or None for plain GRPO (each prompt sampled K times).
+
+        P²O's callback replaces this for hard samples that hold templates (context distillation).
+        """
+        return None
+
+    def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
+        """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
+        rollouts = self.engine.generate(prompts, sampling)
+        grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
+        return rollouts, grade
+
+    def sequence_logprobs(
+        self, model: PolicyLogProb, rollouts: Rollouts, return_entropy: bool = False, grad: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [M, R] (and entropy) of all rollouts' response tokens, in micro-batches."""
+        hp = self.hparams
+        ops = self.ops
+        targets = rollouts.response_ids.masked_fill(rollouts.response_mask == 0, -100)
+        logps, ents = [], []
+        with torch.set_grad_enabled(grad):
+            for rows in torch.arange(len(rollouts.texts)).split(hp.micro_batch_size):
+                logp, ent = model(
+                    rollouts.input_ids[rows],
+                    rollouts.attention_mask[rows],
+                    targets[rows],
+                    ops,
+                    temperature=self._logprob_temperature,
+                    return_entropy=return_entropy,
+                    chunk_size=hp.logprob_chunk_size,
+                )
+                logps.append(logp)
+                ents.append(ent)
+        return torch.cat(logps), (torch.cat(ents) if return_entropy else None)
+
+    @property
+    def _logprob_temperature(self) -> float:
+        return self.hparams.temperature if self.hparams.temperature > 0 else 1.0
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, Any]:
+        hp = self.hparams
+        prompts = [row["prompt"] for row in batch]
+        answers = [row["answer"] for row in batch]
+        B, K = len(prompts), hp.num_rollouts
+
+        t0 = time.perf_counter()
+        sampling = SamplingParams(K, hp.temperature, hp.top_p, hp.max_new_tokens)
+        gen_prompts = self.rollout_prompts(prompts)
+        if gen_prompts is None:
+            rollouts, grade = self.sample(prompts, answers, sampling)
+        else:
+            rollouts, grade = self.sample(gen_prompts, [a for a in answers for _ in range(K)], _one(sampling))
+        t_rollout = time.perf_counter() - t0
+
+        rewards = torch.tensor(grade.rewards, dtype=torch.float32, device=self.device).view(B, K)
+        ops = self.ops
+        advantages = ops.group_advantage(rewards, norm_by_std=hp.norm_adv_by_std).view(B * K)  # [B*K]
+        mask = rollouts.response_mask.float()  # [B*K, R]
+
+        t0 = time.perf_counter()
+        old_logp, entropy = self.sequence_logprobs(self.policy, rollouts, return_entropy=True)
+        ref_logp = self.sequence_logprobs(self.reference, rollouts)[0] if hp.kl_coef > 0 else None
+        t_logprob = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = self._ppo_update(rollouts, old_logp, ref_logp, advantages, mask, B, K)
+        t_update = time.perf_counter() - t0
+        self.rollout_steps += 1
+
+        self._log_train(rewards, rollouts, mask, entropy, grade, stats, t_rollout, t_logprob, t_update)
+        return {"prompts": prompts, "answers": answers, "rewards": rewards.detach().cpu()}
+
+    def _ppo_update(self, rollouts, old_logp, ref_logp, advantages, mask, B: int, K: int) -> dict[str, float]:
+        hp = self.hparams
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        ops = self.ops
+        mini = hp.ppo_mini_batch_size or B
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(hp.ppo_epochs):
+            groups = torch.randperm(B)  # shuffle whole groups; the K rollouts of a prompt stay together
+            for group_ids in groups.split(mini):
+                rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(self.device)  # [mini*K]
+                num_tokens = mask[rows].sum().clamp(min=1)
+                opt.zero_grad()
+                for micro in rows.split(hp.micro_batch_size):
+                    sub = rollouts.select(micro)
+                    targets = sub.response_ids.masked_fill(sub.response_mask == 0, -100)
+                    logp, _ = self.policy(
+                        sub.input_ids,
+                        sub.attention_mask,
+                        targets,
+                        ops,
+                        temperature=self._logprob_temperature,
+                        chunk_size=hp.logprob_chunk_size,
+                    )
+                    loss, stats = ops.policy_loss(
+                        logp,
+                        old_logp[micro],
+                        advantages[micro],
+                        mask[micro],
+                        ref_logp=None if ref_logp is None else ref_logp[micro],
+                        clip_low=hp.clip_low,
+                        clip_high=hp.clip_high,
+                        clip_ratio_c=hp.clip_ratio_c,
+                        kl_coef=hp.kl_coef,
+                        kl_estimator=hp.kl_estimator,
+                        loss_agg=hp.loss_agg,
+                        num_tokens=num_tokens,
+                        num_seqs=len(rows),
+                    )
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss ({loss.item()}) at global step {self.global_step} (rollout step "
+                            f"{self.rollout_steps}); stopping before the optimizer step, no checkpoint is written"
+                        )
+                    self.manual_backward(loss)
+                    weight = len(micro) / len(rows)
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value) * weight
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                grad_norm = self._clip_grad_norm()
+                if not math.isfinite(grad_norm):
+                    raise FloatingPointError(
+                        f"non-finite gradient norm ({grad_norm}) at global step {self.global_step} (rollout step "
+                        f"{self.rollout_steps}); stopping before the optimizer step, no checkpoint is written"
+                    )
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                opt.step()
+                sched.step()
+                n_updates += 1
+        return {k: v / n_updates for k, v in sums.items()}
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _log_train(self, rewards, rollouts, mask, entropy, grade, stats, t_rollout, t_logprob, t_update) -> None:
+        self.collapse.update(rewards)
+        collapse = {k: v.item() for k, v in self.collapse.compute().items()}
+        self.collapse.reset()
+        lengths = mask.sum(dim=1)
+        n_tokens = mask.sum().clamp(min=1)
+        metrics = {
+            "train/reward": rewards.mean(),
+            "train/accuracy": (rewards >= 1.0).float().mean(),
+            "train/entropy": (entropy * mask).sum() / n_tokens,
+            "train/response_length": lengths.mean(),
+            "train/response_length_max": lengths.max(),
+            "train/truncated": rollouts.truncated.float().mean(),
+            "train/reward_errors": float(grade.errors),
+            "train/reward_timeouts": float(grade.timeouts),
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+            "train/rollout_step": float(self.rollout_steps),
+            "time/rollout_s": t_rollout,
+            "time/logprob_s": t_logprob,
+            "time/update_s": t_update,
+            "time/rollout_tokens_per_s": float(mask.sum()) / max(t_rollout, 1e-9),
+        }
+        metrics.update({f"train/{k}": v for k, v in stats.items()})
+        reduce_max = {"train/response_length_max", "train/ratio_max"}
+        for key, value in metrics.items():
+            self.log(key, value, on_step=True, sync_dist=True, reduce_fx="max" if key in reduce_max else "mean")
+        for key, value in collapse.items():  # already reduced over ranks by the metric
+            self.log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
+        self.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: list[dict], prefix: str) -> None:
+        hp = self.hparams
+        split = batch[0]["split"]
+        prompts = [row["prompt"] for row in batch]
+        answers = [row["answer"] for row in batch]
+        max_new = hp.val_max_new_tokens or hp.max_new_tokens
+        # Validation sampling draws from its own seeded stream, so evaluating never shifts the training RNG.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(hp.seed * 7919 + self.global_step * 31 + batch[0]["index"])
+            _, grade = self.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new))
+            greedy = torch.tensor(grade.rewards, device=self.device)
+            metric = self.val_metrics[f"{split}_greedy"]
+            metric.update(greedy)
+            self.log(f"{prefix}/{split}/greedy_acc", metric, on_epoch=True, add_dataloader_idx=False)
+            if hp.val_num_samples > 0:
+                n = hp.val_num_samples
+                _, grade = self.sample(prompts, answers, SamplingParams(n, hp.val_temperature, hp.top_p, max_new))
+                metric = self.val_metrics[f"{split}_mean_at_k"]
+                metric.update(torch.tensor(grade.rewards, device=self.device))
+                self.log(f"{prefix}/{split}/mean@{n}", metric, on_epoch=True, add_dataloader_idx=False)
+
+    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["p2o_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        }
+        checkpoint["p2o_rollout_steps"] = self.rollout_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollout_steps = checkpoint.get("p2o_rollout_steps", 0)
+        rng = checkpoint.get("p2o_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+
+    def on_fit_end(self) -> None:
+        self.grader.close()
+
+
+def _one(sampling: SamplingParams) -> SamplingParams:
+    return SamplingParams(1, sampling.temperature, sampling.top_p, sampling.max_new_tokens)

@@ -1,0 +1,126 @@
+"""What a run leaves behind: atomic checkpoints, the exported policy, and a metrics plot a person can read.
+
+- :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, fsyncs it and renames
+  it into place, so a run killed mid-save never leaves a truncated ``last.ckpt``.
+- :class:`ExportPolicy` saves the trained policy with ``save_pretrained`` (plus its tokenizer) at the end of fit,
+  loadable by ``AutoModelForCausalLM.from_pretrained`` with no prompt and no p2o-lightning.
+- :class:`MetricsPlot` draws reward, in-distribution and OOD accuracy and the collapse rate against the step from
+  the CSV logger's ``metrics.csv`` into ``metrics.png`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<path>.tmp``, fsync, then ``os.replace`` onto ``<path>``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder: the logger's log_dir, else the trainer's default_root_dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class ExportPolicy(L.Callback):
+    """Save the policy (``save_pretrained``) and tokenizer to ``dirpath`` (default ``<run dir>/policy``)."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        lm = pl_module.policy.lm
+        state = None
+        if trainer.world_size > 1 and hasattr(lm, "unshard"):  # FSDP2: gather full tensors on every rank
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if trainer.is_global_zero:
+            out = Path(self.dirpath) if self.dirpath else run_dir(trainer) / "policy"
+            lm.save_pretrained(out, state_dict=state)
+            pl_module.tokenizer.save_pretrained(out)
+            rank_zero_info(f"policy exported to {out}")
+        trainer.strategy.barrier("export_policy")
+
+
+PLOT_PANELS = (
+    ("reward", ["train/reward"]),
+    ("accuracy", ["val/in_dist/greedy_acc", "val/ood/greedy_acc", "val/in_dist/mean@", "val/ood/mean@"]),
+    ("collapse", ["train/collapse_rate", "train/collapse_all_wrong", "train/collapse_all_right"]),
+)
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` → {metric: [(step, value)]}, the last value per step kept (a resumed run re-logs steps)."""
+    series: dict[str, dict[int, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
+    """Draw reward, accuracy (in-dist / OOD) and collapse rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(metrics_csv)
+    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(5 * len(PLOT_PANELS), 3.6))
+    for ax, (name, prefixes) in zip(axes, PLOT_PANELS):
+        for prefix in prefixes:
+            for key in sorted(k for k in series if k.startswith(prefix)):
+                steps, values = zip(*series[key])
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+class MetricsPlot(L.Callback):
+    """At the end of fit, plot the CSV logger's ``metrics.csv`` into ``metrics.png`` beside it."""
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        csv_path = run_dir(trainer) / "metrics.csv"
+        if csv_path.is_file():
+            out = plot_metrics(csv_path, csv_path.with_name("metrics.png"), title=str(run_dir(trainer)))
+            rank_zero_info(f"metrics: {csv_path}\nplot: {out}")

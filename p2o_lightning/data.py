@@ -80,10 +80,8 @@ class PromptStream(IterableDataset):
         self.seed = seed
         self.split = split
         self.shuffle = shuffle
-        self.epoch = 0  # the epoch the next iteration (or the current one) belongs to
-        self.yielded = 0  # batches handed out in the current epoch
-        self.exhausted = False
-        self._resume_at = 0
+        self.epoch = 0  # the epoch being (or last) iterated
+        self.yielded = 0  # batches of that epoch handed out so far
 
     def __len__(self) -> int:
         _, world = _rank_and_world()
@@ -97,32 +95,28 @@ class PromptStream(IterableDataset):
 
     def __iter__(self) -> Iterator[list[dict]]:
         rank, world = _rank_and_world()
-        if self.exhausted:  # a new pass after a finished one is the next epoch
-            self.epoch += 1
-        self.exhausted = False
-        start, self._resume_at = self._resume_at, 0
-        order = self._order(self.epoch)
         n_batches = len(self)
+        if self.yielded >= n_batches:  # the last pass was complete: this one is the next epoch
+            self.epoch += 1
+            self.yielded = 0
+        order = self._order(self.epoch)
         per_step = self.batch_size * world
-        for b in range(start, n_batches):
+        for b in range(self.yielded, n_batches):
             self.yielded = b + 1
             rows = order[b * per_step : (b + 1) * per_step][rank::world]
             yield [
                 {"prompt": self.problems[i].prompt, "answer": self.problems[i].answer, "index": i, "split": self.split}
                 for i in rows
             ]
-        self.exhausted = True
 
-    # Lightning fetches one batch ahead of training_step (its prefetching data fetcher), so when a checkpoint
-    # is written after step N of an epoch the stream has already handed out batch N+1 unless it is exhausted.
+    # Lightning does not prefetch from a loader that has a length, so every batch handed out has been (or is being)
+    # trained on when a checkpoint is written: the position to resume from is the number handed out.
     def state_dict(self) -> dict[str, int]:
-        consumed = self.yielded if self.exhausted else max(self.yielded - 1, 0)
-        return {"epoch": self.epoch, "consumed": consumed, "exhausted": int(self.exhausted)}
+        return {"epoch": self.epoch, "consumed": self.yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
-        self.exhausted = bool(state.get("exhausted", 0))
-        self._resume_at = 0 if self.exhausted else int(state["consumed"])
+        self.yielded = int(state["consumed"])
 
 
 class ResumableLoader(DataLoader):
@@ -189,7 +183,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_problems:
             return
         if self.train_file is None or self.val_files is None:
-            from p2o_lightning.tasks.world import world_splits
+            from p2o_lightning.tasks.addition import world_splits
 
             splits = world_splits(self.world_seed)
         if self.train_file is None:

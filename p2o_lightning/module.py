@@ -210,10 +210,9 @@ class P2OModule(L.LightningModule):
         if hp.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
-        self.policy = PolicyLogProb(lm)
+        self.policy = PolicyLogProb(lm.train())  # from_pretrained returns eval mode
         ref_lm, _ = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
-        ref_lm.eval().requires_grad_(False)
-        self._reference = [PolicyLogProb(ref_lm).to(self.device)]
+        self._reference = [PolicyLogProb(ref_lm).eval().requires_grad_(False).to(self.device)]
         self.engine = HFRolloutEngine(lm, self.tokenizer)
 
     @property
@@ -456,15 +455,30 @@ class P2OModule(L.LightningModule):
             torch.manual_seed(hp.seed * 7919 + self.global_step * 31 + batch[0]["index"])
             _, grade = self.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new))
             greedy = torch.tensor(grade.rewards, device=self.device)
-            metric = self.val_metrics[f"{split}_greedy"]
-            metric.update(greedy)
-            self.log(f"{prefix}/{split}/greedy_acc", metric, on_epoch=True, add_dataloader_idx=False)
+            self._update_val_metric(prefix, split, "greedy", greedy)
             if hp.val_num_samples > 0:
                 n = hp.val_num_samples
                 _, grade = self.sample(prompts, answers, SamplingParams(n, hp.val_temperature, hp.top_p, max_new))
-                metric = self.val_metrics[f"{split}_mean_at_k"]
-                metric.update(torch.tensor(grade.rewards, device=self.device))
-                self.log(f"{prefix}/{split}/mean@{n}", metric, on_epoch=True, add_dataloader_idx=False)
+                self._update_val_metric(prefix, split, "mean_at_k", torch.tensor(grade.rewards, device=self.device))
+
+    def _val_name(self, prefix: str, key: str) -> str:
+        if key.endswith("_greedy"):
+            return f"{prefix}/{key[: -len('_greedy')]}/greedy_acc"
+        return f"{prefix}/{key[: -len('_mean_at_k')]}/mean@{self.hparams.val_num_samples}"
+
+    def _update_val_metric(self, prefix: str, split: str, kind: str, values: Tensor) -> None:
+        key = f"{split}_{kind}"
+        metric = self.val_metrics[key]
+        metric.update(values)
+        self.log(self._val_name(prefix, key), metric, on_epoch=True, add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        # Lightning keeps no logs of the sanity check; log it as the step-0 point of the learning curves.
+        if not self.trainer.sanity_checking:
+            return
+        values = {self._val_name("val", k): m.compute() for k, m in self.val_metrics.items() if m.update_called}
+        for logger in self.loggers:
+            logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
 
     def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
@@ -478,7 +492,7 @@ class P2OModule(L.LightningModule):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
         }
         checkpoint["p2o_rollout_steps"] = self.rollout_steps
 
@@ -490,10 +504,17 @@ class P2OModule(L.LightningModule):
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
             random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
     def on_fit_end(self) -> None:
         self.grader.close()
+
+
+def _numpy_state_to_torch(state: tuple) -> tuple:
+    """Numpy's RNG state with its key array as a tensor, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = state
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
 
 
 def _one(sampling: SamplingParams) -> SamplingParams:

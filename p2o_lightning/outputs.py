@@ -39,8 +39,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run folder: the logger's log_dir, else the trainer's default_root_dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run folder: the first logger's log_dir, else the trainer's default_root_dir.
+
+    Read from the logger itself: ``trainer.log_dir`` broadcasts from rank 0 and would deadlock in rank-0-only code.
+    """
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    return Path(log_dir or trainer.default_root_dir)
 
 
 class ExportPolicy(L.Callback):

@@ -99,7 +99,9 @@ class HFRolloutEngine:
         if not self.use_chat_template:
             return prompts
         return [
-            self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             for p in prompts
         ]
 

@@ -1,4 +1,4 @@
-"""Competition math graded by ``math-verify``: the paper's binary reward for a correct ``\\boxed{}`` answer.
+r"""Competition math graded by ``math-verify``: the paper's binary reward for a correct ``\\boxed{}`` answer.
 
 The prompt is the problem text with the usual instruction to put the final answer in ``\\boxed{}``; the gold answer
 and the response are both parsed by math-verify and compared symbolically. math-verify's own signal-based timeouts
@@ -21,7 +21,7 @@ def _quiet_math_verify() -> None:
 
 
 class MathTask:
-    """Math word problems with a ``\\boxed{}`` final answer, verified by math-verify."""
+    r"""Math word problems with a ``\\boxed{}`` final answer, verified by math-verify."""
 
     name = "math"
 

@@ -389,10 +389,7 @@ class P2OModule(L.LightningModule):
                             f"{self.rollout_steps}); stopping before the optimizer step, no checkpoint is written"
                         )
                     self.manual_backward(loss)
-                    weight = len(micro) / len(rows)
-                    for key, value in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * weight
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    _accumulate_stats(sums, stats, loss, share=float(mask[micro].sum() / num_tokens))
                 grad_norm = self._clip_grad_norm()
                 if not math.isfinite(grad_norm):
                     raise FloatingPointError(
@@ -403,7 +400,7 @@ class P2OModule(L.LightningModule):
                 opt.step()
                 sched.step()
                 n_updates += 1
-        return {k: v / n_updates for k, v in sums.items()}
+        return {k: v if k in ("ratio_min", "ratio_max") else v / n_updates for k, v in sums.items()}
 
     def _clip_grad_norm(self) -> float:
         params = [p for p in self.policy.parameters() if p.grad is not None]
@@ -509,6 +506,26 @@ class P2OModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         self.grader.close()
+
+
+def _accumulate_stats(sums: dict[str, float], stats: dict[str, Tensor], loss: Tensor, share: float) -> None:
+    """Fold one micro-batch's loss stats into the mini-batch's running sums.
+
+    ``loss`` and ``pg_loss`` are already normalised by the whole mini-batch (``num_tokens`` / ``num_seqs``), so
+    they add up; the per-token means (kl, clip fraction, ratio mean, ...) are weighted by the micro-batch's share
+    of the mini-batch's tokens; the ratio's extremes take min / max.
+    """
+    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+    for key, value in stats.items():
+        value = float(value)
+        if key == "pg_loss":
+            sums[key] = sums.get(key, 0.0) + value
+        elif key == "ratio_min":
+            sums[key] = min(sums.get(key, value), value)
+        elif key == "ratio_max":
+            sums[key] = max(sums.get(key, value), value)
+        else:
+            sums[key] = sums.get(key, 0.0) + value * share
 
 
 def _numpy_state_to_torch(state: tuple) -> tuple:

@@ -1,0 +1,471 @@
+"""Reference ops of the GRPO / P²O loss in plain torch: the oracle of every Triton kernel and the path used on CPU.
+
+Four op families, each written once here and imported by the trainer (through :func:`get_ops`), the kernel tests
+and the benchmarks:
+
+- :func:`linear_logprob` — per-token log π(y_t | ·) (and optionally the entropy) straight from the last hidden
+  states and the LM head weight, **chunked over tokens** so the tokens × vocab logits never exist whole: a
+  Qwen3 response of 12k tokens × 152k vocab is 7 GiB of float32 logits per sequence, and the policy, the frozen
+  reference model and P²O's context ratio mask each need such log-probs.
+- :func:`group_advantage` / :func:`collapsed_groups` — GRPO's group-normalised advantage over K rollouts of a
+  prompt, and the groups whose rewards have no spread (P²O's *advantage collapse*).
+- :func:`kl_penalty` — Schulman's k1 / k2 / k3 estimators of KL(π ‖ π_ref) per token.
+- :func:`policy_loss` — PPO-clip with separate low/high clip (DAPO's clip-higher), optional dual-clip, optional
+  KL term, and the three usual ways of aggregating token losses.
+
+:func:`resolve_backend` / :func:`get_ops` choose between these and the Triton kernels of
+``p2o_lightning.kernels``; the LightningModule only ever calls ops through :func:`get_ops` and never imports triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "Ops",
+    "collapsed_groups",
+    "get_ops",
+    "group_advantage",
+    "kl_penalty",
+    "linear_logprob",
+    "policy_loss",
+    "resolve_backend",
+]
+
+Backend = Literal["auto", "torch", "triton"]
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+_KL_ESTIMATORS = ("k1", "k2", "k3")
+_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused linear log-prob (+ entropy), chunked over tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _LinearLogprob(torch.autograd.Function):
+    r"""Chunked ``log softmax(hidden @ weight.T / T)[target]`` and entropy, never holding the (N, V) logits.
+
+    Per token n, with z = hidden_n @ weight.T / T (a V-vector), lse = log Σ_j exp z_j and p = softmax(z):
+
+        logp_n    = z_target − lse
+        entropy_n = −Σ_j p_j log p_j = lse − Σ_j p_j z_j
+
+    Backward, with upstream grads g (on logp) and e (on entropy), s = Σ_k p_k z_k:
+
+        ∂logp/∂z_j    = onehot(target)_j − p_j
+        ∂entropy/∂z_j = −p_j (z_j − s)
+        ∂L/∂z_j       = g·onehot_j − p_j (g + e (z_j − s))
+        grad_hidden   = (∂L/∂z @ weight) / T                        # per chunk, (C, H)
+        grad_weight   = Σ_chunks ∂L/∂z.T @ (hidden_chunk / T)       # (V, H), accumulated in float32
+
+    The temperature is folded into the hidden chunk, z = (hidden / T) @ weight.T: a (C, H) scaling, not (C, V).
+
+    Forward saves (hidden, weight, targets, lse) only; backward recomputes each chunk's logits. Everything is
+    computed in float32 (the weight is upcast once per call: a (V, H) copy when it is not float32 already), and the
+    gradients are cast back to the input dtypes. Rows with target == ignore_index give 0 and get no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,  # (N, H), any float dtype
+        weight: Tensor,  # (V, H)
+        targets: Tensor,  # (N,) int64
+        temperature: float,
+        return_entropy: bool,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, ...]:
+        n_tokens = hidden.shape[0]
+        w32 = weight.float()  # (V, H); no copy when weight is float32
+        valid = targets != ignore_index  # (N,)
+        safe_targets = targets.masked_fill(~valid, 0)  # (N,)
+        lse = hidden.new_empty(n_tokens, dtype=torch.float32)  # (N,)
+        logp = hidden.new_empty(n_tokens, dtype=torch.float32)  # (N,)
+        entropy = hidden.new_empty(n_tokens, dtype=torch.float32) if return_entropy else None  # (N,)
+
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            # the only vocab-wide tensors ever alive: this chunk's z and exp(z − max)
+            z = (hidden[start:end].float() / temperature) @ w32.T  # (C, V)
+            z_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            z_target = z.gather(1, safe_targets[start:end, None]).squeeze(1)  # (C,)
+            # without entropy z is not needed again: exponentiate in place, one (C, V) buffer
+            exp_z = (z - z_max).exp_() if entropy is not None else z.sub_(z_max).exp_()  # (C, V)
+            sum_exp = exp_z.sum(dim=-1)  # (C,)
+            chunk_lse = z_max.squeeze(1) + sum_exp.log()  # (C,)  (torch.logsumexp is ~5× slower on CPU)
+            lse[start:end] = chunk_lse
+            logp[start:end] = z_target - chunk_lse
+            if entropy is not None:
+                entropy[start:end] = chunk_lse - torch.linalg.vecdot(exp_z, z) / sum_exp  # lse − Σ p z
+            del z, exp_z
+
+        logp.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: skip its work
+        if entropy is None:
+            return (logp,)
+        entropy.masked_fill_(~valid, 0.0)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor | None = None):  # each (N,) or None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        n_tokens = hidden.shape[0]
+        valid = targets != ctx.ignore_index  # (N,)
+        safe_targets = targets.masked_fill(~valid, 0)  # (N,)
+        g = grad_logp.float() * valid if grad_logp is not None else torch.zeros_like(lse)  # (N,)
+        e = grad_entropy.float() * valid if grad_entropy is not None else None  # (N,)
+
+        w32 = weight.float()  # (V, H)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None  # (N, H)
+        grad_weight = torch.zeros_like(w32) if need_weight else None  # (V, H) float32 accumulator
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            h_t = hidden[start:end].float() / temperature  # (C, H): z = h_t @ w.T, so ∂L/∂h = (∂L/∂z @ w) / T
+            z = h_t @ w32.T  # (C, V)
+            g_c = g[start:end, None]  # (C, 1)
+            if e is not None:
+                p = z.sub(lse[start:end, None]).exp_()  # (C, V)
+                s = torch.linalg.vecdot(p, z)[:, None]  # (C, 1): Σ_k p_k z_k
+                dz = p.mul_(z.sub_(s).mul_(e[start:end, None]).add_(g_c)).neg_()  # (C, V): −p (g + e (z − s))
+            else:
+                dz = z.sub_(lse[start:end, None]).exp_().mul_(-g_c)  # (C, V): −p g, in place of z
+            del z
+            dz.scatter_add_(1, safe_targets[start:end, None], g_c)  # + g · onehot(target) → ∂L/∂z
+            if grad_hidden is not None:
+                torch.mm(dz, w32, out=grad_hidden[start:end])  # (C, H)
+                if temperature != 1.0:
+                    grad_hidden[start:end] /= temperature
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.T, h_t)  # (V, H): Σ_chunks ∂L/∂z.T @ h / T
+            del dz
+
+        return (
+            grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_logprob(
+    hidden: Tensor,  # (..., H)
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    r"""Per-token log-prob of ``targets`` (and entropy) under ``softmax(hidden @ weight.T / temperature)``.
+
+    With z = hidden @ weight.T / temperature and lse = logsumexp(z):
+    ``logp = z[target] − lse`` and ``entropy = lse − Σ_j softmax(z)_j z_j``, both float32 of the shape of
+    ``targets``. Rows with ``target == ignore_index`` give 0 log-prob and 0 entropy and get no gradient.
+
+    Token rows are processed ``chunk_size`` at a time, so at most one (chunk_size, V) float32 block of logits is
+    alive in forward or backward (plus one (V, H) float32 copy of the weight when it is not float32, and the (V, H)
+    float32 grad_weight accumulator); forward saves only (hidden, weight, targets, lse). ``hidden`` and ``weight``
+    may require grad independently; under ``torch.no_grad`` (a frozen reference model) nothing is kept.
+
+    Returns ``(logp, entropy)``; ``entropy`` is None unless ``return_entropy``.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out_shape = targets.shape
+    outs = _LinearLogprob.apply(
+        hidden.reshape(-1, hidden.shape[-1]),  # (N, H)
+        weight,
+        targets.reshape(-1).long(),  # (N,)
+        float(temperature),
+        return_entropy,
+        ignore_index,
+        chunk_size,
+    )
+    logp = outs[0].view(out_shape)
+    entropy = outs[1].view(out_shape) if return_entropy else None
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Group advantage
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def group_advantage(rewards: Tensor, *, norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's group-normalised advantage of K rollouts per prompt.
+
+    ``rewards`` (B, K): B prompts × K rollouts → advantages (B, K), one per rollout (broadcast over its tokens):
+
+        A = (r − mean_K(r)) / (std_K(r) + eps)    # GRPO, std unbiased (÷ K−1) as verl's GRPO
+        A =  r − mean_K(r)                        # norm_by_std=False (Dr. GRPO)
+
+    A group with no spread (all rollouts right or all wrong) gets A = 0: P²O's advantage collapse. K = 1 gives
+    zeros (verl instead passes a lone reward through unnormalised). Integer / bool rewards become float32.
+    """
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be (B, K), got shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if rewards.shape[1] == 1:
+        return torch.zeros_like(rewards)
+    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (B, K)
+    if not norm_by_std:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)  # unbiased std, (B, 1)
+
+
+def collapsed_groups(rewards: Tensor) -> Tensor:
+    """Flag the groups whose K rewards are all equal (zero spread → zero advantage): (B, K) → (B,) bool."""
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be (B, K), got shape {tuple(rewards.shape)}")
+    return rewards.amax(dim=1) == rewards.amin(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL penalty and PPO-clip policy loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Schulman's per-token estimators of KL(π ‖ π_ref) from sampled tokens, differentiated wrt ``logp``.
+
+    With d = ref_logp − logp (log of π_ref/π at the sampled token):
+
+        k1 = −d                    # unbiased, can be negative
+        k2 = ½ d²                  # biased, low variance
+        k3 = exp(d) − d − 1        # unbiased, ≥ 0, low variance (verl's "low_var_kl", unclamped here)
+    """
+    diff = ref_logp - logp
+    if estimator == "k1":
+        return -diff
+    if estimator == "k2":
+        return 0.5 * diff.square()
+    if estimator == "k3":
+        return torch.expm1(diff) - diff
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {_KL_ESTIMATORS}")
+
+
+def _safe_div(num: Tensor, den: Tensor | float) -> Tensor:
+    """Return num / den, with 0 (and a finite gradient) where den == 0."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def _aggregate(
+    losses: Tensor,  # (B, T)
+    mask: Tensor,  # (B, T) float
+    loss_agg: str,
+    num_tokens: Tensor | float | None,
+    num_seqs: Tensor | float | None,
+) -> Tensor:
+    masked = losses * mask  # (B, T)
+    if loss_agg == "token-mean":
+        return _safe_div(masked.sum(), mask.sum() if num_tokens is None else num_tokens)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = _safe_div(masked.sum(dim=1), mask.sum(dim=1))  # (B,)
+    elif loss_agg == "seq-mean-token-sum":
+        per_seq = masked.sum(dim=1)  # (B,)
+    else:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
+    return _safe_div(per_seq.sum(), losses.shape[0] if num_seqs is None else num_seqs)
+
+
+def policy_loss(
+    logp: Tensor,  # (B, T) log π(y_t) of the policy being trained
+    old_logp: Tensor,  # (B, T) log π_old(y_t) of the rollout policy
+    advantages: Tensor,  # (B,) or (B, T)
+    mask: Tensor,  # (B, T) bool or 0/1 float: response tokens (× any extra mask, e.g. P²O's context ratio mask)
+    *,
+    ref_logp: Tensor | None = None,  # (B, T) log π_ref(y_t), needed when kl_coef > 0
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token-mean",
+    num_tokens: Tensor | float | None = None,
+    num_seqs: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip policy-gradient loss with clip-higher, optional dual-clip and KL term; returns ``(loss, stats)``.
+
+    Per token, with ratio = exp(logp − old_logp) and A the advantage::
+
+        pg = max(−A · ratio, −A · clip(ratio, 1 − clip_low, 1 + clip_high))      # PPO-clip, DAPO's clip-higher
+        pg = min(pg, −A · clip_ratio_c)        where A < 0, if clip_ratio_c      # dual-clip (verl), c > 1
+        l  = pg + kl_coef · kl_penalty(logp, ref_logp, kl_estimator)             # KL term only if kl_coef > 0
+
+    Aggregation of l over the masked tokens (m = mask, B sequences)::
+
+        "token-mean"           Σ_bt l·m / Σ_bt m                   (num_tokens replaces Σ_bt m)
+        "seq-mean-token-mean"  Σ_b (Σ_t l·m / Σ_t m) / B           (num_seqs replaces B)
+        "seq-mean-token-sum"   Σ_b (Σ_t l·m) / B                   (num_seqs replaces B)
+
+    ``num_tokens`` / ``num_seqs`` let a caller normalise micro-batches by the whole mini-batch, so that the sum of
+    the micro-batch losses equals the loss of the mini-batch in one piece. A sequence with an empty mask adds 0
+    (it still counts in B); an empty batch gives a loss of 0 — never NaN. Computed in float32 (or float64) whatever
+    the dtype of the log-probs.
+
+    ``stats`` (detached float32 scalars, means over masked tokens):
+    ``pg_loss`` (the PPO term alone, aggregated like the loss), ``kl`` (the estimator's mean when ``ref_logp`` is
+    given, else 0), ``clip_frac`` (share of tokens where the clipped branch is taken), ``dual_clip_frac`` (share of
+    tokens where dual-clip caps the loss), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when there are no
+    tokens), ``approx_kl_old`` (mean of ½ (logp − old_logp)², the k2 estimate of KL(π_old ‖ π)).
+    """
+    if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
+        shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
+        raise ValueError(f"{shapes}: all must be (B, T)")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
+    if loss_agg not in _LOSS_AGGS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
+    if kl_estimator not in _KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {_KL_ESTIMATORS}")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # ratios of bf16 log-probs would be far too coarse
+    logp, old_logp = logp.to(dtype), old_logp.to(dtype)
+    ref_logp = ref_logp.to(dtype) if ref_logp is not None else None
+    mask = mask.to(dtype)  # (B, T)
+    adv = (advantages if advantages.ndim == 2 else advantages[:, None]).to(dtype)  # (B, T) or (B, 1)
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg_unclipped = -adv * ratio  # (B, T)
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # (B, T)
+    if clip_ratio_c is not None:
+        pg_cap = -adv * clip_ratio_c  # (B, T) or (B, 1)
+        dual = (adv < 0) & (pg > pg_cap)  # (B, T)
+        pg = torch.where(dual, pg_cap, pg)
+    else:
+        dual = torch.zeros_like(mask, dtype=torch.bool)
+
+    losses = pg
+    kl = None
+    if ref_logp is not None:
+        if ref_logp.shape != logp.shape:
+            raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must match logp {tuple(logp.shape)}")
+        kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T)
+        if kl_coef > 0:
+            losses = pg + kl_coef * kl
+    loss = _aggregate(losses, mask, loss_agg, num_tokens, num_seqs)
+
+    with torch.no_grad():
+        n_masked = mask.sum()
+
+        def masked_mean(x: Tensor) -> Tensor:
+            return _safe_div((x * mask).sum(), n_masked).float()
+
+        present = mask > 0  # (B, T)
+        has_tokens = present.any()  # no host sync: the ratio stats fall back to 1 with torch.where
+        one = torch.ones((), device=logp.device)
+        inf = torch.full((1,), torch.inf, device=logp.device)
+        masked_ratio = ratio.detach().float().flatten()  # (B·T,)
+        ratio_min = torch.cat([masked_ratio.masked_fill(~present.flatten(), torch.inf), inf]).min()
+        ratio_max = torch.cat([masked_ratio.masked_fill(~present.flatten(), -torch.inf), -inf]).max()
+        stats = {
+            "pg_loss": _aggregate(pg, mask, loss_agg, num_tokens, num_seqs).float(),
+            "kl": masked_mean(kl) if kl is not None else torch.zeros((), device=logp.device),
+            "clip_frac": masked_mean((pg_clipped > pg_unclipped).to(mask.dtype)),
+            "dual_clip_frac": masked_mean(dual.to(mask.dtype)),
+            "ratio_mean": torch.where(has_tokens, masked_mean(ratio), one),
+            "ratio_min": torch.where(has_tokens, ratio_min, one),
+            "ratio_max": torch.where(has_tokens, ratio_max, one),
+            "approx_kl_old": masked_mean(0.5 * log_ratio.square()),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+_DISPATCHED = ("linear_logprob", "group_advantage", "policy_loss")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The ops of one backend; every op the Triton kernels do not provide (yet) is the torch reference."""
+
+    backend: str  # "torch" or "triton"
+    linear_logprob: Callable[..., tuple[Tensor, Tensor | None]]
+    group_advantage: Callable[..., Tensor]
+    policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
+    collapsed_groups: Callable[..., Tensor] = collapsed_groups  # always the reference
+
+
+def _kernel_ops() -> dict[str, Callable]:
+    """Return the ops ``p2o_lightning.kernels`` provides, by name (empty when it provides none or cannot import)."""
+    try:
+        kernels = importlib.import_module("p2o_lightning.kernels")
+    except ImportError:
+        return {}
+    return {name: getattr(kernels, name) for name in _DISPATCHED if callable(getattr(kernels, name, None))}
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Resolve ``backend`` ("auto" | "torch" | "triton") on ``device`` to the backend used: "torch" or "triton".
+
+    "auto" is "triton" only on CUDA when ``p2o_lightning.kernels`` provides at least one op, else "torch". An
+    explicit "triton" needs those kernels and CUDA (or ``TRITON_INTERPRET=1`` to run them on CPU); otherwise it
+    raises RuntimeError rather than silently falling back.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend={backend!r}; expected 'auto', 'torch' or 'triton'")
+    if backend == "torch":
+        return "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        return "triton" if on_cuda and _kernel_ops() else "torch"
+    if not _kernel_ops():
+        raise RuntimeError(
+            "backend='triton' was requested but the Triton kernels (p2o_lightning.kernels) are not implemented yet; "
+            "use backend='torch' or 'auto'"
+        )
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' requires a CUDA device (got {device}) or TRITON_INTERPRET=1 to interpret the kernels "
+            "on CPU; use backend='torch' or 'auto'"
+        )
+    return "triton"
+
+
+def get_ops(backend: str, device: torch.device | str) -> Ops:
+    """Return the ops of the backend that :func:`resolve_backend` picks for ``backend`` on ``device``."""
+    resolved = resolve_backend(backend, device)
+    reference = {"linear_logprob": linear_logprob, "group_advantage": group_advantage, "policy_loss": policy_loss}
+    if resolved == "triton":
+        reference.update(_kernel_ops())
+    return Ops(backend=resolved, **reference)

@@ -20,6 +20,7 @@ and the benchmarks:
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ __all__ = [
     "Backend",
     "Ops",
     "collapsed_groups",
+    "context_ratio_mask",
     "get_ops",
     "group_advantage",
     "kl_penalty",
@@ -299,6 +301,19 @@ def _aggregate(
     return _safe_div(per_seq.sum(), losses.shape[0] if num_seqs is None else num_seqs)
 
 
+def context_ratio_mask(logp: Tensor, context_logp: Tensor, low: float = 0.01, high: float = 10.0) -> Tensor:
+    """P²O's Context Ratio Mask: keep a token where ρ = exp(logp − context_logp) lies in [low, high].
+
+    ``logp`` is log π(y_t | x) (the original prompt), ``context_logp`` log π(y_t | template(x)) (the prompt the
+    rollout was sampled from). A token the template made far likelier than the bare prompt would (ρ < low), or far
+    less likely (ρ > high), is not distilled. Compared in log space: log low ≤ logp − context_logp ≤ log high.
+    """
+    if not 0 < low <= 1 <= high:
+        raise ValueError(f"context ratio bounds must satisfy 0 < low <= 1 <= high, got ({low}, {high})")
+    log_rho = logp - context_logp
+    return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
+
+
 def policy_loss(
     logp: Tensor,  # (B, T) log π(y_t) of the policy being trained
     old_logp: Tensor,  # (B, T) log π_old(y_t) of the rollout policy
@@ -314,6 +329,8 @@ def policy_loss(
     loss_agg: str = "token-mean",
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
+    context_logp: Tensor | None = None,  # (B, T) log π_old(y_t | template(x)): P²O's context ratio mask
+    context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip policy-gradient loss with clip-higher, optional dual-clip and KL term; returns ``(loss, stats)``.
 
@@ -334,11 +351,17 @@ def policy_loss(
     (it still counts in B); an empty batch gives a loss of 0 — never NaN. Computed in float32 (or float64) whatever
     the dtype of the log-probs.
 
+    P²O's context ratio mask: when ``context_logp`` (the rollout policy's log-probs of the same tokens under the
+    templated prompt) is given, tokens with ρ = exp(old_logp − context_logp) outside ``context_ratio_bounds`` are
+    dropped from ``mask`` before anything else (:func:`context_ratio_mask`); ``num_tokens`` should then count the
+    kept tokens.
+
     ``stats`` (detached float32 scalars, means over masked tokens):
     ``pg_loss`` (the PPO term alone, aggregated like the loss), ``kl`` (the estimator's mean when ``ref_logp`` is
     given, else 0), ``clip_frac`` (share of tokens where the clipped branch is taken), ``dual_clip_frac`` (share of
     tokens where dual-clip caps the loss), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when there are no
-    tokens), ``approx_kl_old`` (mean of ½ (logp − old_logp)², the k2 estimate of KL(π_old ‖ π)).
+    tokens), ``approx_kl_old`` (mean of ½ (logp − old_logp)², the k2 estimate of KL(π_old ‖ π)),
+    ``context_masked_frac`` (share of response tokens the context ratio mask dropped; 0 without ``context_logp``).
     """
     if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
         shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
@@ -358,6 +381,11 @@ def policy_loss(
     logp, old_logp = logp.to(dtype), old_logp.to(dtype)
     ref_logp = ref_logp.to(dtype) if ref_logp is not None else None
     mask = mask.to(dtype)  # (B, T)
+    response_mask = mask
+    if context_logp is not None:
+        if context_logp.shape != logp.shape:
+            raise ValueError(f"context_logp {tuple(context_logp.shape)} must match logp {tuple(logp.shape)}")
+        mask = mask * context_ratio_mask(old_logp, context_logp.to(dtype), *context_ratio_bounds).to(dtype)
     adv = (advantages if advantages.ndim == 2 else advantages[:, None]).to(dtype)  # (B, T) or (B, 1)
     log_ratio = logp - old_logp  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -403,6 +431,7 @@ def policy_loss(
             "ratio_min": torch.where(has_tokens, ratio_min, one),
             "ratio_max": torch.where(has_tokens, ratio_max, one),
             "approx_kl_old": masked_mean(0.5 * log_ratio.square()),
+            "context_masked_frac": _safe_div((response_mask - mask).sum(), response_mask.sum()).float(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 

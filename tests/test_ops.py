@@ -542,3 +542,33 @@ def test_dispatch_uses_kernels_when_they_exist(monkeypatch):
         resolve_backend("triton", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", "cpu") == "triton"
+
+
+# ---------------------------------------------------------------------------------------------- context ratio mask
+def test_context_ratio_mask_by_hand():
+    from p2o_lightning.ops import context_ratio_mask
+
+    logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
+    # log ρ = logp − context_logp = [0, -5, +3, -4.6]  ->  ρ = [1, 0.0067, 20.1, 0.01005]
+    context = torch.tensor([[-1.0, 4.0, -4.0, 3.6]])
+    assert context_ratio_mask(logp, context).tolist() == [[True, False, False, True]]
+    assert context_ratio_mask(logp, context, 0.001, 100.0).tolist() == [[True, True, True, True]]
+    with pytest.raises(ValueError, match="context ratio bounds"):
+        context_ratio_mask(logp, context, 2.0, 10.0)
+
+
+def test_policy_loss_context_ratio_mask_drops_tokens():
+    logp = torch.zeros(1, 4, requires_grad=True)
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([1.0])
+    mask = torch.ones(1, 4)
+    # ρ = exp(old − context) = [1, e^-6 (dropped), e^3 = 20.1 (dropped), 1]
+    context = torch.tensor([[0.0, 6.0, -3.0, 0.0]])
+    loss, stats = policy_loss(logp, old, adv, mask, context_logp=context)
+    # token-mean over the 2 kept tokens of -A·ratio = -1 each
+    assert loss.item() == pytest.approx(-1.0)
+    assert stats["context_masked_frac"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad.tolist() == [[-0.5, 0.0, 0.0, -0.5]]
+    _, plain = policy_loss(logp, old, adv, mask)
+    assert plain["context_masked_frac"].item() == 0.0

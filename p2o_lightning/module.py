@@ -37,7 +37,7 @@ from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams, check_rollout_engine, require_extra
-from p2o_lightning.tasks import get_task
+from p2o_lightning.tasks import apply_template, get_task
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -133,6 +133,10 @@ class P2OModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         rollout_engine: ``hf`` (transformers generate) | ``vllm`` (optional extra).
         seed: seed of validation sampling (kept apart from the training RNG stream).
+        distill: P²O context distillation: rollouts sampled from a templated prompt are trained as responses to
+            the original prompt (False: the paper's "no distillation" ablation, trained on the templated prompt).
+        context_ratio_bounds: P²O's context ratio mask: distilled tokens with ρ = π(y|x) / π(y|template(x))
+            outside [low, high] are dropped from the loss (None: no mask).
     """
 
     def __init__(
@@ -168,6 +172,8 @@ class P2OModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         rollout_engine: str = "hf",
         seed: int = 0,
+        distill: bool = True,
+        context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0),
     ) -> None:
         super().__init__()
         # Everything a config can get wrong is checked here, before a model is loaded or a rollout sampled.
@@ -183,6 +189,8 @@ class P2OModule(L.LightningModule):
             raise ValueError(f"backend={backend!r} is unknown; choose 'auto', 'torch' or 'triton'")
         if num_rollouts < 1 or ppo_epochs < 1 or micro_batch_size < 1 or max_new_tokens < 1:
             raise ValueError("num_rollouts, ppo_epochs, micro_batch_size and max_new_tokens must all be >= 1")
+        if context_ratio_bounds is not None and not 0 < context_ratio_bounds[0] <= 1 <= context_ratio_bounds[1]:
+            raise ValueError(f"context_ratio_bounds={context_ratio_bounds} must satisfy 0 < low <= 1 <= high")
         if attn_implementation == "flash_attention_2":
             require_extra("flash_attn", "flash", "attn_implementation='flash_attention_2'")
         check_rollout_engine(rollout_engine)
@@ -199,6 +207,8 @@ class P2OModule(L.LightningModule):
         self.engine: HFRolloutEngine | None = None
         self.collapse = CollapseRate()
         self.rollout_steps = 0  # RL iterations done (checkpointed)
+        # P²O: prompt text -> the K templates its rollouts are sampled with (set by P2OCallback, keyed by content)
+        self.template_assignments: dict[str, list[str]] = {}
         self.val_metrics = nn.ModuleDict()
 
     # ------------------------------------------------------------------ models
@@ -270,11 +280,17 @@ class P2OModule(L.LightningModule):
 
     # ------------------------------------------------------------------ rollouts
     def rollout_prompts(self, prompts: list[str]) -> list[str] | None:
-        """Per-rollout generation prompts ([B*K]) or None for plain GRPO (each prompt sampled K times).
-
-        P²O's callback replaces this for hard samples that hold templates (context distillation).
-        """
-        return None
+        """Per-rollout generation prompts [B*K] when some prompt holds P²O templates, else None (plain GRPO)."""
+        K = self.hparams.num_rollouts
+        if not any(p in self.template_assignments for p in prompts):
+            return None
+        out = []
+        for prompt in prompts:
+            templates = self.template_assignments.get(prompt)
+            if templates is not None and len(templates) != K:
+                raise ValueError(f"{len(templates)} templates assigned to a prompt but num_rollouts={K}")
+            out.extend(apply_template(t, prompt) for t in templates) if templates else out.extend([prompt] * K)
+        return out
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
@@ -329,21 +345,37 @@ class P2OModule(L.LightningModule):
         ops = self.ops
         advantages = ops.group_advantage(rewards, norm_by_std=hp.norm_adv_by_std).view(B * K)  # [B*K]
         mask = rollouts.response_mask.float()  # [B*K, R]
+        templated = torch.tensor([p in self.template_assignments for p in prompts], device=self.device)  # [B]
 
         t0 = time.perf_counter()
+        context_logp = None
+        if gen_prompts is not None and hp.distill:
+            # Context distillation: score the responses as answers to the original prompt x; keep log π(y|t(x))
+            # of the prompts they were sampled from for the context ratio mask.
+            if hp.context_ratio_bounds is not None:
+                context_logp = self.sequence_logprobs(self.policy, rollouts)[0]  # [B*K, R] on template(x)
+            rollouts = self.with_prompts(rollouts, [p for p in prompts for _ in range(K)])
         old_logp, entropy = self.sequence_logprobs(self.policy, rollouts, return_entropy=True)
         ref_logp = self.sequence_logprobs(self.reference, rollouts)[0] if hp.kl_coef > 0 else None
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        stats = self._ppo_update(rollouts, old_logp, ref_logp, advantages, mask, B, K)
+        stats = self._ppo_update(rollouts, old_logp, ref_logp, context_logp, advantages, mask, B, K)
         t_update = time.perf_counter() - t0
         self.rollout_steps += 1
 
         self._log_train(rewards, rollouts, mask, entropy, grade, stats, t_rollout, t_logprob, t_update)
+        self._log_p2o(rewards, templated)
         return {"prompts": prompts, "answers": answers, "rewards": rewards.detach().cpu()}
 
-    def _ppo_update(self, rollouts, old_logp, ref_logp, advantages, mask, B: int, K: int) -> dict[str, float]:
+    def with_prompts(self, rollouts: Rollouts, prompts: list[str]) -> Rollouts:
+        """The same responses behind other prompts (one per row), left-padded anew."""
+        prompt_ids, prompt_mask = self.engine.encode_prompts(prompts, self.device)
+        return Rollouts(prompt_ids, prompt_mask, rollouts.response_ids, rollouts.response_mask, rollouts.texts)
+
+    def _ppo_update(
+        self, rollouts, old_logp, ref_logp, context_logp, advantages, mask, B: int, K: int
+    ) -> dict[str, float]:
         hp = self.hparams
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -355,7 +387,10 @@ class P2OModule(L.LightningModule):
             groups = torch.randperm(B)  # shuffle whole groups; the K rollouts of a prompt stay together
             for group_ids in groups.split(mini):
                 rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(self.device)  # [mini*K]
-                num_tokens = mask[rows].sum().clamp(min=1)
+                kept = mask[rows]
+                if context_logp is not None:  # normalise by the tokens the context ratio mask keeps
+                    kept = kept * ops.context_ratio_mask(old_logp[rows], context_logp[rows], *hp.context_ratio_bounds)
+                num_tokens = kept.sum().clamp(min=1)
                 opt.zero_grad()
                 for micro in rows.split(hp.micro_batch_size):
                     sub = rollouts.select(micro)
@@ -382,6 +417,8 @@ class P2OModule(L.LightningModule):
                         loss_agg=hp.loss_agg,
                         num_tokens=num_tokens,
                         num_seqs=len(rows),
+                        context_logp=None if context_logp is None else context_logp[micro],
+                        context_ratio_bounds=hp.context_ratio_bounds or (0.01, 10.0),
                     )
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
@@ -389,7 +426,7 @@ class P2OModule(L.LightningModule):
                             f"{self.rollout_steps}); stopping before the optimizer step, no checkpoint is written"
                         )
                     self.manual_backward(loss)
-                    _accumulate_stats(sums, stats, loss, share=float(mask[micro].sum() / num_tokens))
+                    _accumulate_stats(sums, stats, loss, share=float(mask[micro].sum() / mask[rows].sum().clamp(min=1)))
                 grad_norm = self._clip_grad_norm()
                 if not math.isfinite(grad_norm):
                     raise FloatingPointError(
@@ -439,6 +476,22 @@ class P2OModule(L.LightningModule):
         for key, value in collapse.items():  # already reduced over ranks by the metric
             self.log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
         self.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
+
+    def _log_p2o(self, rewards: Tensor, templated: Tensor) -> None:
+        """P²O's own metrics; all zero while no prompt holds templates."""
+        n = templated.sum()
+        rescued = templated & (rewards != rewards[:, :1]).any(dim=1)  # templated groups with a non-zero advantage
+        plain = ~templated
+        metrics = {
+            "p2o/templated_share": templated.float().mean(),
+            "p2o/templated_success": rewards[templated].mean() if n > 0 else torch.zeros((), device=self.device),
+            "p2o/rescued_groups": rescued.float().sum(),
+            "train/reward_plain": rewards[plain].mean() if plain.any() else torch.zeros((), device=self.device),
+        }
+        for key, value in metrics.items():
+            self.log(
+                key, value, on_step=True, sync_dist=True, reduce_fx="sum" if key == "p2o/rescued_groups" else "mean"
+            )
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: list[dict], prefix: str) -> None:

@@ -453,6 +453,7 @@ class Ops:
     policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
     collapsed_groups: Callable[..., Tensor] = collapsed_groups  # always the reference
+    context_ratio_mask: Callable[..., Tensor] = context_ratio_mask  # always the reference (a comparison)
 
 
 def _kernel_ops() -> dict[str, Callable]:

@@ -1,0 +1,283 @@
+"""``P2OCallback``: the prompt half of P²O. Without it, :class:`~p2o_lightning.module.P2OModule` is plain GRPO.
+
+Each training step it collects the *hard samples* — prompts with at most τ−1 correct rollouts out of K (the paper:
+τ=2, hard and near-hard) — from every rank. When the trigger fires (the end of an epoch as the paper, every N steps,
+or when the running all-wrong collapse rate passes a threshold) and at least ``min_hard_samples`` were collected, rank
+0 runs GEPA (:func:`gepa.optimize`, no fork) over templates on them:
+
+- train / dev split of the hard set: dev = ``dev_size`` (300), or half if there are fewer than 450;
+- seed candidate: the empty template; Pareto candidate selection; ``parents_per_iteration`` (W) parents per
+  iteration, each with a minibatch of 3 train problems; strict-improvement acceptance; no merge; a budget in metric
+  calls (evaluated examples);
+- candidates are scored by the *current* policy, greedy, one sample, 0/1 (:class:`~p2o_lightning.prompt.adapter`);
+- the reflection backend writes children (:mod:`~p2o_lightning.prompt.reflection`).
+
+Then the set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
+prompt its templates; rank 0 broadcasts them and every rank hands them to the module, keyed by prompt text and kept
+across epochs. From then on the module samples those prompts' rollouts from templated prompts and distils them into
+the plain prompt (context distillation).
+
+The callback is stateful: the hard pool, every search's candidates with their dev scores, the Pareto front, the
+assignments and the search history are in the checkpoint, so a resumed run continues with them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
+from p2o_lightning.prompt.assignment import assign_templates, set_cover
+from p2o_lightning.prompt.reflection import OfflineProposer
+
+log = logging.getLogger(__name__)
+TRIGGERS = ("epoch", "steps", "collapse")
+
+
+class P2OCallback(L.Callback):
+    """Collapse-triggered GEPA prompt evolution on hard samples, and template assignment for distillation.
+
+    Args:
+        reflection: the reflection backend (``TeacherReflection`` | ``SelfReflection`` | ``OfflineProposer``).
+        tau: a prompt is hard when at most ``tau - 1`` of its K rollouts are correct (paper: 2).
+        trigger: ``epoch`` (end of every epoch, the paper) | ``steps`` (every ``every_n_steps`` RL steps) |
+            ``collapse`` (when the all-wrong share of the last ``collapse_window`` steps reaches
+            ``collapse_threshold``; then at most once per ``every_n_steps``).
+        every_n_steps: period of the ``steps`` trigger, and the minimum gap of the ``collapse`` trigger.
+        collapse_threshold: all-wrong group share that fires the ``collapse`` trigger.
+        collapse_window: RL steps averaged by the ``collapse`` trigger.
+        min_hard_samples: skip the search below this many hard samples (paper: 100).
+        dev_size: GEPA dev split size (paper: 300; half of the hard set below 450).
+        max_metric_calls: search budget in evaluated examples (paper's heavy budget: about 11k at dev 300).
+        parents_per_iteration: W, parents (each with its own minibatch) proposed from per iteration (paper: 16).
+        reflection_minibatch_size: train problems per proposal (paper: 3).
+        max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
+        group_diversity: the K rollouts of a prompt draw their templates independently (False: one for all K).
+        clear_pool_after_search: start a new hard pool after each search (the paper collects per epoch).
+        seed: seed of splits, GEPA and assignment draws.
+    """
+
+    def __init__(
+        self,
+        reflection: Any = None,
+        tau: int = 2,
+        trigger: str = "epoch",
+        every_n_steps: int = 50,
+        collapse_threshold: float = 0.5,
+        collapse_window: int = 5,
+        min_hard_samples: int = 100,
+        dev_size: int = 300,
+        max_metric_calls: int = 11000,
+        parents_per_iteration: int = 16,
+        reflection_minibatch_size: int = 3,
+        max_new_tokens: int | None = None,
+        group_diversity: bool = True,
+        clear_pool_after_search: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if trigger not in TRIGGERS:
+            raise ValueError(f"trigger={trigger!r} is unknown; choose one of {TRIGGERS}")
+        if tau < 1:
+            raise ValueError(f"tau must be >= 1, got {tau}")
+        if min_hard_samples < 2:
+            raise ValueError(f"min_hard_samples must be >= 2 (a train and a dev problem), got {min_hard_samples}")
+        self.reflection = reflection if reflection is not None else OfflineProposer(seed=seed)
+        self.tau = tau
+        self.trigger = trigger
+        self.every_n_steps = every_n_steps
+        self.collapse_threshold = collapse_threshold
+        self.collapse_window = collapse_window
+        self.min_hard_samples = min_hard_samples
+        self.dev_size = dev_size
+        self.max_metric_calls = max_metric_calls
+        self.parents_per_iteration = parents_per_iteration
+        self.reflection_minibatch_size = reflection_minibatch_size
+        self.max_new_tokens = max_new_tokens
+        self.group_diversity = group_diversity
+        self.clear_pool_after_search = clear_pool_after_search
+        self.seed = seed
+        # state (checkpointed)
+        self.hard_pool: dict[str, str] = {}  # prompt -> gold answer
+        self.assignments: dict[str, list[str]] = {}  # prompt -> K templates
+        self.searches: list[dict[str, Any]] = []  # one record per search: candidates, dev scores, front, ...
+        self.recent_all_wrong: list[float] = []
+        self.last_search_step = -(10**9)
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        k = pl_module.hparams.num_rollouts
+        if self.tau > k:
+            raise ValueError(f"P2OCallback tau={self.tau} is larger than K=num_rollouts={k}")
+        if stage == "fit" and trainer.is_global_zero:
+            self.reflection.check()  # an unreachable teacher fails here, before any rollout
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reflection.bind(pl_module)
+        pl_module.template_assignments = self.assignments
+
+    # ------------------------------------------------------------------ collection
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rewards: torch.Tensor = outputs["rewards"]  # [B, K]
+        correct = (rewards >= 1.0).sum(dim=1)
+        local = [
+            (p, a) for p, a, c in zip(outputs["prompts"], outputs["answers"], correct.tolist()) if c <= self.tau - 1
+        ]
+        for prompt, answer in _gather(trainer, local):
+            self.hard_pool[prompt] = answer
+        self.recent_all_wrong.append(float(trainer.callback_metrics.get("train/collapse_all_wrong", 0.0)))
+        self.recent_all_wrong = self.recent_all_wrong[-self.collapse_window :]
+        pl_module.log("p2o/hard_pool", float(len(self.hard_pool)), on_step=True)
+        step = pl_module.rollout_steps
+        if self.trigger == "steps" and step % self.every_n_steps == 0:
+            self.search(trainer, pl_module)
+        elif (
+            self.trigger == "collapse"
+            and len(self.recent_all_wrong) == self.collapse_window
+            and sum(self.recent_all_wrong) / self.collapse_window >= self.collapse_threshold
+            and step - self.last_search_step >= self.every_n_steps
+        ):
+            self.search(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.trigger == "epoch":
+            self.search(trainer, pl_module)
+
+    # ------------------------------------------------------------------ search
+    def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run GEPA on rank 0 over the hard pool, then broadcast and install the new assignments."""
+        step = pl_module.rollout_steps
+        self.last_search_step = step
+        if len(self.hard_pool) < self.min_hard_samples:
+            log.info(f"P²O: {len(self.hard_pool)} hard samples < min_hard_samples={self.min_hard_samples}; no search")
+            return
+        record = None
+        if trainer.is_global_zero:
+            record = self._run_gepa(trainer, pl_module, step)
+        record = trainer.strategy.broadcast(record, src=0)
+        self.searches.append(record)
+        self.assignments.update(record["assignments"])
+        pl_module.template_assignments = self.assignments
+        if self.clear_pool_after_search:
+            self.hard_pool = {}
+        pl_module.log("p2o/searches", float(len(self.searches)), on_step=True)
+        pl_module.log("p2o/assigned_prompts", float(len(self.assignments)), on_step=True)
+        pl_module.log("p2o/best_dev_score", max(record["dev_mean"]), on_step=True)
+
+    def _run_gepa(self, trainer, pl_module, step: int) -> dict[str, Any]:
+        import gepa
+        from gepa.strategies.proposal_sampling import IndependentSampling
+
+        rng = random.Random(self.seed * 7919 + len(self.searches))
+        hard = sorted(self.hard_pool.items())
+        rng.shuffle(hard)
+        n_dev = self.dev_size if len(hard) >= 450 else len(hard) // 2
+        n_dev = min(n_dev, len(hard) - 1)
+        dev = [{"prompt": p, "answer": a} for p, a in hard[:n_dev]]
+        train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
+        max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
+        adapter = P2OAdapter(pl_module, max_new_tokens=max_new)
+        start = time.perf_counter()
+        result = gepa.optimize(
+            seed_candidate={COMPONENT: ""},
+            trainset=train,
+            valset=dev,
+            adapter=adapter,
+            candidate_selection_strategy="pareto",
+            frontier_type="instance",
+            reflection_minibatch_size=self.reflection_minibatch_size,
+            sampling_strategy=IndependentSampling(self.parents_per_iteration),
+            use_merge=False,
+            max_metric_calls=self.max_metric_calls,
+            skip_perfect_score=True,
+            acceptance_criterion="strict_improvement",
+            seed=self.seed + len(self.searches),
+            raise_on_exception=False,
+            display_progress_bar=False,
+            logger=_QuietLogger(),
+            run_dir=None,
+            **self.reflection.gepa_kwargs(),
+        )
+        seconds = time.perf_counter() - start
+        templates = [c[COMPONENT] for c in result.candidates]
+        dev_prompts = [ex["prompt"] for ex in dev]
+        dev_scores = [{dev_prompts[i]: float(v) for i, v in sub.items()} for sub in result.val_subscores]
+        dev_mean = [float(x) for x in result.val_aggregate_scores]
+        hard_prompts = [p for p, _ in hard]
+        assignments = assign_templates(
+            hard_prompts, templates, dev_scores, pl_module.hparams.num_rollouts, rng, self.group_diversity
+        )
+        solved = [{p for p, v in s.items() if v > 0} for s in dev_scores]
+        usable = [c for c in range(len(templates)) if templates[c].strip()]
+        cover = [usable[i] for i in set_cover([solved[c] for c in usable], [dev_mean[c] for c in usable])]
+        record = {
+            "rollout_step": step,
+            "epoch": trainer.current_epoch,
+            "num_hard": len(hard),
+            "num_train": len(train),
+            "num_dev": len(dev),
+            "templates": templates,
+            "parents": [list(p) for p in result.parents],
+            "dev_mean": dev_mean,
+            "dev_scores": dev_scores,
+            "pareto_front": {dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
+            "discovery_eval_counts": list(result.discovery_eval_counts),
+            "metric_calls": adapter.num_examples,
+            "cover": cover,
+            "assignments": assignments,
+            "seconds": seconds,
+        }
+        best = max(range(len(templates)), key=lambda c: dev_mean[c])
+        log.warning(
+            f"P²O search {len(self.searches)} at RL step {step}: {len(hard)} hard samples, {len(templates)} "
+            f"candidates, {adapter.num_examples} metric calls in {seconds:.0f}s; best dev {dev_mean[best]:.3f} "
+            f"({templates[best]!r}); {len(assignments)} prompts assigned templates"
+        )
+        out = Path(trainer.default_root_dir) / "p2o"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"search_{len(self.searches):03d}.json").write_text(json.dumps(record, indent=1))
+        return record
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "hard_pool": dict(self.hard_pool),
+            "assignments": {k: list(v) for k, v in self.assignments.items()},
+            "searches": self.searches,
+            "recent_all_wrong": list(self.recent_all_wrong),
+            "last_search_step": self.last_search_step,
+        }
+        if hasattr(self.reflection, "state_dict"):
+            state["reflection"] = self.reflection.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hard_pool = dict(state["hard_pool"])
+        self.assignments = {k: list(v) for k, v in state["assignments"].items()}
+        self.searches = list(state["searches"])
+        self.recent_all_wrong = list(state["recent_all_wrong"])
+        self.last_search_step = state["last_search_step"]
+        if "reflection" in state and hasattr(self.reflection, "load_state_dict"):
+            self.reflection.load_state_dict(state["reflection"])
+
+
+def _gather(trainer: L.Trainer, items: list) -> list:
+    """Every rank's ``items``, concatenated in rank order (the local list when not distributed)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+class _QuietLogger:
+    """gepa's logger protocol, routed to this module's logger at debug level."""
+
+    def log(self, message: str) -> None:
+        log.debug(message)

@@ -1,0 +1,6 @@
+"""P²O's discrete half: GEPA prompt evolution on hard samples, and which templates each hard sample gets.
+
+- :mod:`~p2o_lightning.prompt.adapter`: the ``gepa`` adapter (the current policy scores a template, greedy, 0/1).
+- :mod:`~p2o_lightning.prompt.reflection`: reflection backends (teacher endpoint, frozen reference, offline).
+- :mod:`~p2o_lightning.prompt.assignment`: greedy set cover and the weighted K-template assignment.
+"""

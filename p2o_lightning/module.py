@@ -221,9 +221,26 @@ class P2OModule(L.LightningModule):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             lm.config.use_cache = False
         self.policy = PolicyLogProb(lm.train())  # from_pretrained returns eval mode
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one unit per decoder layer + the rest
+            self._fully_shard(self.policy)
         ref_lm, _ = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
         self._reference = [PolicyLogProb(ref_lm).eval().requires_grad_(False).to(self.device)]
         self.engine = HFRolloutEngine(lm, self.tokenizer)
+
+    def _fully_shard(self, policy: PolicyLogProb) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else None
+        layers = getattr(policy.lm.get_decoder(), "layers", None)
+        if layers is None:
+            raise ValueError("FSDP2 sharding expects the decoder's blocks at `.layers` (Llama / Qwen layout)")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+
+    @property
+    def _sharded(self) -> bool:
+        return hasattr(self.policy, "unshard")
 
     @property
     def reference(self) -> PolicyLogProb:
@@ -294,7 +311,15 @@ class P2OModule(L.LightningModule):
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        rollouts = self.engine.generate(prompts, sampling)
+        if self._sharded:  # FSDP2: generate() runs outside the wrapper's forward, so gather its parameters first
+            # the root must initialise before any layer runs, or that layer takes itself for the root
+            self.policy._get_fsdp_state()._lazy_init()
+            self.policy.unshard()
+        try:
+            rollouts = self.engine.generate(prompts, sampling)
+        finally:
+            if self._sharded:
+                self.policy.reshard()
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
         return rollouts, grade
 

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.distributed.tensor import DTensor
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,6 +48,13 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(log_dir or trainer.default_root_dir)
 
 
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A plain CPU copy of a (possibly sharded) tensor; a collective for DTensors, so every rank must call it."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().cpu().clone()
+
+
 class ExportPolicy(L.Callback):
     """Save the policy (``save_pretrained``) and tokenizer to ``dirpath`` (default ``<run dir>/policy``)."""
 
@@ -58,13 +66,16 @@ class ExportPolicy(L.Callback):
             return
         lm = pl_module.policy.lm
         state = None
-        if trainer.world_size > 1 and hasattr(lm, "unshard"):  # FSDP2: gather full tensors on every rank
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if any(isinstance(v, DTensor) for v in lm.state_dict().values()):  # FSDP2: gather on every rank
+            state = {k: _full(v) for k, v in lm.state_dict().items()}
         if trainer.is_global_zero:
             out = Path(self.dirpath) if self.dirpath else run_dir(trainer) / "policy"
-            lm.save_pretrained(out, state_dict=state)
+            if state is not None:  # save a plain copy: transformers cannot serialise the sharded parameters
+                plain = type(lm)._from_config(lm.config)
+                plain.load_state_dict(state, assign=True)
+                plain.generation_config = lm.generation_config
+                lm = plain
+            lm.save_pretrained(out)
             pl_module.tokenizer.save_pretrained(out)
             rank_zero_info(f"policy exported to {out}")
         trainer.strategy.barrier("export_policy")

@@ -1,19 +1,120 @@
-"""``python -m p2o_lightning report RUN_DIR [RUN_DIR …]``: redraw the metrics plot of finished runs."""
+"""``python -m p2o_lightning report RUN_DIR [RUN_DIR …]``: pictures of finished runs, side by side.
+
+For each run folder (a ``metrics.csv`` from the CSV logger, and ``p2o/search_*.json`` when P²O ran) it draws:
+
+- ``collapse.png``: the all-wrong collapse rate against the step, one line per run;
+- ``accuracy.png``: in-distribution and OOD validation accuracy (greedy) against the step, one line per run;
+- ``search.png``: every search's candidates' mean dev score in the order GEPA found them;
+
+into ``--out`` (default: the first run folder), redraws each run's own ``metrics.png``, and prints the best
+templates of every search with their dev scores.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from p2o_lightning.outputs import plot_metrics
+from p2o_lightning.outputs import plot_metrics, read_metrics
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(run: Path) -> str:
+    return run.name or str(run)
+
+
+def plot_curves(runs: list[Path], keys: list[str], title: str, out: Path, smooth: int = 1) -> Path:
+    """One panel per key, one line per run."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run in runs:
+            series = read_metrics(run / "metrics.csv").get(key)
+            if not series:
+                continue
+            steps, values = zip(*series)
+            if smooth > 1:
+                values = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1])
+                          for i in range(len(values))]  # fmt: skip
+            ax.plot(steps, values, label=_label(run), marker="o" if len(steps) < 15 else None, ms=3)
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def load_searches(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "p2o").glob("search_*.json"))]
+
+
+def plot_searches(runs: list[Path], out: Path) -> Path | None:
+    """Candidates' mean dev score in discovery order, per search; the seed (empty template) is candidate 0."""
+    searches = [(run, i, s) for run in runs for i, s in enumerate(load_searches(run))]
+    if not searches:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for run, i, s in searches:
+        ax.plot(range(len(s["dev_mean"])), s["dev_mean"], marker="o", ms=3, label=f"{_label(run)} search {i}")
+    ax.set_xlabel("candidate (order found)")
+    ax.set_ylabel("mean dev score (greedy, current policy)")
+    ax.set_title("GEPA candidates on the hard dev split")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def best_templates(run: Path, top: int = 3) -> list[str]:
+    lines = []
+    for i, s in enumerate(load_searches(run)):
+        order = sorted(range(len(s["templates"])), key=lambda c: -s["dev_mean"][c])[:top]
+        head = (
+            f"{_label(run)} search {i} (RL step {s['rollout_step']}, {s['num_hard']} hard, "
+            f"{len(s['templates'])} candidates, {s['metric_calls']} metric calls):"
+        )
+        lines.append(head)
+        lines += [f"  {s['dev_mean'][c]:.3f}  {s['templates'][c]!r}" for c in order]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m p2o_lightning report", description=__doc__)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding a metrics.csv")
+    parser.add_argument("--out", type=Path, default=None, help="where the side-by-side PNGs go")
     args = parser.parse_args(argv)
     for run in args.run_dirs:
-        csv_path = run / "metrics.csv"
-        if not csv_path.is_file():
+        if not (run / "metrics.csv").is_file():
             raise SystemExit(f"{run}: no metrics.csv (is this a run folder?)")
-        print(plot_metrics(csv_path, run / "metrics.png", title=str(run)))
+    out = args.out or args.run_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    for run in args.run_dirs:
+        print(plot_metrics(run / "metrics.csv", run / "metrics.png", title=str(run)))
+    print(plot_curves(args.run_dirs, ["train/collapse_all_wrong"], "collapse (all-wrong groups)", out / "collapse.png"))
+    keys = sorted({k for run in args.run_dirs for k in read_metrics(run / "metrics.csv") if k.endswith("/greedy_acc")})
+    if keys:
+        print(plot_curves(args.run_dirs, keys, "validation accuracy (greedy)", out / "accuracy.png"))
+    searched = plot_searches(args.run_dirs, out / "search.png")
+    if searched:
+        print(searched)
+    for run in args.run_dirs:
+        for line in best_templates(run):
+            print(line)

@@ -33,6 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
 from p2o_lightning.prompt.assignment import assign_templates, set_cover
 from p2o_lightning.prompt.reflection import OfflineProposer
@@ -239,7 +240,7 @@ class P2OCallback(L.Callback):
             f"candidates, {adapter.num_examples} metric calls in {seconds:.0f}s; best dev {dev_mean[best]:.3f} "
             f"({templates[best]!r}); {len(assignments)} prompts assigned templates"
         )
-        out = Path(trainer.default_root_dir) / "p2o"
+        out = run_dir(trainer) / "p2o"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"search_{len(self.searches):03d}.json").write_text(json.dumps(record, indent=1))
         return record

@@ -71,6 +71,19 @@ def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_ke
     return problems
 
 
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def _private_generator() -> torch.Generator:
+    """A loader's own generator: starting an iterator draws a seed from it, never from the global RNG.
+
+    Otherwise every ``iter(loader)`` (a resumed epoch, each validation) would shift the sampling RNG and a resumed
+    run would sample different rollouts than the uninterrupted one.
+    """
+    return torch.Generator().manual_seed(0)
+
+
 class PromptStream(IterableDataset):
     """Batches of prompts for one rank: shuffled per epoch, sharded, resumable at a batch boundary."""
 
@@ -123,7 +136,7 @@ class ResumableLoader(DataLoader):
     """A DataLoader over a :class:`PromptStream` that Lightning saves and restores with the checkpoint."""
 
     def __init__(self, stream: PromptStream) -> None:
-        super().__init__(stream, batch_size=None, collate_fn=lambda batch: batch, num_workers=0)
+        super().__init__(stream, batch_size=None, collate_fn=_as_list, num_workers=0, generator=_private_generator())
 
     def state_dict(self) -> dict[str, int]:
         return self.dataset.state_dict()
@@ -223,7 +236,9 @@ class PromptDataModule(L.LightningDataModule):
                 for i, p in enumerate(problems)
                 if i % world == rank
             ]
-            loaders.append(DataLoader(rows, batch_size=self.val_batch_size, collate_fn=lambda batch: batch))
+            loaders.append(
+                DataLoader(rows, batch_size=self.val_batch_size, collate_fn=_as_list, generator=_private_generator())
+            )
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

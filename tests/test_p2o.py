@@ -1,0 +1,94 @@
+"""P²O end to end: the adapter's contract, the callback's state, and a real P²O fit on the embedded world."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_trainer import KillAt, read_csv, small_data, small_module, trainer
+
+from p2o_lightning.callbacks import P2OCallback
+from p2o_lightning.prompt.adapter import P2OAdapter
+from p2o_lightning.prompt.reflection import OfflineProposer
+
+
+def loaded(module):
+    module.configure_model()
+    return module
+
+
+def test_adapter_contract_and_no_raise(tiny_world):
+    module = loaded(small_module(tiny_world))
+    module.policy.train()
+    adapter = P2OAdapter(module, max_new_tokens=8, batch_size=2)
+    batch = [
+        {"prompt": "12+30=", "answer": "42"},
+        {"prompt": "1+1=", "answer": "2"},
+        {"prompt": "5+5=", "answer": "10"},
+    ]
+    out = adapter.evaluate(batch, {"template": "Add the digits."}, capture_traces=True)
+    assert len(out.outputs) == len(out.scores) == len(out.trajectories) == 3
+    assert all(s in (0.0, 1.0) for s in out.scores) and adapter.num_examples == 3
+    assert module.policy.training  # evaluation restored training mode
+    data = adapter.make_reflective_dataset({"template": "x"}, out, ["template"])
+    assert len(data["template"]) == 3 and "correct answer is '42'" in data["template"][0]["Feedback"]
+    assert adapter.evaluate(batch, {"template": ""}).trajectories is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    module.sample = broken  # a failing batch scores 0 and says why, never raises
+    out = adapter.evaluate(batch, {"template": "Add."}, capture_traces=True)
+    assert out.scores == [0.0, 0.0, 0.0] and "out of memory" in out.trajectories[0]["feedback"]
+
+
+def test_callback_rejects_bad_settings(tiny_world):
+    with pytest.raises(ValueError, match="trigger='sometimes'"):
+        P2OCallback(trigger="sometimes")
+    callback = P2OCallback(tau=9)
+    t = trainer(__import__("pathlib").Path("/tmp"), max_steps=1, callbacks=[callback])
+    with pytest.raises(ValueError, match="tau=9 is larger than K=num_rollouts=4"):
+        t.fit(small_module(tiny_world), datamodule=small_data())
+
+
+def test_callback_state_round_trip():
+    callback = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=3))
+    callback.hard_pool = {"12345+67890=": "80235"}
+    callback.assignments = {"99999+1=": ["Add the digits."] * 4}
+    callback.searches = [{"templates": ["", "Add."], "dev_mean": [0.0, 0.5], "assignments": {}}]
+    callback.recent_all_wrong = [0.5, 0.75]
+    callback.last_search_step = 12
+    callback.reflection.mutate("add", 3)
+    state = callback.state_dict()
+    other = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=0))
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    assert other.reflection.mutate("add", 2) == callback.reflection.mutate("add", 2)
+
+
+def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
+    """A run killed after a search and resumed keeps the hard pool, searches and RNG: steps after the kill match."""
+
+    def run(root, ckpt_path=None, kill_at=None):
+        L.seed_everything(0)
+        callback = P2OCallback(
+            trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
+            parents_per_iteration=2, clear_pool_after_search=False,
+        )  # fmt: skip
+        callbacks = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)]
+        callbacks += [callback] + ([KillAt(kill_at)] if kill_at else [])
+        t = trainer(root, max_steps=4, callbacks=callbacks, limit_val_batches=0)
+        t.fit(small_module(tiny_world), datamodule=small_data(batch_size=2), ckpt_path=ckpt_path)
+        return callback
+
+    full = run(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path / "resumed", kill_at=3)
+    resumed = run(tmp_path / "resumed", ckpt_path="last")
+    assert len(full.searches) == len(resumed.searches) == 2
+    untimed = [{k: v for k, v in s.items() if k != "seconds"} for s in full.searches]
+    assert untimed == [{k: v for k, v in s.items() if k != "seconds"} for s in resumed.searches]
+    assert full.hard_pool == resumed.hard_pool and full.reflection.state_dict() == resumed.reflection.state_dict()
+    a, b = read_csv(tmp_path / "full/run/metrics.csv"), read_csv(tmp_path / "resumed/run/metrics.csv")
+    for step in (2, 3):
+        for key in ("train/reward", "train/entropy", "p2o/hard_pool"):
+            assert float(a[step][key]) == pytest.approx(float(b[step][key]), rel=1e-5), (step, key)

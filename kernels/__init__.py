@@ -1,5 +1,101 @@
 """Triton kernels of p2o-lightning, installed as ``p2o_lightning.kernels`` (never as a top-level ``kernels``).
 
-The kernels (fused linear log-prob, group advantage, fused PPO-clip + KL loss) arrive with the kernels issue;
-until then :mod:`p2o_lightning.ops` holds the pure-torch reference ops that every kernel will be tested against.
+One file per op family, each laid out like the Triton tutorials / Liger-Kernel (kernels → launchers → one
+``torch.autograd.Function``), each the twin of a reference op of :mod:`p2o_lightning.ops` with the same signature:
+
+- :mod:`.logprob` — :func:`linear_logprob` (fused LM head + log-softmax + gather + entropy, backward to hidden and
+  weight) and :func:`linear_logprob_multi` (C contexts sharing the weight: P²O's context ratio mask);
+- :mod:`.advantage` — :func:`group_advantage` (GRPO / Dr. GRPO, plus the collapse flags);
+- :mod:`.loss` — :func:`policy_loss` (PPO-clip, clip-higher, dual-clip, k1/k2/k3 KL, context ratio mask, three
+  aggregations, with every statistic of the reference).
+
+The trainer reaches them only through :func:`p2o_lightning.ops.get_ops` (``backend: triton``, or ``auto`` on CUDA).
+
+Importing this package does not import triton. Triton decides at ``@triton.jit`` decoration time whether a kernel
+is compiled for a GPU or run by the interpreter (``TRITON_INTERPRET=1``); the functions below import their kernel
+module on first call, so that the environment at the first *call* decides, not an early import of this package
+(a test suite can set ``TRITON_INTERPRET=1`` in any test module and run in any order). For the same reason, and
+because ``python`` run from the repository root puts this folder on ``sys.path`` as ``kernels`` — where
+``transformers`` imports it while probing for the PyPI package ``kernels`` — this file has no side effects and no
+``__version__`` (a version would make transformers take it for the hub-kernels package).
 """
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["group_advantage", "linear_logprob", "linear_logprob_multi", "policy_loss"]
+
+
+def linear_logprob(
+    hidden: Tensor,  # (..., H)
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Fused :func:`p2o_lightning.ops.linear_logprob`; see :mod:`p2o_lightning.kernels.logprob`."""
+    from .logprob import linear_logprob as kernel
+
+    return kernel(
+        hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def linear_logprob_multi(
+    hidden: Tensor,  # (C, ..., H)
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of the same targets under C contexts, the weight streamed once; see :mod:`.logprob`."""
+    from .logprob import linear_logprob_multi as kernel
+
+    return kernel(
+        hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def group_advantage(rewards: Tensor, *, norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """Fused :func:`p2o_lightning.ops.group_advantage`; see :mod:`p2o_lightning.kernels.advantage`."""
+    from .advantage import group_advantage as kernel
+
+    return kernel(rewards, norm_by_std=norm_by_std, eps=eps)
+
+
+def policy_loss(
+    logp: Tensor,  # (B, T)
+    old_logp: Tensor,  # (B, T)
+    advantages: Tensor,  # (B,) or (B, T)
+    mask: Tensor,  # (B, T)
+    *,
+    ref_logp: Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token-mean",
+    num_tokens: Tensor | float | None = None,
+    num_seqs: Tensor | float | None = None,
+    context_logp: Tensor | None = None,
+    context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Fused :func:`p2o_lightning.ops.policy_loss`; see :mod:`p2o_lightning.kernels.loss`."""
+    from .loss import policy_loss as kernel
+
+    return kernel(
+        logp, old_logp, advantages, mask, ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, kl_estimator=kl_estimator, loss_agg=loss_agg,
+        num_tokens=num_tokens, num_seqs=num_seqs, context_logp=context_logp,
+        context_ratio_bounds=context_ratio_bounds,
+    )  # fmt: skip

@@ -27,7 +27,6 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L

@@ -2,7 +2,6 @@
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_trainer import KillAt, read_csv, small_data, small_module, trainer
 

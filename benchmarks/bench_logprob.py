@@ -1,28 +1,37 @@
-"""Benchmark: chunked ``linear_logprob`` against materialised logits — time, GFLOP/s and MEASURED peak memory.
+"""Benchmark: per-token log-prob from hidden states and the LM head — time, TFLOP/s and MEASURED peak memory.
 
 The op behind every log-prob of the trainer (policy, frozen reference, P²O's context ratio mask) turns last hidden
-states (N, H) and the LM head (V, H) into one log-prob per token. The naive path materialises the (N, V) logits::
+states (N, H) and the LM head (V, H) into one log-prob per token. Implementations compared:
 
-    (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None])   # writes N·V floats, twice
-
-while :func:`p2o_lightning.ops.linear_logprob` walks the tokens ``chunk_size`` rows at a time and recomputes each
-chunk's logits in backward, so only (chunk_size, V) floats live at once — at the price of one more N·H·V matmul.
+- ``materialised``: ``(hidden @ weight.T).float().log_softmax(-1).gather(...)``, the (N, V) logits in full;
+- ``chunked``: :func:`p2o_lightning.ops.linear_logprob`, the reference op (float32, ``chunk_size`` rows at a time);
+- ``compiled``: ``torch.compile`` of the chunked op (runs on CPU too; the compile is not timed);
+- ``triton``: :func:`p2o_lightning.kernels.linear_logprob`, the fused kernel (CUDA only: the interpreter that runs
+  it on CPU is a correctness tool, not a benchmark);
+- ``liger``: Liger-Kernel's fused linear cross-entropy, ``reduction="none"`` (its per-token loss is −log-prob);
+- ``cce``: Apple's cut-cross-entropy ``linear_cross_entropy``, ``reduction="none"``.
+The last two run where installed and on CUDA; otherwise the table says why they were skipped.
 
 Modes: ``fwd`` is a forward under ``torch.no_grad`` (old-policy and reference log-probs); ``fwd+bwd`` a forward
-and backward to hidden and weight (the policy update). GFLOP/s are counted on the useful work, 2·N·H·V (fwd) and
-6·N·H·V (fwd+bwd); the chunked backward's recompute is not credited. ``% mm`` compares with a plain matmul of the
-same device (the ceiling). Peak memory is measured: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs;
-on CPU every case runs in a fresh subprocess and reports the rise of ``ru_maxrss`` over the post-setup baseline.
-``logits MB`` is the size of the (N, V) float32 logits, for comparison. Times on CPU are the minimum of the timed
-runs (on a shared 2-core machine other processes only ever add time; the median is in the CSV), on CUDA the median
-of ``triton.testing.do_bench``.
+and backward to hidden and weight (the policy update). TFLOP/s are counted on the useful work, 2·N·H·V (fwd) and
+6·N·H·V (fwd+bwd); the recompute of chunked / fused backwards is not credited. ``% mm`` compares with a plain
+matmul of the same dtype on the same device, measured in the same run (the ceiling). Peak memory is measured: on
+CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU every case runs in a fresh subprocess and reports
+the rise of the resident set's high-water mark (reset through ``/proc/self/clear_refs``) over its post-setup
+value — for ``compiled`` after one warm-up call that compiles. ``logits MB`` is the size of the (N, V) float32
+logits, for comparison. Times on CPU are the minimum of the timed runs (on a shared 2-core machine other
+processes only ever add time; the median is in the CSV), on CUDA the median of ``triton.testing.do_bench``.
 
-    python benchmarks/bench_logprob.py                      # default grid (~2–3 min on 2 CPU cores)
-    python benchmarks/bench_logprob.py --grid full          # N up to 8192, H 1024, V 32768
-    python benchmarks/bench_logprob.py --shapes 4096x1024x32768 --modes fwd+bwd
+Every run also prints a **model, not measured**: FLOPs and HBM bytes of materialised / chunked / triton on the GPU
+grid (N ∈ {4096, 16384}, H 4096, V 151,936, bf16), against the published H100 SXM ceilings — what a GPU run of
+this script should be compared with, never a substitute for one.
 
-Writes (appends) ``benchmarks/results/bench_logprob_<device kind>.csv`` and draws this run's
-``bench_logprob_<device kind>.png``; the last line printed is a JSON summary.
+    python benchmarks/bench_logprob.py                     # CPU: default grid (~6 min on 2 cores); CUDA: GPU grid
+    python benchmarks/bench_logprob.py --grid full         # CPU: N up to 8192, H 1024, V 32768
+    python benchmarks/bench_logprob.py --shapes 4096x1024x32768 --modes fwd+bwd --impls chunked triton
+
+Writes (appends) ``benchmarks/results/bench_logprob_<device kind>.csv`` and ``bench_logprob_model_h100.csv``,
+draws this run's ``bench_logprob_<device kind>.png``; the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -31,11 +40,11 @@ import argparse
 import csv
 import datetime
 import gc
+import importlib.metadata
+import importlib.util
 import json
-import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,10 +62,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = {  # (N, H, V)
     "default": [(1024, 512, 32768), (2048, 512, 32768), (4096, 512, 32768)],
     "full": [(n, 1024, 32768) for n in (1024, 2048, 4096, 8192)] + [(4096, 1024, 8192), (4096, 512, 32768)],
+    "gpu": [(4096, 4096, 151936), (16384, 4096, 151936)],  # Qwen's vocabulary, a 7-8B model's width
 }
-IMPLS = ("chunked", "materialised")
+IMPLS = ("chunked", "compiled", "materialised", "triton", "liger", "cce")
 MODES = ("fwd", "fwd+bwd")
-CEILING_SHAPE = (1024, 1024, 32768)  # the plain matmul whose GFLOP/s is the device's ceiling here
+CEILING_SHAPE = {"cpu": (1024, 1024, 32768), "cuda": (4096, 4096, 32768)}  # the plain matmul of "% mm"
+
+# Published H100 SXM5 ceilings (NVIDIA H100 Tensor Core GPU datasheet): dense, i.e. without structured sparsity
+H100 = {"bf16_tflops": 989.4, "fp32_tflops": 66.9, "hbm_tbps": 3.35, "name": "H100 SXM5 (published)"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,13 +77,44 @@ CEILING_SHAPE = (1024, 1024, 32768)  # the plain matmul whose GFLOP/s is the dev
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def impl_unavailable(impl: str, device: torch.device) -> str | None:
+    """Why ``impl`` cannot run here (None when it can)."""
+    packages = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "triton": "triton"}
+    if impl in packages and importlib.util.find_spec(packages[impl]) is None:
+        return f"{packages[impl]} is not installed"
+    if impl in ("triton", "liger", "cce") and device.type != "cuda":
+        extra = " (the Triton interpreter is a correctness tool, not a benchmark)" if impl == "triton" else ""
+        return f"needs CUDA{extra}"
+    return None
+
+
 def materialised_logprob(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     """The naive path: (N, V) logits in float32, log_softmax, gather."""
     return (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
 
-def chunked_logprob(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    return linear_logprob(hidden, weight, targets, chunk_size=chunk_size)[0]  # (N,)
+def logprob_fn(impl: str, targets: Tensor, chunk_size: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """(hidden, weight) → per-token log-prob (N,) of ``impl``."""
+    if impl == "materialised":
+        return lambda hd, w: materialised_logprob(hd, w, targets)
+    if impl == "chunked":
+        return lambda hd, w: linear_logprob(hd, w, targets, chunk_size=chunk_size)[0]
+    if impl == "compiled":
+        return torch.compile(lambda hd, w: linear_logprob(hd, w, targets, chunk_size=chunk_size)[0], dynamic=False)
+    if impl == "triton":
+        from p2o_lightning.kernels import linear_logprob as fused
+
+        return lambda hd, w: fused(hd, w, targets, chunk_size=chunk_size)[0]
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return lambda hd, w: -loss(w, hd, targets)
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda hd, w: -linear_cross_entropy(hd, w, targets, reduction="none")
+    raise ValueError(f"unknown impl {impl!r}")
 
 
 def setup_logprob(
@@ -82,15 +126,7 @@ def setup_logprob(
     weight = torch.empty(v, h, dtype=dtype, device=device).normal_(std=h**-0.5, generator=gen)  # (V, H)
     targets = torch.randint(0, v, (n,), device=device, generator=gen)  # (N,)
     grad_out = torch.empty(n, device=device).normal_(generator=gen)  # (N,) upstream grad of the log-probs
-    if impl == "chunked":
-
-        def fn(hd: Tensor, w: Tensor) -> Tensor:
-            return chunked_logprob(hd, w, targets, chunk_size)
-    else:
-
-        def fn(hd: Tensor, w: Tensor) -> Tensor:
-            return materialised_logprob(hd, w, targets)
-
+    fn = logprob_fn(impl, targets, chunk_size)
     if mode == "fwd":
 
         def step() -> object:
@@ -101,7 +137,8 @@ def setup_logprob(
         weight.requires_grad_(True)
 
         def step() -> object:
-            return torch.autograd.grad(fn(hidden, weight), (hidden, weight), grad_out)
+            out = fn(hidden, weight)
+            return torch.autograd.grad(out, (hidden, weight), grad_out.to(out.dtype))
 
     return step
 
@@ -112,6 +149,13 @@ def setup_matmul(n: int, h: int, v: int, dtype: torch.dtype, device: torch.devic
     return lambda: a @ b.T
 
 
+def setup_case(case: dict, device: torch.device) -> Callable[[], object]:
+    dtype = getattr(torch, case["dtype"])
+    if case["impl"] == "matmul":
+        return setup_matmul(case["N"], case["H"], case["V"], dtype, device)
+    return setup_logprob(case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,17 +163,30 @@ def setup_matmul(n: int, h: int, v: int, dtype: torch.dtype, device: torch.devic
 
 def _rss_mb() -> tuple[float, float]:
     """(high-water mark, current) resident set size of this process, MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    with open("/proc/self/statm") as f:
-        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    return peak, current
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) / 1024  # kB
+    return fields["VmHWM"], fields["VmRSS"]
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the resident set's high-water mark to the current RSS (Linux ≥ 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def time_cpu(step: Callable[[], object], min_run_time: float, first_run_s: float, repeats: int) -> list[float]:
     """Times (ms) of ``step`` with torch.utils.benchmark on all of this process's threads.
 
     A step slower than ``min_run_time`` (judged by the untimed first run) is timed ``repeats`` times, one call each:
-    a 2-core CPU cannot afford more within the default grid's ~3 minutes; quicker steps get ``blocked_autorange``.
+    a 2-core CPU cannot afford more within the default grid's minutes; quicker steps get ``blocked_autorange``.
     """
     from torch.utils.benchmark import Timer
 
@@ -144,15 +201,13 @@ def run_case_cpu(case: dict) -> dict:
     """One case in this (fresh) process: peak RSS rise of one step over the post-setup baseline, then timing."""
     dtype = getattr(torch, case["dtype"])
     device = torch.device("cpu")
-    for impl in IMPLS:  # load every kernel (oneDNN JIT, thread pool) before the baseline
+    for impl in ("chunked", "materialised"):  # load every kernel (oneDNN JIT, thread pool) before the baseline
         setup_logprob(16, 16, 64, dtype, device, impl, "fwd+bwd", 8)()
-    if case["impl"] == "matmul":
-        step = setup_matmul(case["N"], case["H"], case["V"], dtype, device)
-    else:
-        step = setup_logprob(
-            case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"]
-        )
+    step = setup_case(case, device)
+    if case["impl"] == "compiled":
+        step()  # compile (and run once) before the baseline: the compiler's own memory is not the op's
     gc.collect()
+    reset = _reset_peak_rss()
     base_peak, base_current = _rss_mb()
     start = time.perf_counter()
     step()  # also the warm-up of the timing
@@ -168,21 +223,17 @@ def run_case_cpu(case: dict) -> dict:
         "ms_hi": max(times),
         "peak_mb": after_peak - base_peak,
         # the baseline high-water mark above the current RSS: a rise smaller than this would go unseen
-        "baseline_slack_mb": base_peak - base_current,
+        "baseline_slack_mb": 0.0 if reset else base_peak - base_current,
     }
 
 
 def run_case_cuda(case: dict) -> dict:
     import triton.testing
 
-    dtype = getattr(torch, case["dtype"])
     device = torch.device("cuda")
-    if case["impl"] == "matmul":
-        step = setup_matmul(case["N"], case["H"], case["V"], dtype, device)
-    else:
-        step = setup_logprob(
-            case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"]
-        )
+    step = setup_case(case, device)
+    if case["impl"] == "compiled":
+        step()  # compile before measuring
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -204,14 +255,113 @@ def run_case_cuda(case: dict) -> dict:
 
 
 def run_case(case: dict, device: torch.device) -> dict:
+    """Measure one case; a failure (out of memory, a baseline's API) becomes the row's status, not a crash."""
     if device.type == "cuda":
-        return run_case_cuda(case)
+        try:
+            return dict(run_case_cuda(case), status="ok")
+        except Exception as err:  # report (out of memory, a baseline's API) and go on with the grid
+            torch.cuda.empty_cache()
+            return {"status": f"failed: {type(err).__name__}: {str(err)[:120]}"}
     out = subprocess.run(
         [sys.executable, __file__, "--_case", json.dumps(case)], capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return {"status": f"failed: {out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else 'no output'}"}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), status="ok")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the bytes / FLOPs model (H100, not measured)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_case(impl: str, mode: str, n: int, h: int, v: int, chunk: int) -> dict:
+    """FLOPs, HBM bytes, time and peak memory of one implementation on an H100 with bf16 inputs — a roofline model,
+    an upper bound on speed: no kernel reaches the published peak (a good Triton or cuBLAS GEMM, 60–80 % of it).
+
+    Each implementation is a sequence of kernels; time = Σ_kernels max(FLOPs / ceiling, bytes / bandwidth): a kernel
+    overlaps its own loads with its math, consecutive kernels do not overlap. Bytes count every (N, V) pass of an
+    elementwise op once per read and once per write (no L2 reuse across kernels); the fused kernels re-read the
+    weight once per group of 16 row blocks of 64 rows (GROUP_N, the L2 ordering). The chunked reference upcasts
+    to float32, so its matmuls run at the fp32 (non-tensor-core) rate, as torch's matmul does by default (no TF32).
+    """
+    logits, wh, nh = n * v, v * h, n * h
+    chunks = -(-n // chunk)
+    mm = 2 * n * h * v  # one N×H×V matmul
+    bf16, fp32 = H100["bf16_tflops"], H100["fp32_tflops"]
+    bwd = mode == "fwd+bwd"
+    if impl == "materialised":  # bf16 matmul → .float() → log_softmax → gather (→ autograd)
+        kernels = [
+            (mm, 2 * (nh + wh) + 2 * logits, bf16),  # logits written in bf16
+            (0, (2 + 4 + 4 + 4) * logits, bf16),  # .float() read 2 write 4; log_softmax read 4 write 4
+        ]
+        if bwd:  # gather's zeros write 4; log_softmax read 8 write 4; cast read 4 write 2; 2 matmuls read 2 each
+            kernels += [(0, (4 + 12 + 6) * logits, bf16), (2 * mm, 4 * logits + 4 * (nh + wh), bf16)]
+        peak = (12 if bwd else 8) * logits  # float32 logits + log-probs (+ their grads)
+    elif impl == "chunked":  # float32 weight copy; per chunk (chunk, V) float32 logits, max, exp, sum
+        kernels = [
+            (0, 6 * wh, fp32),  # weight.float(): read 2 write 4
+            (mm, chunks * 4 * wh + 4 * logits, fp32),  # each chunk's matmul reads the float32 weight
+            (0, (4 + 8 + 8 + 4) * logits, fp32),  # amax read 4; sub_, exp_ in place read+write 8 each; sum read 4
+        ]
+        peak = 4 * wh + 4 * chunk * v
+        if bwd:  # cast again; recompute; exp/mul in place; dz @ w32 and grad_w32.addmm_ per chunk
+            kernels += [
+                (0, 6 * wh, fp32),
+                (mm, chunks * 4 * wh + 4 * logits, fp32),
+                (0, 3 * 8 * logits, fp32),
+                (2 * mm, chunks * (4 + 8) * wh + 8 * logits + 4 * nh, fp32),
+            ]
+            peak += 4 * wh + 4 * nh + 2 * wh  # grad_weight's float32 accumulator, grad_hidden, the bf16 casts
+    elif impl == "triton":  # fused forward; backward: ∂L/∂z kernel in vocabulary slices + 2 cuBLAS matmuls each
+        passes = -(-n // (16 * 64))  # weight re-reads: one per group of 16 row blocks of 64 rows
+        kernels = [(mm, passes * 2 * wh + 2 * nh + 16 * n, bf16)]
+        peak = 4 * 4 * 17 * n  # the (4, splits ≈ 17, N) float32 partials
+        if bwd:
+            slices = chunks  # vocabulary slices of chunk·V/N columns, each read by all N rows
+            kernels += [
+                (mm, passes * 2 * wh + slices * 2 * nh + 2 * logits, bf16),  # recompute, write ∂L/∂z (bf16)
+                (2 * mm, 4 * logits + slices * (2 + 2) * nh + 4 * wh, bf16),  # dzᵀ h and dz W: grads written once
+                (0, slices * 8 * nh, bf16),  # grad_hidden's float32 accumulation across slices
+            ]
+            peak = 2 * chunk * v + (4 + 2) * nh + 2 * wh
+    else:
+        raise ValueError(impl)
+    seconds = sum(max(f / (rate * 1e12), b / (H100["hbm_tbps"] * 1e12)) for f, b, rate in kernels)
+    flops, bytes_ = sum(k[0] for k in kernels), sum(k[1] for k in kernels)
+    useful = (6 if bwd else 2) * n * h * v
+    return {
+        "source": "model, not measured",
+        "device": H100["name"],
+        "impl": impl,
+        "mode": mode,
+        "N": n,
+        "H": h,
+        "V": v,
+        "chunk_size": chunk,
+        "tflop": flops / 1e12,
+        "hbm_gb": bytes_ / 1e9,
+        "model_ms": seconds * 1e3,
+        "model_tflops": useful / seconds / 1e12,
+        "model_pct_of_bf16_peak": 100 * useful / seconds / 1e12 / bf16,
+        "model_peak_gb": peak / 1e9,
+        "logits_gb": 4 * logits / 1e9,
+    }
+
+
+MODEL_HEAD = (
+    f"{'N×H×V':>18} {'mode':>8} {'impl':>13} {'TFLOP':>7} {'HBM GB':>8} {'ms':>8} {'TFLOP/s':>8} "
+    f"{'% bf16':>7} {'peak GB':>8} {'logits GB':>9}"
+)
+
+
+def model_line(r: dict) -> str:
+    shape = f"{r['N']}×{r['H']}×{r['V']}"
+    return (
+        f"{shape:>18} {r['mode']:>8} {r['impl']:>13} {r['tflop']:>7.1f} {r['hbm_gb']:>8.1f} "
+        f"{r['model_ms']:>8.1f} {r['model_tflops']:>8.0f} {r['model_pct_of_bf16_peak']:>7.1f} "
+        f"{r['model_peak_gb']:>8.2f} {r['logits_gb']:>9.1f}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,6 +370,7 @@ def run_case(case: dict, device: torch.device) -> dict:
 
 
 def environment(device: torch.device) -> dict:
+    """Date, device name and kind, torch version and commit: the columns every benchmark row starts with."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         kind = "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -251,34 +402,60 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def versions() -> dict:
+    """Versions of the kernel libraries compared ("-" when not installed)."""
+    out = {}
+    for key, dist in (("triton", "triton"), ("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+        try:
+            out[f"{key}_version"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"{key}_version"] = "-"
+    return out
+
+
 COLUMNS = [
-    "date", "device", "device_kind", "torch", "commit", "dtype", "impl", "mode", "N", "H", "V", "chunk_size",
-    "ms", "ms_stat", "ms_median", "ms_lo", "ms_hi", "gflops", "pct_of_matmul", "peak_mb", "logits_mb",
-    "baseline_slack_mb",
+    "date", "device", "device_kind", "torch", "triton_version", "liger_version", "cce_version", "commit", "dtype",
+    "impl", "mode", "N", "H", "V", "chunk_size", "status", "ms", "ms_stat", "ms_median", "ms_lo", "ms_hi", "tflops",
+    "pct_of_matmul", "peak_mb", "logits_mb", "baseline_slack_mb",
+]  # fmt: skip
+MODEL_COLUMNS = [
+    "date", "commit", "source", "device", "impl", "mode", "N", "H", "V", "chunk_size", "tflop", "hbm_gb",
+    "model_ms", "model_tflops", "model_pct_of_bf16_peak", "model_peak_gb", "logits_gb",
 ]  # fmt: skip
 
-
 TABLE_HEAD = (
-    f"{'N×H×V':>17} {'mode':>8} {'impl':>13} {'ms':>10} {'GFLOP/s':>9} {'% mm':>6} {'peak MB':>9} {'logits MB':>10}"
+    f"{'N×H×V':>18} {'mode':>8} {'impl':>13} {'ms':>10} {'TFLOP/s':>8} {'% mm':>6} {'peak MB':>9} {'logits MB':>10}"
 )
 
 
 def table_line(r: dict) -> str:
     shape = f"{r['N']}×{r['H']}×{r['V']}"
+    if r["status"] != "ok":
+        return f"{shape:>18} {r['mode']:>8} {r['impl']:>13}   {r['status']}"
     return (
-        f"{shape:>17} {r['mode']:>8} {r['impl']:>13} {r['ms']:>10.1f} {r['gflops']:>9.1f} "
+        f"{shape:>18} {r['mode']:>8} {r['impl']:>13} {r['ms']:>10.1f} {r['tflops']:>8.3f} "
         f"{r['pct_of_matmul']:>6.1f} {r['peak_mb']:>9.0f} {r['logits_mb']:>10.0f}"
     )
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
+def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
+    """Append ``rows``; a file written with other columns is rewritten under the union of both (no row lost)."""
+    old_rows: list[dict] = []
+    header = columns
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != columns:
+                old_rows = list(reader)
+                header = columns + [c for c in reader.fieldnames or [] if c not in columns]
+    mode = "w" if old_rows or not path.exists() else "a"
+    with path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        if mode == "w":
             writer.writeheader()
+            writer.writerows(old_rows)
         for r in rows:
-            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in header})
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -287,18 +464,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["status"] == "ok"]
     shapes = sorted({(r["N"], r["H"], r["V"]) for r in rows}, key=lambda s: (s[0] * s[2], s))
     labels = [f"{n}×{h}×{v}" for n, h, v in shapes]
     x = range(len(shapes))
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mode in MODES:
-        for impl, style in zip(IMPLS, ("-o", "--s")):
+    impls = sorted({r["impl"] for r in rows})
+    for mode, style in zip(MODES, ("-o", "--s")):
+        for impl in impls:
             sel = {(r["N"], r["H"], r["V"]): r for r in rows if r["mode"] == mode and r["impl"] == impl}
             if not sel:
                 continue
             ys = [sel.get(s, {}) for s in shapes]
             ax_t.plot(x, [y.get("ms", float("nan")) for y in ys], style, label=f"{impl} {mode}")
-            ax_m.plot(x, [y.get("peak_mb", float("nan")) for y in ys], style, label=f"{impl} {mode}")
+            ax_m.plot(x, [max(y.get("peak_mb", float("nan")), 0.5) for y in ys], style, label=f"{impl} {mode}")
     logits = {(r["N"], r["H"], r["V"]): r["logits_mb"] for r in rows}
     ax_m.plot(x, [logits[s] for s in shapes], ":k", label="N×V float32 logits")
     for ax, ylabel in ((ax_t, "time (ms)"), (ax_m, "measured peak memory (MB)")):
@@ -307,7 +486,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("N × H × V")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -326,7 +505,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="default", help="shape grid (N, H, V)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default=None, help="shape grid (N, H, V); default by device")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, help="NxHxV shapes, instead of --grid")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
@@ -345,15 +524,19 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    shapes = args.shapes or GRIDS[args.grid]
-    env = environment(device)
+    shapes = args.shapes or GRIDS[args.grid or ("gpu" if device.type == "cuda" else "default")]
+    env = dict(environment(device), **versions())
     base = {"dtype": dtype, "chunk_size": args.chunk_size, "min_run_time": args.min_run_time, "repeats": args.repeats}
 
-    ceiling_case = dict(base, impl="matmul", mode="fwd", N=CEILING_SHAPE[0], H=CEILING_SHAPE[1], V=CEILING_SHAPE[2])
-    ceiling = run_case(ceiling_case, device)
-    ceiling_gflops = 2 * CEILING_SHAPE[0] * CEILING_SHAPE[1] * CEILING_SHAPE[2] / ceiling["ms"] / 1e6
-    print(f"{env['device']}, torch {env['torch']}, commit {env['commit']}, {dtype}, chunk_size {args.chunk_size}")
-    print(f"matmul ceiling ({'×'.join(map(str, CEILING_SHAPE))}): {ceiling_gflops:.1f} GFLOP/s\n")
+    n_c, h_c, v_c = CEILING_SHAPE[device.type]
+    ceiling = run_case(dict(base, impl="matmul", mode="fwd", N=n_c, H=h_c, V=v_c), device)
+    ceiling_tflops = 2 * n_c * h_c * v_c / ceiling["ms"] / 1e9
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton_version']}, commit {env['commit']}, {dtype}")
+    print(f"matmul ceiling ({n_c}×{h_c}×{v_c}, {dtype}), measured: {ceiling_tflops:.3f} TFLOP/s\n")
+    skipped = {impl: why for impl in args.impls if (why := impl_unavailable(impl, device))}
+    for impl, why in skipped.items():
+        print(f"skipped {impl}: {why}")
+    print("\nMEASURED on this device")
     print(TABLE_HEAD)
     print("-" * len(TABLE_HEAD), flush=True)
 
@@ -362,29 +545,49 @@ def main() -> None:
         for mode in args.modes:
             for impl in args.impls:
                 case = dict(base, impl=impl, mode=mode, N=n, H=h, V=v)
-                result = run_case(case, device)
-                flops = (2 if mode == "fwd" else 6) * n * h * v
-                gflops = flops / result["ms"] / 1e6
-                row = dict(env, **case, **result, gflops=gflops, pct_of_matmul=100 * gflops / ceiling_gflops)
-                row["logits_mb"] = n * v * 4 / 2**20
+                result = {"status": f"skipped: {skipped[impl]}"} if impl in skipped else run_case(case, device)
+                row = dict(env, **case, **result, logits_mb=n * v * 4 / 2**20)
+                if row["status"] == "ok":
+                    row["tflops"] = (2 if mode == "fwd" else 6) * n * h * v / row["ms"] / 1e9
+                    row["pct_of_matmul"] = 100 * row["tflops"] / ceiling_tflops
                 rows.append(row)
                 print(table_line(row), flush=True)
+
+    model_rows = [
+        dict(model_case(impl, mode, n, h, v, args.chunk_size), date=env["date"], commit=env["commit"])
+        for n, h, v in GRIDS["gpu"]
+        for mode in MODES
+        for impl in ("materialised", "chunked", "triton")
+    ]
+    ceilings = f"{H100['bf16_tflops']} TFLOP/s bf16 dense, {H100['fp32_tflops']} fp32, {H100['hbm_tbps']} TB/s"
+    print(f"\nMODEL, NOT MEASURED (a roofline, an upper bound): bf16 on {H100['name']}, {ceilings}")
+    print("time = Σ_kernels max(FLOPs / ceiling, bytes / bandwidth)")
+    print(MODEL_HEAD)
+    print("-" * len(MODEL_HEAD))
+    for r in model_rows:
+        print(model_line(r))
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_logprob_{env['device_kind']}"
     csv_path, png_path = args.out / f"{stem}.csv", args.out / f"{stem}.png"
-    write_csv(rows, csv_path)
-    plot(rows, png_path, f"linear_logprob, {env['device']}, {dtype}, chunk {args.chunk_size}, torch {env['torch']}")
+    model_path = args.out / "bench_logprob_model_h100.csv"
+    write_csv(rows, csv_path, COLUMNS)
+    write_csv(model_rows, model_path, MODEL_COLUMNS)
+    plot(rows, png_path, f"per-token log-prob, {env['device']}, {dtype}, chunk {args.chunk_size}, torch {env['torch']}")
 
     largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
-    summary = {"bench": "logprob", **env, "dtype": dtype, "ceiling_gflops": round(ceiling_gflops, 1)}
+    summary = {"bench": "logprob", **env, "dtype": dtype, "ceiling_tflops": round(ceiling_tflops, 4)}
     summary["largest_shape"] = "x".join(map(str, largest))
     for r in rows:
-        if (r["N"], r["H"], r["V"]) == largest:
+        if (r["N"], r["H"], r["V"]) == largest and r["status"] == "ok":
             summary[f"{r['impl']}_{r['mode']}_ms"] = round(r["ms"], 2)
             summary[f"{r['impl']}_{r['mode']}_peak_mb"] = round(r["peak_mb"], 1)
-    summary.update(csv=str(csv_path), png=str(png_path), rows=len(rows))
-    print(f"\nwrote {csv_path} and {png_path}")
+    summary["skipped"] = skipped
+    summary["model_not_measured_h100_ms"] = {
+        f"{r['impl']}_{r['mode']}_N{r['N']}": round(r["model_ms"], 1) for r in model_rows
+    }
+    summary.update(csv=str(csv_path), model_csv=str(model_path), png=str(png_path), rows=len(rows))
+    print(f"\nwrote {csv_path}, {model_path} and {png_path}")
     print(json.dumps(summary))
 
 

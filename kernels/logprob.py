@@ -1,0 +1,540 @@
+r"""Fused linear log-prob: per-token log π(y_t | ·) and entropy from hidden states and the LM head, in Triton.
+
+Why
+---
+GRPO / P²O needs the log-prob of every response token four times per step: the policy (with grad), the rollout
+policy (``old_logp``), the frozen reference (KL) and, for P²O's context ratio mask, the policy under the templated
+prompt. The naive torch version materialises the tokens × vocab logits; counted in bytes per logit for N tokens,
+hidden size H, vocabulary V, bf16 weights and a float32 softmax::
+
+    logits = (hidden @ weight.T).float() / T         # write 2; read 2, write 4; read 4, write 4
+    logprobs = logits.log_softmax(-1)                # read 4 (≥ twice: max, sum), write 4
+    logp = logprobs.gather(-1, targets[:, None])     # N reads
+    entropy = -(logprobs.exp() * logprobs).sum(-1)   # read 4, write 4; read 8, write 4; read 4
+
+≈ 50 bytes per logit: for a micro-batch of N = 16,384 tokens of Qwen (V = 151,936) that is 2.5 G logits, 10 GB
+per float32 copy and ~125 GB of memory traffic (37 ms at an H100's 3.35 TB/s) around a matmul of
+2·N·H·V = 20 TFLOP at H = 4096 (21 ms at its 989 TFLOP/s dense bf16 peak) — for an output of 2 floats per token.
+
+The kernel never writes a logit. Each program owns a block of token rows and walks the vocabulary in tiles of
+``BLOCK_V`` columns; for each tile it accumulates the (rows × BLOCK_V) logits with ``tl.dot`` over ``BLOCK_H``
+slices of H in float32 and folds them into four running values per row — the online log-sum-exp of flash
+attention, extended to the entropy. With m the running max, s = Σ exp(z − m), t = Σ exp(z − m)·z:
+
+    m' = max(m, max_j z_j);   α = exp(m − m')
+    s' = α·s + Σ_j exp(z_j − m')
+    t' = α·t + Σ_j exp(z_j − m')·z_j           # the online-softmax rescaling applies to Σ p·z as well
+    lse = m + log s;   Σ_j p_j z_j = t / s;   entropy = lse − t / s;   logp = z_target − lse
+
+and z_target is picked up when its tile passes. Compulsory traffic: N·H + V·H inputs (2 B each) and ~16 bytes per
+token of outputs — the kernel is a GEMM with a reduction for epilogue, compute-bound like the matmul it replaces.
+
+Split-V. N/BLOCK_N row blocks alone do not fill 132 SMs when N is a few thousand tokens, so the vocabulary is
+also split across S programs per row block; each writes its partial (m, s, t, z_target) and a few
+tiny torch ops merge them: M = max_k m_k, S = Σ_k s_k·exp(m_k − M), T = Σ_k t_k·exp(m_k − M).
+
+Several contexts sharing the weight (:func:`linear_logprob_multi`). P²O's context ratio mask compares
+log π(y | x) with log π(y | template(x)) for the *same* response tokens: C hidden-state tensors, one weight, one
+target sequence. The tile rows are laid out context-major, row r = c·BLOCK_N + i, so every weight tile loaded is
+multiplied with the C contexts' row blocks in one ``tl.dot``: the weight is streamed once for all contexts
+(a C× taller tile, i.e. C× the arithmetic intensity per weight byte, without concatenating the hidden states or
+repeating the targets). The single-context op is the case C = 1 of the same kernel.
+
+Backward
+--------
+With z = h Wᵀ / T, p = softmax(z), s = Σ_k p_k z_k and upstream grads g (of logp) and e (of entropy) per row:
+
+    ∂logp/∂z_j    = onehot_j − p_j
+    ∂entropy/∂z_j = −p_j (z_j − s)
+    ∂L/∂z_j       = g·onehot_j − p_j (g + e (z_j − s))
+    grad_hidden   = (∂L/∂z) W / T          (N, H)
+    grad_weight   = (∂L/∂z)ᵀ h / T         (V, H)
+
+Design. Both products contract over V or N but *produce* H-wide rows: a flash-attention style backward that keeps a
+(BLOCK_N × H) grad_hidden accumulator on chip while recomputing logit tiles works for H = 128 (a head), not for
+H = 4096 (1 MB of float32 per 64 rows, 4× an SM's register file); splitting H across programs would recompute every
+logit tile H/BLOCK_H times, and accumulating with fp32 atomics (cut-cross-entropy's way) makes the weight gradient
+non-deterministic and moves (1/BLOCK_N + 1/BLOCK_V)·N·V·H·8 bytes of read-modify-write. So the backward splits the
+work as Liger-Kernel does, between one Triton kernel and two cuBLAS matmuls, with a bounded buffer in between: the
+kernel recomputes each (BLOCK_N × BLOCK_V) logit tile from the saved lse (and Σ p z), forms ∂L/∂z / T in registers
+and writes it once, in the input dtype; the matmuls give grad_hidden and grad_weight. The buffer is a *slice of
+the vocabulary* for all rows, (N, Vc) with Vc = chunk_size·V/N, at most ``chunk_size`` × V elements as in the
+reference; slicing columns rather than rows (Liger slices rows) means each slice's grad_weight rows come from one
+matmul over all N rows, written once in the weight's dtype, and the cross-slice float32 accumulation falls on
+grad_hidden (N × H) instead of grad_weight (V × H, 9× larger for N = 16k tokens of Qwen: 2.5 GB of float32
+read and written per slice avoided). The logits are never written, 4 of the 6·N·H·V FLOPs of forward + backward
+run at cuBLAS speed and the recompute (another 2·N·H·V) in the kernel, and the result is deterministic.
+
+L2 ordering. Both kernels map their 1-D program id to (row block, vocabulary split / tile) GROUP_N row blocks at a
+time (the matmul tutorial's grouped ordering): the programs resident together share a few MB of hidden rows and a
+few weight tiles, which stay in L2, instead of one weight tile and hundreds of distinct hidden blocks that do not.
+
+Dtypes. bf16 / fp16 / fp32 inputs (fp64 is computed in fp32, as the reference); outputs are float32; gradients come
+back in the input dtype. On a GPU, fp32 tiles use ``input_precision="ieee"`` (torch's matmul default, no TF32);
+under ``TRITON_INTERPRET=1`` low-precision tiles are upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is
+wrong), and the interpreter's fp32 → bf16 stores truncate where a GPU rounds to nearest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["linear_logprob", "linear_logprob_multi"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_program(
+    pid,  # this program's id in a 1-D grid of row_blocks × n_cols programs
+    row_blocks,  # number of row blocks
+    n_cols,  # number of column blocks (vocabulary splits, or vocabulary tiles)
+    GROUP_N: tl.constexpr,  # row blocks per group
+):
+    """(row block, column block) of a program, GROUP_N row blocks at a time (the matmul tutorial's L2 ordering).
+
+    The programs resident together then share GROUP_N blocks of hidden rows and ~(resident / GROUP_N) weight tiles,
+    which fit in L2, rather than one weight tile and hundreds of distinct hidden blocks that do not.
+    """
+    width = GROUP_N * n_cols
+    first = (pid // width) * GROUP_N
+    size = tl.minimum(row_blocks - first, GROUP_N)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def _logprob_forward_kernel(
+    H_ptr,  # pointer to the hidden states: row n of context c at H_ptr + c·stride_hc + n·stride_hn, (C, N, H)
+    W_ptr,  # pointer to the LM head weight, (V, H), unit stride along H
+    TGT_ptr,  # pointer to the target ids, (N,) int64, shared by the C contexts
+    MAX_ptr,  # out: running max m per (split, row), (S, C·N) float32
+    SUM_ptr,  # out: Σ exp(z − m) per (split, row), (S, C·N) float32
+    PZ_ptr,  # out: Σ exp(z − m)·z per (split, row), (S, C·N) float32; untouched unless ENTROPY
+    ZT_ptr,  # out: the target's logit if it lies in this split's columns, else 0, (S, C·N) float32
+    C,  # number of contexts
+    N,  # token rows per context
+    V,  # vocabulary size
+    H,  # hidden size
+    row_blocks,  # cdiv(N, BLOCK_N)
+    n_splits,  # vocabulary splits S
+    stride_hc,  # elements between contexts of hidden
+    stride_hn,  # elements between rows of hidden
+    stride_wv,  # elements between rows of the weight
+    tiles_per_split,  # vocabulary tiles walked by one program
+    inv_temperature,  # 1 / T
+    C_PAD: tl.constexpr,  # C rounded up to a power of 2 (tile rows are C_PAD·BLOCK_N)
+    BLOCK_N: tl.constexpr,  # token rows per context in one program
+    BLOCK_V: tl.constexpr,  # vocabulary columns per tile
+    BLOCK_H: tl.constexpr,  # slice of H per tl.dot
+    GROUP_N: tl.constexpr,  # row blocks per group of the program ordering
+    ENTROPY: tl.constexpr,  # also accumulate Σ exp(z − m)·z
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's low-precision dot is wrong)
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else None (the default)
+):
+    pid_n, pid_s = _grouped_program(tl.program_id(0), row_blocks, n_splits, GROUP_N)  # row block, vocabulary split
+    rows = tl.arange(0, C_PAD * BLOCK_N)  # tile row r holds context r // BLOCK_N, token pid_n·BLOCK_N + r % BLOCK_N
+    ctx = rows // BLOCK_N
+    tok = pid_n * BLOCK_N + rows % BLOCK_N
+    row_ok = (ctx < C) & (tok < N)
+    target = tl.load(TGT_ptr + tok, mask=row_ok, other=-1)  # (ROWS,); ignore_index never matches a column
+    h_rows = H_ptr + ctx.to(tl.int64) * stride_hc + tok.to(tl.int64) * stride_hn  # (ROWS,) row pointers
+
+    m = tl.full((C_PAD * BLOCK_N,), float("-inf"), tl.float32)  # running max
+    s = tl.zeros((C_PAD * BLOCK_N,), tl.float32)  # running Σ exp(z − m)
+    t = tl.zeros((C_PAD * BLOCK_N,), tl.float32)  # running Σ exp(z − m)·z
+    z_target = tl.zeros((C_PAD * BLOCK_N,), tl.float32)
+    v_start = pid_s * tiles_per_split * BLOCK_V
+    for tile in range(0, tiles_per_split):
+        cols = v_start + tile * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+        col_ok = cols < V
+        w_cols = W_ptr + cols.to(tl.int64) * stride_wv  # (BLOCK_V,) row pointers of the weight
+        acc = tl.zeros((C_PAD * BLOCK_N, BLOCK_V), tl.float32)
+        for k in range(0, H, BLOCK_H):
+            ks = k + tl.arange(0, BLOCK_H)
+            k_ok = ks < H
+            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (ROWS, BH)
+            w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BH, BV)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        z = acc * inv_temperature  # (ROWS, BLOCK_V) logits / T; 0 on padded columns
+        z_max = tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1)
+        m_new = tl.maximum(m, z_max)  # finite: every tile a program visits has a valid column
+        alpha = tl.exp(m - m_new)
+        p = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)  # exp(z − m'), 0 on padded columns
+        s = s * alpha + tl.sum(p, axis=1)
+        if ENTROPY:
+            t = t * alpha + tl.sum(p * z, axis=1)
+        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        m = m_new
+
+    out = pid_s * C * N + ctx * N + tok  # (ROWS,) index into the (S, C·N) partials
+    tl.store(MAX_ptr + out, m, mask=row_ok)
+    tl.store(SUM_ptr + out, s, mask=row_ok)
+    tl.store(ZT_ptr + out, z_target, mask=row_ok)
+    if ENTROPY:
+        tl.store(PZ_ptr + out, t, mask=row_ok)
+
+
+@triton.jit
+def _logprob_backward_kernel(
+    H_ptr,  # pointer to the hidden rows, (R, H), unit stride along H
+    W_ptr,  # pointer to this chunk of the LM head weight, rows [v_offset, v_offset + Vc) of (V, H)
+    TGT_ptr,  # pointer to the target ids, (R,) int64
+    LSE_ptr,  # pointer to the saved log-sum-exp of each row, (R,) float32
+    PZ_ptr,  # pointer to the saved Σ_j p_j z_j of each row, (R,) float32; read only if ENTROPY
+    G_ptr,  # pointer to the upstream grad of logp, already 0 on ignored rows, (R,) float32
+    E_ptr,  # pointer to the upstream grad of the entropy, 0 on ignored rows, (R,) float32; read only if ENTROPY
+    DZ_ptr,  # out: ∂L/∂z / T of the chunk's columns, (R, Vc) in the input dtype
+    R,  # rows
+    Vc,  # vocabulary columns in this chunk
+    v_offset,  # the chunk's first column in the vocabulary (targets are global ids)
+    H,  # hidden size
+    row_blocks,  # cdiv(R, BLOCK_N)
+    v_tiles,  # cdiv(Vc, BLOCK_V)
+    stride_hn,  # elements between rows of hidden
+    stride_wv,  # elements between rows of the weight
+    stride_dz,  # elements between rows of DZ
+    inv_temperature,  # 1 / T
+    BLOCK_N: tl.constexpr,  # token rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary columns per program
+    BLOCK_H: tl.constexpr,  # slice of H per tl.dot
+    GROUP_N: tl.constexpr,  # row blocks per group of the program ordering
+    ENTROPY: tl.constexpr,  # the entropy has an upstream grad
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter)
+    PRECISION: tl.constexpr,  # tl.dot input_precision
+):
+    pid_n, pid_v = _grouped_program(tl.program_id(0), row_blocks, v_tiles, GROUP_N)  # row block, vocabulary tile
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # columns of the chunk
+    row_ok = rows < R
+    col_ok = cols < Vc
+    h_rows = H_ptr + rows.to(tl.int64) * stride_hn
+    w_cols = W_ptr + cols.to(tl.int64) * stride_wv
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, H, BLOCK_H):
+        ks = k + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BH)
+        w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BH, BV)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+    z = acc * inv_temperature  # (BN, BV) logits / T, recomputed
+
+    lse = tl.load(LSE_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(G_ptr + rows, mask=row_ok, other=0.0)
+    target = tl.load(TGT_ptr + rows, mask=row_ok, other=-1)
+    p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)  # softmax probabilities
+    if ENTROPY:
+        sum_pz = tl.load(PZ_ptr + rows, mask=row_ok, other=0.0)
+        e = tl.load(E_ptr + rows, mask=row_ok, other=0.0)
+        dz = -p * (g[:, None] + e[:, None] * (z - sum_pz[:, None]))  # −p (g + e (z − Σ p z))
+    else:
+        dz = -p * g[:, None]
+    dz += tl.where(v_offset + cols[None, :] == target[:, None], g[:, None], 0.0)  # + g·onehot(target)
+    dz = dz * inv_temperature  # both products carry 1/T: store ∂L/∂z / T once
+    dz_ptrs = DZ_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(dz_ptrs, dz.to(DZ_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run in the Triton interpreter (decided when ``@triton.jit`` decorated them)."""
+    return not isinstance(_logprob_forward_kernel, triton.runtime.JITFunction)
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 tiles multiply in full fp32 (as torch's matmul by default, no TF32); 16-bit ones keep the default."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _forward_config(n: int, v: int, h: int, c_pad: int) -> dict[str, int]:
+    """Tile sizes, program grouping and warps of the forward kernel; every tl.dot dimension stays ≥ 16 (GPU)."""
+    if _interpreted():  # numpy runs one program at a time: few, large tiles
+        block_n = min(64, max(16, triton.next_power_of_2(n)))
+        block_v = min(512, max(16, triton.next_power_of_2(v)))
+        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
+    # (rows × 128) float32 logits per program: 64 rows for one context, 128 in all for several. Untuned (no GPU was
+    # at hand): a starting point, to be swept with benchmarks/bench_logprob.py on the target device.
+    block_n = 64 if c_pad == 1 else max(16, 128 // c_pad)
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8 if block_n * c_pad >= 128 else 4)
+
+
+def _backward_config(rows: int, v: int) -> dict[str, int]:
+    """Tile sizes, program grouping and warps of the ∂L/∂z kernel."""
+    if _interpreted():
+        block_n = min(64, max(16, triton.next_power_of_2(rows)))
+        block_v = min(512, max(16, triton.next_power_of_2(v)))
+        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8)
+
+
+def _num_splits(row_blocks: int, v_tiles: int, group_n: int, device: torch.device) -> int:
+    """Vocabulary splits: one group of row blocks × the splits ≈ 2 programs per SM (1 split in the interpreter)."""
+    if _interpreted() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_tiles, triton.cdiv(2 * sms, min(group_n, row_blocks))))
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the tiles are loaded in: the common dtype of the inputs; fp64 is computed in fp32."""
+    dtype = torch.promote_types(*[t.dtype for t in tensors]) if len(tensors) > 1 else tensors[0].dtype
+    return dtype if dtype in (*_LOW_PRECISION, torch.float32) else torch.float32
+
+
+def linear_logprob_forward(
+    hidden: Tensor,  # (C, N, H), unit stride along H
+    weight: Tensor,  # (V, H), unit stride along H, same dtype as hidden
+    targets: Tensor,  # (N,) int64
+    temperature: float,
+    return_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run the forward kernel and merge its splits → (lse, z_target, Σ p·z or None), each (C, N) float32."""
+    n_ctx, n, h = hidden.shape
+    v = weight.shape[0]
+    c_pad = triton.next_power_of_2(n_ctx)
+    config = _forward_config(n, v, h, c_pad)
+    row_blocks, v_tiles = triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(v, config["BLOCK_V"])
+    splits = _num_splits(row_blocks, v_tiles, config["GROUP_N"], hidden.device)
+    tiles_per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
+    splits = triton.cdiv(v_tiles, tiles_per_split)  # every split starts on a tile that holds a valid column
+
+    part = torch.empty(4 if return_entropy else 3, splits, n_ctx * n, device=hidden.device, dtype=torch.float32)
+    part_max, part_sum, part_zt = part[0], part[1], part[2]  # each (S, C·N)
+    part_pz = part[3] if return_entropy else part_sum  # a placeholder pointer when the entropy is not wanted
+    _logprob_forward_kernel[(row_blocks * splits,)](
+        hidden, weight, targets, part_max, part_sum, part_pz, part_zt,
+        n_ctx, n, v, h, row_blocks, splits, hidden.stride(0), hidden.stride(1), weight.stride(0), tiles_per_split,
+        1.0 / temperature,
+        C_PAD=c_pad, ENTROPY=return_entropy, UPCAST=_interpreted(), PRECISION=_precision(hidden.dtype), **config,
+    )  # fmt: skip
+
+    # merge the splits (S × C·N floats: noise next to the kernel): M = max m_k, S = Σ s_k e^{m_k − M}
+    row_max = part_max.amax(dim=0)  # (C·N,)
+    scale = torch.exp(part_max - row_max)  # (S, C·N)
+    total = (part_sum * scale).sum(dim=0)  # (C·N,)
+    lse = row_max + torch.log(total)
+    z_target = part_zt.sum(dim=0)  # exactly one split holds the target
+    sum_pz = (part_pz * scale).sum(dim=0) / total if return_entropy else None  # Σ_j p_j z_j
+    shape = (n_ctx, n)
+    return lse.view(shape), z_target.view(shape), (sum_pz.view(shape) if sum_pz is not None else None)
+
+
+def linear_logprob_backward(
+    hidden: Tensor,  # (R, H) every row, unit stride along H
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (R,) int64
+    lse: Tensor,  # (R,) float32
+    sum_pz: Tensor | None,  # (R,) float32, needed when grad_entropy is given
+    grad_logp: Tensor,  # (R,) float32, 0 on ignored rows
+    grad_entropy: Tensor | None,  # (R,) float32, 0 on ignored rows
+    temperature: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """grad_hidden (R, H) and grad_weight (V, H) in the input dtype, one slice of the vocabulary at a time.
+
+    The (R, V) matrix ∂L/∂z / T is produced in column slices of ``chunk_size·V / R`` columns (whole tiles), so its
+    buffer holds at most chunk_size × V elements, the reference's bound. Slicing the vocabulary rather than the
+    rows lets each slice's grad_weight rows come out of one matmul over all R rows, written once, and leaves the
+    cross-slice accumulation to grad_hidden, (R, H): smaller than (V, H) by V/R (float32 across several slices).
+    """
+    n_rows, h = hidden.shape
+    v = weight.shape[0]
+    dz_dtype = hidden.dtype  # the matmul dtype: bf16 / fp16 use the tensor cores, fp32 stays fp32
+    config = _backward_config(n_rows, v)
+    block_v = config["BLOCK_V"]
+    v_chunk = v if n_rows <= chunk_size else max(block_v, chunk_size * v // n_rows // block_v * block_v)
+    single = v_chunk >= v
+    grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H): each slice written once
+    grad_hidden = None
+    if need_hidden:  # (R, H): accumulated over the slices, in float32 when there are several
+        grad_hidden = torch.empty_like(hidden) if single else torch.zeros_like(hidden, dtype=torch.float32)
+    row_blocks = triton.cdiv(n_rows, config["BLOCK_N"])
+    for v0 in range(0, v, v_chunk):
+        cols = min(v_chunk, v - v0)
+        w_slice = weight[v0 : v0 + cols]  # (Vc, H)
+        dz = torch.empty(n_rows, cols, device=hidden.device, dtype=dz_dtype)  # the only (R, Vc) buffer alive
+        v_tiles = triton.cdiv(cols, block_v)
+        _logprob_backward_kernel[(row_blocks * v_tiles,)](
+            hidden, w_slice, targets, lse, sum_pz if grad_entropy is not None else lse, grad_logp,
+            grad_entropy if grad_entropy is not None else grad_logp, dz,
+            n_rows, cols, v0, h, row_blocks, v_tiles, hidden.stride(0), weight.stride(0), dz.stride(0),
+            1.0 / temperature,
+            ENTROPY=grad_entropy is not None, UPCAST=_interpreted(), PRECISION=_precision(dz_dtype), **config,
+        )  # fmt: skip
+        if grad_weight is not None:
+            torch.mm(dz.T, hidden, out=grad_weight[v0 : v0 + cols])  # (Vc, H), one matmul over all rows
+        if grad_hidden is not None:
+            if single:
+                torch.mm(dz, w_slice, out=grad_hidden)
+            elif dz_dtype == torch.float32:
+                grad_hidden.addmm_(dz, w_slice)
+            else:
+                grad_hidden += dz @ w_slice  # an (R, H) 16-bit partial, summed in float32
+        del dz
+    if grad_hidden is not None and grad_hidden.dtype != hidden.dtype:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    r"""``log softmax(h Wᵀ / T)[target]`` and entropy of C contexts sharing W and the targets, fused.
+
+    Forward (the online log-sum-exp, no logits written): with z = h Wᵀ / T, lse = log Σ_j e^{z_j}, p = e^{z − lse}
+
+        logp    = z_target − lse
+        entropy = lse − Σ_j p_j z_j
+
+    Backward (per chunk of rows, ∂L/∂z recomputed from the saved lse and Σ p z, then two matmuls):
+
+        ∂L/∂z_j     = g·onehot_j − p_j (g + e (z_j − Σ_k p_k z_k))
+        grad_hidden = (∂L/∂z) W / T,     grad_weight = Σ_c (∂L/∂z_c)ᵀ h_c / T
+
+    Saves (hidden, weight, targets, lse, Σ p z); rows with target == ignore_index give 0 and no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,  # (C, N, H)
+        weight: Tensor,  # (V, H)
+        targets: Tensor,  # (N,) int64
+        temperature: float,
+        return_entropy: bool,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, ...]:
+        in_dtypes = (hidden.dtype, weight.dtype)
+        dtype = _compute_dtype(hidden, weight)
+        hidden_c = hidden.to(dtype) if hidden.stride(-1) == 1 else hidden.to(dtype).contiguous()
+        weight_c = weight.to(dtype) if weight.stride(-1) == 1 else weight.to(dtype).contiguous()
+        valid = targets != ignore_index  # (N,)
+        lse, z_target, sum_pz = linear_logprob_forward(hidden_c, weight_c, targets, temperature, return_entropy)
+        logp = (z_target - lse).masked_fill_(~valid, 0.0)  # (C, N)
+        entropy = (lse - sum_pz).masked_fill_(~valid, 0.0) if return_entropy else None
+
+        ctx.save_for_backward(hidden_c, weight_c, targets, lse, sum_pz)
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.in_dtypes = in_dtypes
+        ctx.set_materialize_grads(False)
+        return (logp,) if entropy is None else (logp, entropy)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None = None):  # each (C, N) or None
+        hidden, weight, targets, lse, sum_pz = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 7
+        n_ctx, n, h = hidden.shape
+        valid = (targets != ctx.ignore_index).repeat(n_ctx)  # (C·N,)
+        no_grad = torch.zeros(n_ctx * n, device=lse.device)  # (C·N,): logp unused downstream
+        g = grad_logp.reshape(-1).float() * valid if grad_logp is not None else no_grad
+        e = grad_entropy.reshape(-1).float() * valid if grad_entropy is not None else None
+        # the C contexts are C·N rows with the targets repeated: the single-context backward, chunk by chunk
+        grad_hidden, grad_weight = linear_logprob_backward(
+            hidden.reshape(n_ctx * n, h), weight, targets.repeat(n_ctx), lse.reshape(-1),
+            sum_pz.reshape(-1) if e is not None else None, g, e, ctx.temperature, ctx.chunk_size,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.view(n_ctx, n, h).to(ctx.in_dtypes[0])
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.in_dtypes[1])
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public ops (the signatures of p2o_lightning.ops)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check(hidden: Tensor, weight: Tensor, temperature: float, chunk_size: int) -> None:
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def linear_logprob(
+    hidden: Tensor,  # (..., H)
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Triton twin of :func:`p2o_lightning.ops.linear_logprob`: same arguments, same float32 outputs.
+
+    ``chunk_size`` bounds the (chunk_size, V) buffer of ∂L/∂z in backward; the forward holds no logits at all.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
+    _check(hidden, weight, temperature, chunk_size)
+    logp, entropy = linear_logprob_multi(
+        hidden.unsqueeze(0), weight, targets, temperature=temperature, return_entropy=return_entropy,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+    )  # fmt: skip
+    return logp[0], (entropy[0] if entropy is not None else None)
+
+
+def linear_logprob_multi(
+    hidden: Tensor,  # (C, ..., H): C contexts of the same response tokens
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64, shared by the contexts
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of the same targets under C contexts in one launch: each weight tile is loaded
+    once for all C contexts. ``linear_logprob_multi(stack([h_x, h_tx]), W, y)`` gives log π(y|x) and
+    log π(y|template(x)) for P²O's context ratio mask. Returns ``(logp, entropy)`` of shape (C, ...) float32;
+    equal to C calls of :func:`linear_logprob` (the backward is the single-context one, row chunk by row chunk).
+    """
+    if hidden.ndim < 2 or hidden.shape[1:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be (C,) + targets {tuple(targets.shape)} + (H,)")
+    _check(hidden, weight, temperature, chunk_size)
+    n_ctx, h = hidden.shape[0], hidden.shape[-1]
+    out_shape = hidden.shape[:-1]
+    n = math.prod(targets.shape)
+    if n == 0 or n_ctx == 0:
+        logp = hidden.new_zeros(out_shape, dtype=torch.float32)
+        return logp, (torch.zeros_like(logp) if return_entropy else None)
+    outs = LinearLogprobFunction.apply(
+        hidden.reshape(n_ctx, n, h), weight, targets.reshape(-1).long(), float(temperature), return_entropy,
+        ignore_index, chunk_size,
+    )  # fmt: skip
+    logp = outs[0].view(out_shape)
+    entropy = outs[1].view(out_shape) if return_entropy else None
+    return logp, entropy

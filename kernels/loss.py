@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from p2o_lightning.ops import _KL_ESTIMATORS, _LOSS_AGGS
+from p2o_lightning.ops import _KL_ESTIMATORS, _LOSS_AGGS, check_policy_loss_args
 
 __all__ = ["policy_loss"]
 
@@ -536,26 +536,11 @@ def _check(
     clip_ratio_c: float | None,
     context_ratio_bounds: tuple[float, float],
 ) -> None:
-    """The reference's argument errors, with its messages."""
-    if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
-        shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
-        raise ValueError(f"{shapes}: all must be (B, T)")
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
-    if loss_agg not in _LOSS_AGGS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
-    if kl_estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {_KL_ESTIMATORS}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
-    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
-    for name, t in (("ref_logp", ref_logp), ("context_logp", context_logp)):
-        if t is not None and t.shape != logp.shape:
-            raise ValueError(f"{name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
-    low, high = context_ratio_bounds
-    if context_logp is not None and not 0 < low <= 1 <= high:
-        raise ValueError(f"context ratio bounds must satisfy 0 < low <= 1 <= high, got ({low}, {high})")
+    """The reference's argument errors (the same function), then this kernel's own: it differentiates wrt logp."""
+    check_policy_loss_args(
+        logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
+        context_ratio_bounds,
+    )  # fmt: skip
     if torch.is_grad_enabled():
         for name, t in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
             if t is not None and t.requires_grad:

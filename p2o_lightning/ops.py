@@ -33,6 +33,7 @@ __all__ = [
     "Backend",
     "Ops",
     "collapsed_groups",
+    "check_policy_loss_args",
     "context_ratio_mask",
     "get_ops",
     "group_advantage",
@@ -314,6 +315,41 @@ def context_ratio_mask(logp: Tensor, context_logp: Tensor, low: float = 0.01, hi
     return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
 
 
+def check_policy_loss_args(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    context_logp: Tensor | None,
+    kl_coef: float,
+    kl_estimator: str,
+    loss_agg: str,
+    clip_ratio_c: float | None,
+    context_ratio_bounds: tuple[float, float],
+) -> None:
+    """The argument errors of :func:`policy_loss`, shared with the fused Triton loss so both say the same."""
+    if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
+        shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
+        raise ValueError(f"{shapes}: all must be (B, T)")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
+    if loss_agg not in _LOSS_AGGS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
+    if kl_estimator not in _KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {_KL_ESTIMATORS}")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    for name, t in (("ref_logp", ref_logp), ("context_logp", context_logp)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
+    low, high = context_ratio_bounds
+    if context_logp is not None and not 0 < low <= 1 <= high:
+        raise ValueError(f"context ratio bounds must satisfy 0 < low <= 1 <= high, got ({low}, {high})")
+
+
 def policy_loss(
     logp: Tensor,  # (B, T) log π(y_t) of the policy being trained
     old_logp: Tensor,  # (B, T) log π_old(y_t) of the rollout policy
@@ -363,19 +399,10 @@ def policy_loss(
     tokens), ``approx_kl_old`` (mean of ½ (logp − old_logp)², the k2 estimate of KL(π_old ‖ π)),
     ``context_masked_frac`` (share of response tokens the context ratio mask dropped; 0 without ``context_logp``).
     """
-    if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
-        shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
-        raise ValueError(f"{shapes}: all must be (B, T)")
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
-    if loss_agg not in _LOSS_AGGS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
-    if kl_estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {_KL_ESTIMATORS}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
-    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    check_policy_loss_args(
+        logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
+        context_ratio_bounds,
+    )  # fmt: skip
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # ratios of bf16 log-probs would be far too coarse
     logp, old_logp = logp.to(dtype), old_logp.to(dtype)
@@ -383,8 +410,6 @@ def policy_loss(
     mask = mask.to(dtype)  # (B, T)
     response_mask = mask
     if context_logp is not None:
-        if context_logp.shape != logp.shape:
-            raise ValueError(f"context_logp {tuple(context_logp.shape)} must match logp {tuple(logp.shape)}")
         mask = mask * context_ratio_mask(old_logp, context_logp.to(dtype), *context_ratio_bounds).to(dtype)
     adv = (advantages if advantages.ndim == 2 else advantages[:, None]).to(dtype)  # (B, T) or (B, 1)
     log_ratio = logp - old_logp  # (B, T)
@@ -402,8 +427,6 @@ def policy_loss(
     losses = pg
     kl = None
     if ref_logp is not None:
-        if ref_logp.shape != logp.shape:
-            raise ValueError(f"ref_logp {tuple(ref_logp.shape)} must match logp {tuple(logp.shape)}")
         kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T)
         if kl_coef > 0:
             losses = pg + kl_coef * kl

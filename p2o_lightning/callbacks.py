@@ -35,7 +35,7 @@ import torch
 from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
 from p2o_lightning.prompt.assignment import assign_templates, set_cover
-from p2o_lightning.prompt.reflection import OfflineProposer
+from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 
 log = logging.getLogger(__name__)
 TRIGGERS = ("epoch", "steps", "collapse")
@@ -159,16 +159,24 @@ class P2OCallback(L.Callback):
             return
         record = None
         if trainer.is_global_zero:
-            record = self._run_gepa(trainer, pl_module, step)
+            try:
+                record = self._run_gepa(trainer, pl_module, step)
+            except ReflectionError as err:  # a teacher that went down mid-run costs this search, not the run
+                log.error(f"P²O search at RL step {step} skipped: {err}")
+                record = {"rollout_step": step, "error": str(err), "assignments": {}, "dev_mean": [0.0]}
         record = trainer.strategy.broadcast(record, src=0)
         self.searches.append(record)
         self.assignments.update(record["assignments"])
         pl_module.template_assignments = self.assignments
         if self.clear_pool_after_search:
             self.hard_pool = {}
-        pl_module.log("p2o/searches", float(len(self.searches)), on_step=True)
-        pl_module.log("p2o/assigned_prompts", float(len(self.assignments)), on_step=True)
-        pl_module.log("p2o/best_dev_score", max(record["dev_mean"]), on_step=True)
+        in_step = not trainer.fit_loop.epoch_loop.done  # the epoch trigger runs in on_train_epoch_end
+        for key, value in (
+            ("p2o/searches", len(self.searches)),
+            ("p2o/assigned_prompts", len(self.assignments)),
+            ("p2o/best_dev_score", max(record["dev_mean"])),
+        ):
+            pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
     def _run_gepa(self, trainer, pl_module, step: int) -> dict[str, Any]:
         import gepa
@@ -198,7 +206,7 @@ class P2OCallback(L.Callback):
             skip_perfect_score=True,
             acceptance_criterion="strict_improvement",
             seed=self.seed + len(self.searches),
-            raise_on_exception=False,
+            raise_on_exception=True,  # the adapter never raises per example: anything else is a real failure
             display_progress_bar=False,
             logger=_QuietLogger(),
             run_dir=None,

@@ -9,6 +9,7 @@ and ``report`` (plots of finished runs).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -37,6 +38,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> P2OCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # models and data come from local paths: never let transformers / datasets reach for a hub at run time
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "world":
         from p2o_lightning.tasks.world import main as world_main

@@ -2,6 +2,8 @@
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; never reach for a hub
+
 import pytest
 import torch
 

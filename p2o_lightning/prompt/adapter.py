@@ -23,6 +23,8 @@ COMPONENT = "template"
 class P2OAdapter:
     """Scores templates with a :class:`~p2o_lightning.module.P2OModule`'s current policy (greedy, 0/1 reward)."""
 
+    propose_new_texts = None  # proposals come from the reflection backend (gepa's reflection_lm or custom proposer)
+
     def __init__(self, module, max_new_tokens: int, batch_size: int = 64) -> None:
         self.module = module
         self.max_new_tokens = max_new_tokens

@@ -1,0 +1,200 @@
+"""The embedded world: the addition task, its splits, the character tokenizer, the cached warm-up build, the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from p2o_lightning.tasks import addition, world
+from p2o_lightning.tasks.addition import (
+    INSTRUCTION_VOCABULARY,
+    TAUGHT_TEMPLATES,
+    AdditionTask,
+    make_problem,
+    scratchpad_response,
+    world_splits,
+)
+from p2o_lightning.tasks.base import Problem, Task, apply_template
+from p2o_lightning.tasks.world import MAX_NEW_TOKENS, TEST_RECIPE, WorldRecipe, build_tokenizer, build_world, measure
+
+
+@pytest.fixture(scope="module")
+def test_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_world(TEST_RECIPE, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+
+
+# ------------------------------------------------------------------------------------------------------ task
+def test_scratchpad_by_hand() -> None:
+    # 56+78: 6+8 = 14 (write 4, carry 1), 5+7+1 = 13 (write 3, carry 1), answer 134
+    assert scratchpad_response(56, 78) == "6814 5713\n134"
+    # 4821+77: the short operand's missing digits are zeros
+    assert scratchpad_response(4821, 77) == "1708 2709 8008 4004\n4898"
+    assert scratchpad_response(0, 0) == "0000\n0"
+
+
+def test_scratchpad_answers_every_sum() -> None:
+    rng, task = random.Random(0), AdditionTask()
+    for _ in range(500):
+        a, b = addition.sample_operands(rng, (1, 7))
+        assert task.score(scratchpad_response(a, b), str(a + b)).reward == 1.0
+
+
+def test_longest_response_fits_max_new_tokens() -> None:
+    assert len(scratchpad_response(999_999, 999_999)) + 1 == MAX_NEW_TOKENS  # + <eos>
+
+
+def test_extract_and_score() -> None:
+    task = AdditionTask()
+    assert isinstance(task, Task) and task.name == "addition"
+    assert task.extract_answer("4898") == "4898"
+    assert task.extract_answer("1708 2709 8008 4004\n4898") == "4898"
+    assert task.extract_answer("1708 2709 8008 4004\n") is None  # a scratchpad cut short has no final answer line
+    assert task.extract_answer("") is None
+    right = task.score("1708 2709 8008 4004\n4898", "4898")
+    assert right.reward == 1.0 and "is correct" in right.feedback
+    wrong = task.score("4897", "4898")
+    assert wrong.reward == 0.0 and "'4897' is incorrect" in wrong.feedback and "'4898'" in wrong.feedback
+    missing = task.score("17 08", "4898")
+    assert missing.reward == 0.0 and missing.feedback.startswith("No final answer")
+
+
+def test_task_module_is_pure_python() -> None:
+    source = Path(addition.__file__).read_text()
+    assert "import torch" not in source and "transformers" not in source
+
+
+def test_splits_are_fixed_disjoint_and_sized() -> None:
+    splits = world_splits()
+    assert splits == world_splits(0) and splits != world_splits(1)
+    sizes = {name: len(problems) for name, problems in splits.items()}
+    assert sizes == {"train": 384, "easy": 64, "hard": 64, "ood": 64}
+    pairs = [addition.operands(p) for problems in splits.values() for p in problems]
+    assert len(pairs) == len(set(pairs))  # disjoint, even across surface forms
+
+    def size(problem: Problem) -> int:
+        return max(len(str(n)) for n in addition.operands(problem))
+
+    assert {size(p) for p in splits["easy"]} == {1, 2, 3, 4}
+    assert {size(p) for p in splits["hard"]} == {5, 6}
+    assert {size(p) > 4 for p in splits["train"]} == {True, False}
+    for p in splits["ood"]:  # "04821+00077=": both operands zero-padded to one digit more than the longer one
+        a, b = p.prompt.rstrip("=").split("+")
+        assert a[0] == b[0] == "0" and len(a) == len(b) == size(p) + 1 <= 6
+    for p in (p for problems in splits.values() for p in problems):
+        assert sum(addition.operands(p)) == int(p.answer)
+
+
+def test_vocabulary_hides_the_taught_words() -> None:
+    taught = {w.strip(".").lower() for t in TAUGHT_TEMPLATES for w in t.split()}
+    assert taught <= set(INSTRUCTION_VOCABULARY)
+    assert len(INSTRUCTION_VOCABULARY) >= 3 * len(taught)
+    assert all(w == w.lower() and w.isalpha() for w in INSTRUCTION_VOCABULARY)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trip(tmp_path: Path) -> None:
+    build_tokenizer().save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.chat_template is None and tokenizer.padding_side == "left"
+    texts = [world.CHARACTERS, apply_template(TAUGHT_TEMPLATES[0], "4821+77=") + scratchpad_response(4821, 77)]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # one id per character
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids[1:]
+    batch = tokenizer(["1+1=", "12+1="], padding=True)
+    assert batch["input_ids"][0][0] == tokenizer.pad_token_id and batch["attention_mask"][0][0] == 0
+    assert tokenizer("é", add_special_tokens=False)["input_ids"] == [tokenizer.unk_token_id]
+
+
+# ---------------------------------------------------------------------------------------------------- warm-up
+def test_packed_batches_match_separate_sequences() -> None:
+    tokenizer = build_tokenizer()
+    model = world._make_model(TEST_RECIPE, tokenizer).eval()
+    input_ids, position_ids, labels = next(world._batches(TEST_RECIPE, tokenizer, random.Random(0), set()))
+    assert input_ids.shape == (TEST_RECIPE.batch_tokens // TEST_RECIPE.row_tokens, TEST_RECIPE.row_tokens)
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    with torch.no_grad():
+        packed = model(input_ids=input_ids[:1], position_ids=position_ids[:1], use_cache=False).logits
+        for begin, end in zip(starts[:-1], starts[1:]):
+            alone = model(input_ids=input_ids[:1, begin:end]).logits
+            torch.testing.assert_close(packed[:, begin:end], alone, atol=1e-5, rtol=1e-5)
+    # the loss sees responses and <eos> only
+    row = input_ids[0, starts[0] : starts[1]].tolist()
+    response = [t for t in labels[0, starts[0] : starts[1]].tolist() if t != -100]
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    assert tokenizer.decode(response, skip_special_tokens=True) == text.split("=", 1)[1]
+    assert response[-1] == tokenizer.eos_token_id
+
+
+def test_recipe_hash() -> None:
+    assert WorldRecipe().hash() == WorldRecipe().hash() and len(WorldRecipe().hash()) == 12
+    assert dataclasses.replace(WorldRecipe(), seed=1).hash() != WorldRecipe().hash()
+
+
+def test_build_world_is_cached_and_loads_like_a_checkpoint(test_world: Path) -> None:
+    assert test_world.name == f"{TEST_RECIPE.name}-{TEST_RECIPE.hash()}"
+    assert json.loads((test_world / "recipe.json").read_text()) == json.loads(
+        json.dumps(dataclasses.asdict(TEST_RECIPE))
+    )
+    logs: list[str] = []
+    assert build_world(TEST_RECIPE, cache_dir=test_world.parents[1], log=logs.append) == test_world
+    assert logs == []  # cached: nothing rebuilt
+    model = AutoModelForCausalLM.from_pretrained(test_world)
+    tokenizer = AutoTokenizer.from_pretrained(test_world)
+    assert model.config.model_type == "qwen3" and model.config.vocab_size == len(tokenizer)
+    # beside a model's config.json, AutoTokenizer must still load *our* tokenizer (for model_type "qwen2" transformers
+    # 5 swaps in Qwen2Tokenizer's byte-level pipeline, which drops spaces and newlines)
+    text = apply_template(TAUGHT_TEMPLATES[0], "4821+77=") + scratchpad_response(4821, 77)
+    assert tokenizer(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert not [p for p in test_world.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_build_is_deterministic_and_force_rebuilds(tmp_path: Path, test_world: Path) -> None:
+    again = build_world(TEST_RECIPE, cache_dir=tmp_path, log=lambda _: None)
+    first = AutoModelForCausalLM.from_pretrained(test_world).state_dict()
+    second = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    stamp = (again / "build.json").stat().st_mtime_ns
+    assert build_world(TEST_RECIPE, cache_dir=tmp_path, force=True, log=lambda _: None) == again
+    assert (again / "build.json").stat().st_mtime_ns != stamp
+
+
+def test_concurrent_builders_build_once(tmp_path: Path) -> None:
+    logs: list[str] = []
+    paths: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: paths.append(build_world(TEST_RECIPE, cache_dir=tmp_path, log=logs.append)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(paths)) == 1 and len(paths) == 3
+    assert sum(line.startswith("building") for line in logs) == 1
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def test_measure(test_world: Path) -> None:
+    problems = [make_problem(12, 34), make_problem(5, 6), make_problem(100, 1)]
+    result = measure(test_world, problems, TAUGHT_TEMPLATES[0], k=4, max_new_tokens=8)
+    assert result["n"] == 3
+    assert 0.0 <= result["success"] <= 1.0 and result["all_wrong"] + result["all_right"] <= 1.0
+    assert measure(test_world, problems, k=4, max_new_tokens=8) == measure(test_world, problems, k=4, max_new_tokens=8)
+
+
+def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setattr(world, "DEFAULT_RECIPE", TEST_RECIPE)
+    world.main(["--cache-dir", str(tmp_path), "--report", "--k", "2", "--n", "2"])
+    out = capsys.readouterr().out
+    assert f"world: {tmp_path}" in out and "build time" in out
+    assert "| plain" in out and "taught" in out and out.count("\n| ") >= len(world.report_rows())

@@ -1,4 +1,4 @@
-"""The paper's comparison on the embedded world: GRPO (K), GRPO (2K), P²O and two ablations, 3 seeds each.
+"""The paper's comparison on the embedded world: GRPO (K), GRPO (2K), P²O and three ablations, 3 seeds each.
 
 Every run is the real trainer through the user's command (``python -m p2o_lightning fit``) with the same number
 of optimizer steps and the same data; only the method differs:
@@ -10,6 +10,7 @@ of optimizer steps and the same data; only the method differs:
 | p2o                | configs/p2o-toy.yaml  | K rollouts, offline reflection, distillation + mask    |
 | p2o_no_distill     | configs/p2o-toy.yaml  | ``model.distill=false`` (gradient on templated prompt) |
 | p2o_one_template   | configs/p2o-toy.yaml  | one template for all K rollouts of a prompt            |
+| p2o_no_ratio_mask  | configs/p2o-toy.yaml  | ``model.context_ratio_bounds=null`` (no context mask)  |
 
     python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--max-steps 72] [--out runs/experiment]
 
@@ -61,6 +62,7 @@ SETTINGS = {
     "p2o": ("p2o-toy.yaml", []),
     "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
     "p2o_one_template": ("p2o-toy.yaml", [_one_template]),
+    "p2o_no_ratio_mask": ("p2o-toy.yaml", [_set("model.context_ratio_bounds", None)]),
 }
 
 
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--k", type=int, default=8, help="K of GRPO and P²O (GRPO 2K uses 2K)")
-    parser.add_argument("--max-steps", type=int, default=72, help="optimizer steps of every run (3 epochs)")
+    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps of every run (5 epochs)")
     parser.add_argument("--steps-per-epoch", type=int, default=24, help="for the last-epoch collapse average")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "experiment")
     args = parser.parse_args()

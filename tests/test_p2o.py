@@ -139,3 +139,18 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
     assert any(float(r["p2o/templated_share"]) > 0 for r in after)
     assert sum(float(r["p2o/rescued_groups"]) for r in after) > 0  # hard groups whose advantage is not all zero
     assert any(float(r["train/grad_norm"]) > 0 for r in after)
+
+
+def test_self_reflection_uses_the_frozen_reference(tiny_world):
+    from p2o_lightning.prompt.reflection import ReflectionError, SelfReflection
+
+    backend = SelfReflection(max_new_tokens=6, temperature=1.0)
+    with pytest.raises(ReflectionError, match="not bound"):
+        backend("Write a better instruction.")
+    module = loaded(small_module(tiny_world))
+    backend.bind(module)
+    rng = torch.get_rng_state()
+    reply = backend("Write a better instruction.")
+    assert isinstance(reply, str) and len(reply) <= 6
+    assert torch.equal(rng, torch.get_rng_state())  # reflection never shifts the training RNG
+    assert backend.gepa_kwargs() == {"reflection_lm": backend}

@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -61,6 +62,8 @@ class P2OCallback(L.Callback):
         max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
         group_diversity: the K rollouts of a prompt draw their templates independently (False: one for all K).
         clear_pool_after_search: start a new hard pool after each search (the paper collects per epoch).
+        template_pool: a JSON file of template assignments to start from: a ``p2o/search_*.json`` of an earlier
+            run, or ``{"assignments": {prompt: [K templates]}}``; checked before training.
         seed: seed of splits, GEPA and assignment draws.
     """
 
@@ -80,6 +83,7 @@ class P2OCallback(L.Callback):
         max_new_tokens: int | None = None,
         group_diversity: bool = True,
         clear_pool_after_search: bool = True,
+        template_pool: str | None = None,
         seed: int = 0,
     ) -> None:
         if trigger not in TRIGGERS:
@@ -102,6 +106,7 @@ class P2OCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.group_diversity = group_diversity
         self.clear_pool_after_search = clear_pool_after_search
+        self.template_pool = template_pool
         self.seed = seed
         # state (checkpointed)
         self.hard_pool: dict[str, str] = {}  # prompt -> gold answer
@@ -115,6 +120,8 @@ class P2OCallback(L.Callback):
         k = pl_module.hparams.num_rollouts
         if self.tau > k:
             raise ValueError(f"P2OCallback tau={self.tau} is larger than K=num_rollouts={k}")
+        if self.template_pool is not None and not self.assignments:
+            self.assignments = load_template_pool(self.template_pool, k)
         if stage == "fit" and trainer.is_global_zero:
             self.reflection.check()  # an unreachable teacher fails here, before any rollout
 
@@ -273,6 +280,25 @@ class P2OCallback(L.Callback):
         self.last_search_step = state["last_search_step"]
         if "reflection" in state and hasattr(self.reflection, "load_state_dict"):
             self.reflection.load_state_dict(state["reflection"])
+
+
+def load_template_pool(path: str, k: int) -> dict[str, list[str]]:
+    """Assignments ``{prompt: [K templates]}`` from a JSON file; errors name the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"template_pool {path}: cannot be read ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"template_pool {path}: not valid JSON ({err})") from err
+    assignments = data.get("assignments") if isinstance(data, dict) else None
+    if not isinstance(assignments, dict):
+        raise ValueError(f"template_pool {path}: expected an object with an 'assignments' mapping")
+    for prompt, templates in assignments.items():
+        if not (isinstance(templates, list) and len(templates) == k and all(isinstance(t, str) for t in templates)):
+            raise ValueError(
+                f"template_pool {path}: prompt {prompt[:40]!r} must map to a list of K={k} template strings"
+            )
+    return {p: list(t) for p, t in assignments.items()}
 
 
 def _gather(trainer: L.Trainer, items: list) -> list:

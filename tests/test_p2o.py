@@ -154,3 +154,20 @@ def test_self_reflection_uses_the_frozen_reference(tiny_world):
     assert isinstance(reply, str) and len(reply) <= 6
     assert torch.equal(rng, torch.get_rng_state())  # reflection never shifts the training RNG
     assert backend.gepa_kwargs() == {"reflection_lm": backend}
+
+
+def test_template_pool_file_is_checked_and_loaded(tmp_path):
+    from p2o_lightning.callbacks import load_template_pool
+
+    bad = tmp_path / "pool.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"pool.json: not valid JSON"):
+        load_template_pool(str(bad), 4)
+    bad.write_text('{"assignments": {"1+1=": ["Add."]}}')
+    with pytest.raises(ValueError, match=r"must map to a list of K=4 template strings"):
+        load_template_pool(str(bad), 4)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_template_pool(str(tmp_path / "missing.json"), 4)
+    good = tmp_path / "search_000.json"
+    good.write_text('{"templates": ["", "Add."], "assignments": {"1+1=": ["Add.", "Add.", "", "Add."]}}')
+    assert load_template_pool(str(good), 4) == {"1+1=": ["Add.", "Add.", "", "Add."]}

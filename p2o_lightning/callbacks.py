@@ -154,10 +154,10 @@ class P2OCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.trigger == "epoch":
-            self.search(trainer, pl_module)
+            self.search(trainer, pl_module, in_step=False)  # epoch-end hooks may only log on_epoch
 
     # ------------------------------------------------------------------ search
-    def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def search(self, trainer: L.Trainer, pl_module: L.LightningModule, in_step: bool = True) -> None:
         """Run GEPA on rank 0 over the hard pool, then broadcast and install the new assignments."""
         step = pl_module.rollout_steps
         self.last_search_step = step
@@ -177,7 +177,6 @@ class P2OCallback(L.Callback):
         pl_module.template_assignments = self.assignments
         if self.clear_pool_after_search:
             self.hard_pool = {}
-        in_step = not trainer.fit_loop.epoch_loop.done  # the epoch trigger runs in on_train_epoch_end
         for key, value in (
             ("p2o/searches", len(self.searches)),
             ("p2o/assigned_prompts", len(self.assignments)),

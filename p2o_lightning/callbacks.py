@@ -35,7 +35,7 @@ import torch
 
 from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
-from p2o_lightning.prompt.assignment import assign_templates, set_cover
+from p2o_lightning.prompt.assignment import assign_templates, template_cover
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 
 log = logging.getLogger(__name__)
@@ -227,9 +227,7 @@ class P2OCallback(L.Callback):
         assignments = assign_templates(
             hard_prompts, templates, dev_scores, pl_module.hparams.num_rollouts, rng, self.group_diversity
         )
-        solved = [{p for p, v in s.items() if v > 0} for s in dev_scores]
-        usable = [c for c in range(len(templates)) if templates[c].strip()]
-        cover = [usable[i] for i in set_cover([solved[c] for c in usable], [dev_mean[c] for c in usable])]
+        cover = template_cover(templates, dev_scores)
         record = {
             "rollout_step": step,
             "epoch": trainer.current_epoch,

@@ -37,6 +37,21 @@ def set_cover(solved: Sequence[set[int]], scores: Sequence[float]) -> list[int]:
     return chosen
 
 
+def _mean_scores(dev_scores: Sequence[Mapping[str, float]]) -> list[float]:
+    return [sum(s.values()) / max(len(s), 1) for s in dev_scores]
+
+
+def _solved_sets(dev_scores: Sequence[Mapping[str, float]]) -> list[set[str]]:
+    return [{p for p, v in s.items() if v > 0} for s in dev_scores]
+
+
+def template_cover(templates: Sequence[str], dev_scores: Sequence[Mapping[str, float]]) -> list[int]:
+    """Candidate indices the greedy set cover picks over the dev problems; the empty template never counts."""
+    mean, solved = _mean_scores(dev_scores), _solved_sets(dev_scores)
+    usable = [c for c in range(len(templates)) if templates[c].strip()]  # the empty template is the plain prompt
+    return [usable[i] for i in set_cover([solved[c] for c in usable], [mean[c] for c in usable])]
+
+
 def _weighted_draws(rng: random.Random, pool: Sequence[int], scores: Sequence[float], k: int, diverse: bool):
     weights = [max(scores[c], 1e-9) for c in pool]
     if diverse:
@@ -62,11 +77,9 @@ def assign_templates(
         raise ValueError(f"{len(templates)} templates but {len(dev_scores)} score maps")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    mean = [sum(s.values()) / max(len(s), 1) for s in dev_scores]
-    solved = [{p for p, v in s.items() if v > 0} for s in dev_scores]
-    # the empty template is the plain prompt: it never counts as help
-    usable = [c for c in range(len(templates)) if templates[c].strip()]
-    cover = [usable[i] for i in set_cover([solved[c] for c in usable], [mean[c] for c in usable])]
+    mean = _mean_scores(dev_scores)
+    solved = _solved_sets(dev_scores)
+    cover = template_cover(templates, dev_scores)
     if not cover:
         return {}
     assignments = {}

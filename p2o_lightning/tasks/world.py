@@ -112,7 +112,7 @@ class WorldRecipe:
     hidden_size: int = 96
     intermediate_size: int = 288
     num_layers: int = 3
-    num_heads: int = 4
+    num_heads: int = 3  # head_dim 32: a size vLLM's CPU attention supports (it rejects 24)
     # warm-up (AdamW, linear warm-up then cosine decay to lr / 10)
     steps: int = 1600
     batch_tokens: int = 4096  # tokens per step, packed
@@ -136,7 +136,7 @@ class WorldRecipe:
 
 DEFAULT_RECIPE = WorldRecipe()
 TEST_RECIPE = WorldRecipe(
-    name="addition-test", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, steps=20, batch_tokens=512
+    name="addition-test", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=1, steps=20, batch_tokens=512
 )
 
 

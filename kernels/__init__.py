@@ -89,6 +89,7 @@ def policy_loss(
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,
     context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
+    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Fused :func:`p2o_lightning.ops.policy_loss`; see :mod:`p2o_lightning.kernels.loss`."""
     from .loss import policy_loss as kernel
@@ -97,5 +98,5 @@ def policy_loss(
         logp, old_logp, advantages, mask, ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high,
         clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, kl_estimator=kl_estimator, loss_agg=loss_agg,
         num_tokens=num_tokens, num_seqs=num_seqs, context_logp=context_logp,
-        context_ratio_bounds=context_ratio_bounds,
+        context_ratio_bounds=context_ratio_bounds, context_mask_scope=context_mask_scope,
     )  # fmt: skip

@@ -21,20 +21,21 @@ Three kernels replace it (two launches forward, one backward, no torch op in bet
 - ``_policy_loss_backward_kernel``: one program per (sequence, tile of tokens) recomputes the per-token derivative
   and writes ∂loss/∂logp. Reads the inputs again, writes B·T. Nothing of size (B, T) is saved between the two.
 
-Per token (m the mask, after the context ratio mask), with r = exp(logp − old_logp) and A the advantage::
+Per token (m the response mask, c the context ratio mask), with r = exp(logp − old_logp) and A the advantage::
 
     pg_u = −A·r,   pg_c = −A·clip(r, 1 − clip_low, 1 + clip_high),   pg = max(pg_u, pg_c)   (PPO-clip)
     pg   = −A·c                  where A < 0 and pg > −A·c                                   (dual-clip, c > 1)
-    l    = pg + β·k(logp, ref)   k1 = −d,  k2 = ½ d²,  k3 = e^d − 1 − d,  d = ref − logp        (KL term, β > 0)
-    m    = m · [log low ≤ old_logp − context_logp ≤ log high]                               (context ratio mask)
+    k    = k(logp, ref)          k1 = −d,  k2 = ½ d²,  k3 = e^d − 1 − d,  d = ref − logp        (KL, β > 0)
+    c    = [log low ≤ old_logp − context_logp ≤ log high]                                   (context ratio mask)
+    l    = c·m·pg + β·n·k,   n = m  (PG_ONLY: the reference)   or   n = c·m  (the mask removes the whole token)
 
-Aggregations (B sequences; ``num_tokens`` / ``num_seqs`` replace Σm / B when given)::
+Aggregations (B sequences; n the denominator mask; ``num_tokens`` / ``num_seqs`` replace Σn / B when given)::
 
-    token-mean            L = Σ_bt l·m / Σ_bt m                 w_b = 1 / Σ_bt m
-    seq-mean-token-mean   L = Σ_b (Σ_t l·m / Σ_t m) / B         w_b = 1 / (Σ_t m_bt · B)
-    seq-mean-token-sum    L = Σ_b Σ_t l·m / B                   w_b = 1 / B
+    token-mean            L = Σ_bt l / Σ_bt n                   w_b = 1 / Σ_bt n
+    seq-mean-token-mean   L = Σ_b (Σ_t l / Σ_t n) / B           w_b = 1 / (Σ_t n_bt · B)
+    seq-mean-token-sum    L = Σ_b Σ_t l / B                     w_b = 1 / B
 
-Backward. L = Σ_bt w_b·m_bt·l_bt, so ∂L/∂logp_bt = g·w_b·m_bt·(∂pg/∂logp + β·∂k/∂logp), g the upstream grad:
+Backward. L = Σ_bt w_b·l_bt, so ∂L/∂logp_bt = g·w_b·(c·m·∂pg/∂logp + β·n·∂k/∂logp), g the upstream grad:
 
     ∂pg/∂logp = −A·r                 where pg_u > pg_c (the unclipped branch is the max), or r ∈ [1 − ε_l, 1 + ε_h]
               = 0                    where the clipped branch is the strict max, or dual-clip caps the token
@@ -101,13 +102,11 @@ def _token_terms(
     ratio_low,  # 1 − clip_low
     ratio_high,  # 1 + clip_high
     clip_c,  # dual-clip bound c (ignored unless DUAL)
-    kl_coef,  # β
     DUAL: tl.constexpr,  # dual-clip on
     HAS_REF: tl.constexpr,  # ref_logp given: compute the KL estimator
     KL_EST: tl.constexpr,  # 1, 2, 3: k1, k2, k3
-    KL_IN_LOSS: tl.constexpr,  # β > 0: the KL term is part of the loss
 ):
-    """Per-token loss terms and ∂l/∂logp: (l, pg, kl, ratio, log_ratio, clipped, dual, dl)."""
+    """Per-token terms and their derivatives wrt logp: (pg, kl, ratio, log_ratio, clipped, dual, d_pg, d_kl)."""
     log_ratio = logp - old
     ratio = tl.exp(log_ratio)
     pg_u = -adv * ratio
@@ -137,13 +136,7 @@ def _token_terms(
             em1 = _expm1(d)
             kl = em1 - d
             d_kl = -em1
-    if KL_IN_LOSS:
-        loss = pg + kl_coef * kl
-        d_loss = d_pg + kl_coef * d_kl
-    else:
-        loss = pg
-        d_loss = d_pg
-    return loss, pg, kl, ratio, log_ratio, clipped, dual, d_loss
+    return pg, kl, ratio, log_ratio, clipped, dual, d_pg, d_kl
 
 
 @triton.jit
@@ -184,6 +177,7 @@ def _policy_loss_forward_kernel(
     KL_EST: tl.constexpr,  # 1, 2, 3: k1, k2, k3
     KL_IN_LOSS: tl.constexpr,  # kl_coef > 0
     HAS_CTX: tl.constexpr,  # context_logp given
+    PG_ONLY: tl.constexpr,  # the context ratio mask cuts the PPO term only (KL and denominators keep the token)
     COMPUTE: tl.constexpr,  # tl.float32 or tl.float64
     BLOCK_T: tl.constexpr,  # tokens per step of the loop
 ):
@@ -217,14 +211,20 @@ def _policy_loss_forward_kernel(
         else:
             adv = zero + adv_b  # broadcast the sequence's advantage over the tile
         response, m = _load_mask(MASK_ptr, CTX_ptr, idx, ok, old, log_low, log_high, HAS_CTX, COMPUTE)
-        loss, pg, kl, ratio, log_ratio, clipped, dual, _ = _token_terms(
-            logp, old, adv, ref, ratio_low, ratio_high, clip_c, kl_coef, DUAL, HAS_REF, KL_EST, KL_IN_LOSS
+        pg, kl, ratio, log_ratio, clipped, dual, _, _ = _token_terms(
+            logp, old, adv, ref, ratio_low, ratio_high, clip_c, DUAL, HAS_REF, KL_EST
         )
+        n = response if PG_ONLY else m  # the KL term's and the denominators' mask
         on = m != 0.0
-        acc_loss += tl.where(on, loss * m, 0.0)
-        acc_pg += tl.where(on, pg * m, 0.0)
+        pg_m = tl.where(on, pg * m, 0.0)
+        kl_n = tl.where(n != 0.0, kl * n, 0.0)
+        if KL_IN_LOSS:
+            acc_loss += pg_m + kl_coef * kl_n
+        else:
+            acc_loss += pg_m
+        acc_pg += pg_m
         acc_mask += m
-        acc_kl += tl.where(on, kl * m, 0.0)
+        acc_kl += kl_n
         acc_clip += tl.where(on & clipped, m, 0.0)
         acc_dual += tl.where(on & dual, m, 0.0)
         acc_ratio += tl.where(on, ratio * m, 0.0)
@@ -269,6 +269,7 @@ def _policy_loss_backward_kernel(
     KL_EST: tl.constexpr,  # 1, 2, 3
     KL_IN_LOSS: tl.constexpr,  # kl_coef > 0
     HAS_CTX: tl.constexpr,  # context_logp given
+    PG_ONLY: tl.constexpr,  # the context ratio mask cuts the PPO term only
     COMPUTE: tl.constexpr,  # tl.float32 or tl.float64
     BLOCK_T: tl.constexpr,  # tokens per program
 ):
@@ -291,12 +292,15 @@ def _policy_loss_backward_kernel(
         adv = tl.load(ADV_ptr + idx, mask=ok, other=0.0).to(COMPUTE)
     else:
         adv = tl.zeros((BLOCK_T,), COMPUTE) + tl.load(ADV_ptr + b).to(COMPUTE)  # the sequence's, over the tile
-    _, m = _load_mask(MASK_ptr, CTX_ptr, idx, ok, old, log_low, log_high, HAS_CTX, COMPUTE)
-    _, _, _, _, _, _, _, d_loss = _token_terms(
-        logp, old, adv, ref, ratio_low, ratio_high, clip_c, kl_coef, DUAL, HAS_REF, KL_EST, KL_IN_LOSS
+    response, m = _load_mask(MASK_ptr, CTX_ptr, idx, ok, old, log_low, log_high, HAS_CTX, COMPUTE)
+    _, _, _, _, _, _, d_pg, d_kl = _token_terms(
+        logp, old, adv, ref, ratio_low, ratio_high, clip_c, DUAL, HAS_REF, KL_EST
     )
     w = tl.load(W_ptr + b) * tl.load(G_ptr).to(COMPUTE)  # g·w_b
-    grad = tl.where(m != 0.0, w * m * d_loss, 0.0)
+    grad = tl.where(m != 0.0, w * m * d_pg, 0.0)
+    if KL_IN_LOSS:
+        n = response if PG_ONLY else m
+        grad += tl.where(n != 0.0, w * kl_coef * n * d_kl, 0.0)
     tl.store(GRAD_ptr + idx, grad, mask=ok)
 
 
@@ -313,6 +317,7 @@ def _policy_loss_finalize_kernel(
     HAS_DEN: tl.constexpr,  # num_tokens / num_seqs given
     DEN_TENSOR: tl.constexpr,  # … as a tensor
     HAS_REF: tl.constexpr,  # ref_logp given: report the KL
+    PG_ONLY: tl.constexpr,  # denominators count the response tokens (else the tokens the context mask keeps)
     COMPUTE: tl.constexpr,  # tl.float32 or tl.float64
     BLOCK_B: tl.constexpr,  # sequences per step of the loop
 ):
@@ -327,10 +332,10 @@ def _policy_loss_finalize_kernel(
         row = PART_ptr + (b0 + offs).to(tl.int64) * 12
         loss_b = tl.load(row + 0, mask=ok, other=0.0)
         pg_b = tl.load(row + 1, mask=ok, other=0.0)
-        mask_b = tl.load(row + 2, mask=ok, other=0.0)
+        mask_b = tl.load(row + 8 if PG_ONLY else row + 2, mask=ok, other=0.0)  # the sequence's denominator
         s_loss += loss_b
         s_pg += pg_b
-        s_mask += mask_b
+        s_mask += tl.load(row + 2, mask=ok, other=0.0)
         seq_loss += loss_b / tl.where(mask_b == 0.0, 1.0, mask_b)  # Σ_t l·m / Σ_t m, 0 for an empty sequence
         seq_pg += pg_b / tl.where(mask_b == 0.0, 1.0, mask_b)
         s_kl += tl.load(row + 3, mask=ok, other=0.0)
@@ -351,7 +356,7 @@ def _policy_loss_finalize_kernel(
         else:
             den = scalar_zero + den_value
     elif AGG == 0:
-        den = n_masked
+        den = tl.sum(s_resp, axis=0) if PG_ONLY else n_masked
     else:
         den = scalar_zero + B
     den = tl.where(den == 0.0, 1.0, den)  # an empty batch: 0, never NaN
@@ -368,7 +373,8 @@ def _policy_loss_finalize_kernel(
     n_resp = tl.sum(s_resp, axis=0)
     tl.store(STATS_ptr + 0, pg_loss.to(tl.float32))
     if HAS_REF:
-        tl.store(STATS_ptr + 1, (tl.sum(s_kl, axis=0) / n_safe).to(tl.float32))
+        n_kl = n_resp if PG_ONLY else n_masked
+        tl.store(STATS_ptr + 1, (tl.sum(s_kl, axis=0) / tl.where(n_kl == 0.0, 1.0, n_kl)).to(tl.float32))
     else:
         tl.store(STATS_ptr + 1, 0.0)
     tl.store(STATS_ptr + 2, (tl.sum(s_clip, axis=0) / n_safe).to(tl.float32))
@@ -382,7 +388,7 @@ def _policy_loss_finalize_kernel(
     for b0 in range(0, B, BLOCK_B):  # each sequence's weight in the loss, for the backward
         ok = b0 + offs < B
         if AGG == 1:
-            mask_b = tl.load(PART_ptr + (b0 + offs).to(tl.int64) * 12 + 2, mask=ok, other=1.0)
+            mask_b = tl.load(PART_ptr + (b0 + offs).to(tl.int64) * 12 + (8 if PG_ONLY else 2), mask=ok, other=1.0)
             w = 1.0 / tl.where(mask_b == 0.0, 1.0, mask_b) / den
         else:
             w = zero + 1.0 / den
@@ -446,7 +452,8 @@ def policy_loss_forward(
         part, den if den_tensor else part, float(den) if den is not None and not den_tensor else 0.0,
         loss, stats, weights, n_seqs,
         AGG=_LOSS_AGGS.index(loss_agg), HAS_DEN=den is not None, DEN_TENSOR=den_tensor, HAS_REF=flags["HAS_REF"],
-        COMPUTE=_compute(compute), BLOCK_B=min(triton.next_power_of_2(max(n_seqs, 1)), 1024), num_warps=4,
+        PG_ONLY=flags["PG_ONLY"], COMPUTE=_compute(compute), BLOCK_B=min(triton.next_power_of_2(max(n_seqs, 1)), 1024),
+        num_warps=4,
     )  # fmt: skip
     return loss, stats, weights
 
@@ -535,11 +542,12 @@ def _check(
     loss_agg: str,
     clip_ratio_c: float | None,
     context_ratio_bounds: tuple[float, float],
+    context_mask_scope: str,
 ) -> None:
     """The reference's argument errors (the same function), then this kernel's own: it differentiates wrt logp."""
     check_policy_loss_args(
         logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds,
+        context_ratio_bounds, context_mask_scope,
     )  # fmt: skip
     if torch.is_grad_enabled():
         for name, t in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
@@ -566,11 +574,12 @@ def policy_loss(
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,  # (B, T) log π_old(y_t | template(x)): P²O's context ratio mask
     context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
+    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Triton twin of :func:`p2o_lightning.ops.policy_loss`: the same ``(loss, stats)``, gradient to ``logp`` only."""
     _check(
         logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds,
+        context_ratio_bounds, context_mask_scope,
     )  # fmt: skip
     compute = torch.promote_types(logp.dtype, torch.float32)  # as the reference: bf16 ratios would be too coarse
     low, high = context_ratio_bounds
@@ -585,6 +594,7 @@ def policy_loss(
         KL_EST=_KL_ESTIMATORS.index(kl_estimator) + 1,
         KL_IN_LOSS=kl_coef > 0,
         HAS_CTX=context_logp is not None,
+        PG_ONLY=context_logp is not None and context_mask_scope == "policy_gradient",
     )
     tensors = [t.contiguous() if t is not None else None for t in (logp, old_logp, advantages, mask)]
     tensors += [t.detach().contiguous() if t is not None else None for t in (ref_logp, context_logp)]

@@ -49,6 +49,8 @@ LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 _KL_ESTIMATORS = ("k1", "k2", "k3")
 _LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# what P²O's context ratio mask removes: the PPO term of a token (the reference), or the whole token
+CONTEXT_MASK_SCOPES = ("policy_gradient", "tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,22 +286,21 @@ def _safe_div(num: Tensor, den: Tensor | float) -> Tensor:
 
 
 def _aggregate(
-    losses: Tensor,  # (B, T)
-    mask: Tensor,  # (B, T) float
+    masked: Tensor,  # (B, T) per-token losses, already multiplied by their masks
+    den_mask: Tensor,  # (B, T) float: the tokens a mean divides by
     loss_agg: str,
     num_tokens: Tensor | float | None,
     num_seqs: Tensor | float | None,
 ) -> Tensor:
-    masked = losses * mask  # (B, T)
     if loss_agg == "token-mean":
-        return _safe_div(masked.sum(), mask.sum() if num_tokens is None else num_tokens)
+        return _safe_div(masked.sum(), den_mask.sum() if num_tokens is None else num_tokens)
     if loss_agg == "seq-mean-token-mean":
-        per_seq = _safe_div(masked.sum(dim=1), mask.sum(dim=1))  # (B,)
+        per_seq = _safe_div(masked.sum(dim=1), den_mask.sum(dim=1))  # (B,)
     elif loss_agg == "seq-mean-token-sum":
         per_seq = masked.sum(dim=1)  # (B,)
     else:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
-    return _safe_div(per_seq.sum(), losses.shape[0] if num_seqs is None else num_seqs)
+    return _safe_div(per_seq.sum(), masked.shape[0] if num_seqs is None else num_seqs)
 
 
 def context_ratio_mask(logp: Tensor, context_logp: Tensor, low: float = 0.01, high: float = 10.0) -> Tensor:
@@ -327,8 +328,11 @@ def check_policy_loss_args(
     loss_agg: str,
     clip_ratio_c: float | None,
     context_ratio_bounds: tuple[float, float],
+    context_mask_scope: str = "policy_gradient",
 ) -> None:
     """The argument errors of :func:`policy_loss`, shared with the fused Triton loss so both say the same."""
+    if context_mask_scope not in CONTEXT_MASK_SCOPES:
+        raise ValueError(f"context_mask_scope={context_mask_scope!r} is unknown; choose one of {CONTEXT_MASK_SCOPES}")
     if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
         shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
         raise ValueError(f"{shapes}: all must be (B, T)")
@@ -367,6 +371,7 @@ def policy_loss(
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,  # (B, T) log π_old(y_t | template(x)): P²O's context ratio mask
     context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
+    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip policy-gradient loss with clip-higher, optional dual-clip and KL term; returns ``(loss, stats)``.
 
@@ -389,8 +394,14 @@ def policy_loss(
 
     P²O's context ratio mask: when ``context_logp`` (the rollout policy's log-probs of the same tokens under the
     templated prompt) is given, tokens with ρ = exp(old_logp − context_logp) outside ``context_ratio_bounds`` are
-    dropped from ``mask`` before anything else (:func:`context_ratio_mask`); ``num_tokens`` should then count the
-    kept tokens.
+    cut (c = :func:`context_ratio_mask`). ``context_mask_scope`` says what the cut removes:
+
+        "policy_gradient"   l = c·m·pg + β·m·kl,  means divide by Σ m     (the reference: a masked token stays in
+                                                                           the denominator, its KL term is kept)
+        "tokens"            l = c·m·(pg + β·kl),  means divide by Σ c·m   (the token leaves the loss entirely)
+
+    ``num_tokens`` should count the tokens a mean divides by: the response tokens (× any other mask) for
+    ``policy_gradient``, the kept ones for ``tokens``.
 
     ``stats`` (detached float32 scalars, means over masked tokens):
     ``pg_loss`` (the PPO term alone, aggregated like the loss), ``kl`` (the estimator's mean when ``ref_logp`` is
@@ -401,16 +412,17 @@ def policy_loss(
     """
     check_policy_loss_args(
         logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds,
+        context_ratio_bounds, context_mask_scope,
     )  # fmt: skip
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # ratios of bf16 log-probs would be far too coarse
     logp, old_logp = logp.to(dtype), old_logp.to(dtype)
     ref_logp = ref_logp.to(dtype) if ref_logp is not None else None
-    mask = mask.to(dtype)  # (B, T)
-    response_mask = mask
+    response_mask = mask.to(dtype)  # (B, T)
+    mask = response_mask  # the tokens of the PPO term and its statistics
     if context_logp is not None:
         mask = mask * context_ratio_mask(old_logp, context_logp.to(dtype), *context_ratio_bounds).to(dtype)
+    den_mask = response_mask if context_mask_scope == "policy_gradient" else mask  # (B, T): denominators and KL
     adv = (advantages if advantages.ndim == 2 else advantages[:, None]).to(dtype)  # (B, T) or (B, 1)
     log_ratio = logp - old_logp  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -424,13 +436,13 @@ def policy_loss(
     else:
         dual = torch.zeros_like(mask, dtype=torch.bool)
 
-    losses = pg
+    masked = pg * mask  # (B, T)
     kl = None
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T)
         if kl_coef > 0:
-            losses = pg + kl_coef * kl
-    loss = _aggregate(losses, mask, loss_agg, num_tokens, num_seqs)
+            masked = masked + kl_coef * kl * den_mask
+    loss = _aggregate(masked, den_mask, loss_agg, num_tokens, num_seqs)
 
     with torch.no_grad():
         n_masked = mask.sum()
@@ -446,8 +458,10 @@ def policy_loss(
         ratio_min = torch.cat([masked_ratio.masked_fill(~present.flatten(), torch.inf), inf]).min()
         ratio_max = torch.cat([masked_ratio.masked_fill(~present.flatten(), -torch.inf), -inf]).max()
         stats = {
-            "pg_loss": _aggregate(pg, mask, loss_agg, num_tokens, num_seqs).float(),
-            "kl": masked_mean(kl) if kl is not None else torch.zeros((), device=logp.device),
+            "pg_loss": _aggregate(pg * mask, den_mask, loss_agg, num_tokens, num_seqs).float(),
+            "kl": _safe_div((kl * den_mask).sum(), den_mask.sum()).float()
+            if kl is not None
+            else torch.zeros((), device=logp.device),
             "clip_frac": masked_mean((pg_clipped > pg_unclipped).to(mask.dtype)),
             "dual_clip_frac": masked_mean(dual.to(mask.dtype)),
             "ratio_mean": torch.where(has_tokens, masked_mean(ratio), one),

@@ -314,7 +314,7 @@ def assert_same_loss(ref, got, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(k_stats[key], stats[key], rtol=rtol, atol=atol, msg=key)
 
 
-LOSS_CASES = list(itertools.product(ops._LOSS_AGGS, ops._KL_ESTIMATORS, [None, 3.0], [False, True]))
+LOSS_CASES = list(itertools.product(ops._LOSS_AGGS, ops._KL_ESTIMATORS, [None, 3.0], [None, *ops.CONTEXT_MASK_SCOPES]))
 
 
 @pytest.mark.parametrize(
@@ -324,7 +324,7 @@ def test_policy_loss_matches_reference(loss_agg, kl_estimator, clip_ratio_c, con
     inputs = loss_inputs(seed=len(loss_agg) + len(kl_estimator))
     kwargs = dict(
         ref_logp=inputs["ref"], kl_coef=0.1, kl_estimator=kl_estimator, loss_agg=loss_agg, clip_ratio_c=clip_ratio_c,
-        clip_high=0.28, context_logp=inputs["ctx"] if context else None,
+        clip_high=0.28, context_logp=inputs["ctx"] if context else None, context_mask_scope=context or "tokens",
     )  # fmt: skip
     ref, got = run_both(inputs, **kwargs)
     assert_same_loss(ref, got)
@@ -365,20 +365,24 @@ def test_policy_loss_bf16_logprobs_computed_in_float32():
     assert_same_loss(ref, got, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scope", ops.CONTEXT_MASK_SCOPES)
 @pytest.mark.parametrize("loss_agg", ops._LOSS_AGGS)
-def test_policy_loss_micro_batches_with_global_denominators_equal_one_batch(loss_agg):
+def test_policy_loss_micro_batches_with_global_denominators_equal_one_batch(loss_agg, scope):
     inputs = loss_inputs(b=6, t=9, seed=3)
-    kwargs = dict(ref_logp=inputs["ref"], kl_coef=0.05, loss_agg=loss_agg, context_logp=inputs["ctx"])
+    kwargs = dict(
+        ref_logp=inputs["ref"], kl_coef=0.05, loss_agg=loss_agg, context_logp=inputs["ctx"], context_mask_scope=scope
+    )
     logp = inputs["logp"].clone().requires_grad_(True)
     full, _ = kernels.policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
     (full_grad,) = torch.autograd.grad(full, logp)
     total = torch.zeros((), device=DEVICE)
     n_kept = (inputs["mask"] & ops.context_ratio_mask(inputs["old_logp"], inputs["ctx"])).sum()
+    n_tokens = inputs["mask"].sum() if scope == "policy_gradient" else n_kept  # what a token-mean divides by
     for s in [slice(0, 2), slice(2, 5), slice(5, 6)]:
         part_kwargs = {k: (v[s] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
         part, _ = kernels.policy_loss(
             logp[s], inputs["old_logp"][s], inputs["advantages"][s], inputs["mask"][s], **part_kwargs,
-            num_tokens=n_kept, num_seqs=6,
+            num_tokens=n_tokens, num_seqs=6,
         )  # fmt: skip
         total = total + part
     (micro_grad,) = torch.autograd.grad(total, logp)
@@ -415,9 +419,18 @@ def test_policy_loss_by_hand():
     logp = torch.zeros(1, 4, device=DEVICE, requires_grad=True)
     context = torch.tensor([[0.0, 6.0, -3.0, 0.0]], device=DEVICE)
     ones = torch.ones(1, 4, device=DEVICE)
+    # the reference's scope: the cut tokens keep their place in the denominator: (−1 + 0 + 0 − 1) / 4
     loss, stats = kernels.policy_loss(logp, logp.detach(), ones[:, 0], ones, context_logp=context)
     loss.backward()
-    assert loss.item() == pytest.approx(-1.0) and stats["context_masked_frac"].item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(-0.5) and stats["context_masked_frac"].item() == pytest.approx(0.5)
+    assert logp.grad.tolist() == [[-0.25, 0.0, 0.0, -0.25]]
+    # scope tokens: they leave the loss: (−1 − 1) / 2
+    logp.grad = None
+    loss, _ = kernels.policy_loss(
+        logp, logp.detach(), ones[:, 0], ones, context_logp=context, context_mask_scope="tokens"
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0)
     assert logp.grad.tolist() == [[-0.5, 0.0, 0.0, -0.5]]
 
 

@@ -564,11 +564,45 @@ def test_policy_loss_context_ratio_mask_drops_tokens():
     mask = torch.ones(1, 4)
     # ρ = exp(old − context) = [1, e^-6 (dropped), e^3 = 20.1 (dropped), 1]
     context = torch.tensor([[0.0, 6.0, -3.0, 0.0]])
+    # the reference (scope policy_gradient): the cut tokens lose their PPO term but stay in the token-mean
+    # denominator: (-1 + 0 + 0 - 1) / 4 = -0.5, and each kept token's gradient is -A·ratio / 4
     loss, stats = policy_loss(logp, old, adv, mask, context_logp=context)
-    # token-mean over the 2 kept tokens of -A·ratio = -1 each
+    assert loss.item() == pytest.approx(-0.5)
+    assert stats["context_masked_frac"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert logp.grad.tolist() == [[-0.25, 0.0, 0.0, -0.25]]
+    # scope tokens: the cut tokens leave the loss: token-mean over the 2 kept tokens of -A·ratio = -1 each
+    logp.grad = None
+    loss, stats = policy_loss(logp, old, adv, mask, context_logp=context, context_mask_scope="tokens")
     assert loss.item() == pytest.approx(-1.0)
     assert stats["context_masked_frac"].item() == pytest.approx(0.5)
     loss.backward()
     assert logp.grad.tolist() == [[-0.5, 0.0, 0.0, -0.5]]
     _, plain = policy_loss(logp, old, adv, mask)
     assert plain["context_masked_frac"].item() == 0.0
+    with pytest.raises(ValueError, match="context_mask_scope='all' is unknown"):
+        policy_loss(logp, old, adv, mask, context_logp=context, context_mask_scope="all")
+
+
+def test_policy_loss_context_ratio_mask_never_touches_kl():
+    logp = torch.zeros(1, 4, requires_grad=True)
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([0.0])  # no PPO term: the loss is the KL term alone
+    mask = torch.ones(1, 4)
+    ref = torch.tensor([[1.0, 1.0, 1.0, 1.0]])  # k1 = logp − ref = -1 on every token
+    context = torch.tensor([[0.0, 6.0, -3.0, 0.0]])  # tokens 1 and 2 cut by the context ratio mask
+    loss, stats = policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.5, kl_estimator="k1", context_logp=context)
+    # policy_gradient scope: β · mean over all 4 response tokens of k1 = 0.5 · -1; ∂/∂logp = 0.5 · 1 / 4
+    assert loss.item() == pytest.approx(-0.5)
+    assert stats["kl"].item() == pytest.approx(-1.0)
+    loss.backward()
+    assert logp.grad.tolist() == [[0.125, 0.125, 0.125, 0.125]]
+    logp.grad = None
+    loss, _ = policy_loss(
+        logp, old, adv, mask, ref_logp=ref, kl_coef=0.5, kl_estimator="k1", context_logp=context,
+        context_mask_scope="tokens",
+    )  # fmt: skip
+    # tokens scope: the KL of the 2 kept tokens only, over 2: 0.5 · -1; ∂/∂logp = 0.5 / 2 on the kept tokens
+    assert loss.item() == pytest.approx(-0.5)
+    loss.backward()
+    assert logp.grad.tolist() == [[0.25, 0.0, 0.0, 0.25]]

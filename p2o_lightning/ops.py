@@ -39,6 +39,7 @@ __all__ = [
     "group_advantage",
     "kl_penalty",
     "linear_logprob",
+    "linear_logprob_multi",
     "policy_loss",
     "resolve_backend",
 ]
@@ -218,6 +219,39 @@ def linear_logprob(
     logp = outs[0].view(out_shape)
     entropy = outs[1].view(out_shape) if return_entropy else None
     return logp, entropy
+
+
+def linear_logprob_multi(
+    hidden: Tensor,  # (C, ..., H): C contexts of the same response tokens
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64, shared by the contexts
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of the same ``targets`` under C contexts, in one call: shape (C, ...) float32.
+
+    P²O's context ratio mask compares log π(y | x) with log π(y | template(x)) for the same response tokens:
+    ``linear_logprob_multi(stack([h_x, h_tx]), W, y)`` gives both. Here the C contexts' rows are concatenated and
+    go through :func:`linear_logprob` once (the weight is upcast once, the chunks run over C·N rows); the Triton
+    twin streams each weight tile once for all C contexts. Equal to C calls of :func:`linear_logprob`.
+    """
+    if hidden.ndim < 2 or hidden.shape[1:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be (C,) + targets {tuple(targets.shape)} + (H,)")
+    n_ctx = hidden.shape[0]
+    logp, entropy = linear_logprob(
+        hidden.reshape(n_ctx, -1, hidden.shape[-1]),  # (C, N, H)
+        weight,
+        targets.reshape(1, -1).expand(n_ctx, -1),  # (C, N)
+        temperature=temperature,
+        return_entropy=return_entropy,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
+    out_shape = hidden.shape[:-1]
+    return logp.view(out_shape), (entropy.view(out_shape) if entropy is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,7 +511,7 @@ def policy_loss(
 # Backend dispatch
 # ----------------------------------------------------------------------------------------------------------------
 
-_DISPATCHED = ("linear_logprob", "group_advantage", "policy_loss")
+_DISPATCHED = ("linear_logprob", "linear_logprob_multi", "group_advantage", "policy_loss")
 
 
 @dataclass(frozen=True)
@@ -486,6 +520,7 @@ class Ops:
 
     backend: str  # "torch" or "triton"
     linear_logprob: Callable[..., tuple[Tensor, Tensor | None]]
+    linear_logprob_multi: Callable[..., tuple[Tensor, Tensor | None]]
     group_advantage: Callable[..., Tensor]
     policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
@@ -532,7 +567,12 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 def get_ops(backend: str, device: torch.device | str) -> Ops:
     """Return the ops of the backend that :func:`resolve_backend` picks for ``backend`` on ``device``."""
     resolved = resolve_backend(backend, device)
-    reference = {"linear_logprob": linear_logprob, "group_advantage": group_advantage, "policy_loss": policy_loss}
+    reference = {
+        "linear_logprob": linear_logprob,
+        "linear_logprob_multi": linear_logprob_multi,
+        "group_advantage": group_advantage,
+        "policy_loss": policy_loss,
+    }
     if resolved == "triton":
         reference.update(_kernel_ops())
     return Ops(backend=resolved, **reference)

@@ -21,6 +21,7 @@ from p2o_lightning.ops import (
     group_advantage,
     kl_penalty,
     linear_logprob,
+    linear_logprob_multi,
     policy_loss,
     resolve_backend,
 )
@@ -214,6 +215,29 @@ def test_linear_logprob_rejects_bad_shapes():
         linear_logprob(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="weight"):
         linear_logprob(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+
+
+def test_linear_logprob_multi_equals_single_calls():
+    """Two contexts (h_x, h_tx) of the same targets in one call = two calls, forward and both gradients."""
+    gen = torch.Generator().manual_seed(3)
+    n_ctx, b, t, h, v = 2, 3, 5, 16, 41
+    hidden = torch.randn(n_ctx, b, t, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen, requires_grad=True)
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    targets[1, 3:] = -100  # a padded tail
+    logp, ent = linear_logprob_multi(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=4)
+    assert logp.shape == ent.shape == (n_ctx, b, t) and (logp[:, 1, 3:] == 0).all()
+    singles = [linear_logprob(hidden[c], weight, targets, temperature=0.7, return_entropy=True) for c in range(2)]
+    torch.testing.assert_close(logp, torch.stack([s[0] for s in singles]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, torch.stack([s[1] for s in singles]), rtol=0, atol=1e-6)
+    g = torch.randn(2, n_ctx, b, t, generator=gen)
+    got = torch.autograd.grad([logp, ent], [hidden, weight], [g[0], g[1]])
+    outs = [o for s in singles for o in s]
+    expected = torch.autograd.grad(outs, [hidden, weight], [g[i, c] for c in range(n_ctx) for i in range(2)])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must be \\(C,\\) \\+ targets"):
+        linear_logprob_multi(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,6 +546,7 @@ def test_dispatch_today_is_torch(monkeypatch):
     fns = get_ops("auto", "cpu")
     assert fns.backend == "torch"
     assert (fns.linear_logprob, fns.group_advantage, fns.policy_loss) == (linear_logprob, group_advantage, policy_loss)
+    assert fns.linear_logprob_multi is linear_logprob_multi
     assert (fns.kl_penalty, fns.collapsed_groups) == (kl_penalty, collapsed_groups)
     with pytest.raises(RuntimeError, match="not implemented yet"):
         resolve_backend("triton", "cuda")

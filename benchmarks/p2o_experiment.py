@@ -1,23 +1,29 @@
-"""The paper's comparison on the embedded world: GRPO (K), GRPO (2K), P²O and three ablations, 3 seeds each.
+"""The paper's comparison on the embedded world: GRPO (K), GRPO (2K), P²O and its ablations, 3 seeds each.
 
 Every run is the real trainer through the user's command (``python -m p2o_lightning fit``) with the same number
-of optimizer steps and the same data; only the method differs:
+of optimizer steps, data, learning rate and validation; only the method differs:
 
-| setting            | config                | overrides                                              |
-|--------------------|-----------------------|--------------------------------------------------------|
-| grpo_k             | configs/toy.yaml      | K rollouts                                             |
-| grpo_2k            | configs/toy.yaml      | 2K rollouts                                            |
-| p2o                | configs/p2o-toy.yaml  | K rollouts, offline reflection, distillation + mask    |
-| p2o_no_distill     | configs/p2o-toy.yaml  | ``model.distill=false`` (gradient on templated prompt) |
-| p2o_one_template   | configs/p2o-toy.yaml  | one template for all K rollouts of a prompt            |
-| p2o_no_ratio_mask  | configs/p2o-toy.yaml  | ``model.context_ratio_bounds=null`` (no context mask)  |
+| setting              | config               | overrides                                                    |
+|----------------------|----------------------|--------------------------------------------------------------|
+| grpo_k               | configs/toy.yaml     | K rollouts                                                   |
+| grpo_2k              | configs/toy.yaml     | 2K rollouts                                                  |
+| p2o                  | configs/p2o-toy.yaml | its defaults: K rollouts, 2 of a templated group's K plain   |
+| p2o_no_distill       | configs/p2o-toy.yaml | ``model.distill=false`` (gradient on the templated prompt)   |
+| p2o_one_template     | configs/p2o-toy.yaml | one template for all K rollouts of a prompt                  |
+| p2o_no_ratio_mask    | configs/p2o-toy.yaml | ``model.context_ratio_bounds=null``                          |
+| p2o_plain0           | configs/p2o-toy.yaml | ``model.plain_rollouts=0`` (all K templated, the paper's)    |
+| p2o_forever          | configs/p2o-toy.yaml | ``template_lifetime: forever`` (templates never expire)      |
+| p2o_drop_failed      | configs/p2o-toy.yaml | ``model.drop_failed_templated=true``                         |
 
-    python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--max-steps 72] [--out runs/experiment]
+    python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--lr 6e-5] [--max-steps 240]
+    python benchmarks/p2o_experiment.py --sweep-lr 2e-5 6e-5 1e-4 2e-4 --seeds 0   # GRPO K at each lr
 
-Runs that already finished (their ``policy/`` exists) are not run again. The summary — in-distribution and OOD
-greedy accuracy at the end (mean ± std over seeds), the all-wrong collapse rate of the last epoch, rescued groups,
-wall time — is printed as a Markdown table, written to ``<out>/summary.csv`` / ``summary.md``, and the report's
-PNGs are drawn into ``<out>``.
+Runs that already finished (their ``policy/`` exists) are not run again. Each run gets ``--threads`` torch threads
+(default 1, so that runs are comparable whatever else the machine does). Validation (plain prompt, greedy and
+mean@8) runs every ``--val-every`` steps: the lowest plain-prompt accuracy reached during training is reported
+besides the last. The summary (mean ± std over seeds) is printed as a Markdown table and written to
+``<out>/summary.csv`` / ``summary.md``; ``<out>/curves.png`` draws every setting's mean plain-prompt accuracy
+against the step, and the report's PNGs (collapse, accuracy, search) are drawn for seed 0.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,8 +59,11 @@ def _set(path: str, value):
     return edit
 
 
-def _one_template(config: dict, args: argparse.Namespace) -> None:
-    _p2o_callback(config)["init_args"]["group_diversity"] = False
+def _callback_arg(key: str, value):
+    def edit(config: dict, args: argparse.Namespace) -> None:
+        _p2o_callback(config)["init_args"][key] = value
+
+    return edit
 
 
 SETTINGS = {
@@ -61,16 +71,21 @@ SETTINGS = {
     "grpo_2k": ("toy.yaml", [_set("model.num_rollouts", lambda a: 2 * a.k)]),
     "p2o": ("p2o-toy.yaml", []),
     "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
-    "p2o_one_template": ("p2o-toy.yaml", [_one_template]),
+    "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("group_diversity", False)]),
     "p2o_no_ratio_mask": ("p2o-toy.yaml", [_set("model.context_ratio_bounds", None)]),
+    "p2o_plain0": ("p2o-toy.yaml", [_set("model.plain_rollouts", 0)]),
+    "p2o_forever": ("p2o-toy.yaml", [_callback_arg("template_lifetime", "forever")]),
+    "p2o_drop_failed": ("p2o-toy.yaml", [_set("model.drop_failed_templated", True)]),
 }
+DEFAULT_SETTINGS = [s for s in SETTINGS if s != "p2o_drop_failed"]
+SPLITS = ("in_dist", "hard", "ood")
 
 
-def run_one(setting: str, seed: int, args: argparse.Namespace) -> Path:
+def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: str | None = None) -> Path:
     import yaml
 
     config_name, edits = SETTINGS[setting]
-    name = f"{setting}-s{seed}"
+    name = name or f"{setting}-s{seed}"
     run = args.out / name
     if (run / "policy").is_dir():
         return run
@@ -78,7 +93,13 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> Path:
     config["seed_everything"] = seed
     config["data"]["seed"] = seed
     config["model"]["num_rollouts"] = args.k
-    config["trainer"].update(max_steps=args.max_steps, default_root_dir=str(run), enable_progress_bar=False)
+    config["model"]["optimizer"]["init_args"]["lr"] = lr
+    config["trainer"].update(
+        max_steps=args.max_steps,
+        val_check_interval=args.val_every,
+        default_root_dir=str(run),
+        enable_progress_bar=False,
+    )
     config["trainer"]["logger"]["init_args"].update(save_dir=str(args.out), name=name)
     if config_name == "p2o-toy.yaml":
         _p2o_callback(config)["init_args"]["seed"] = seed
@@ -87,9 +108,10 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     (run / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "-m", "p2o_lightning", "fit", "--config", str(run / "experiment.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
-    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name} (lr {lr:g})", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (see {args.out / f'{name}.log'}):\n{proc.stderr[-3000:]}")
@@ -97,67 +119,144 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> Path:
     return run
 
 
-def last(series: dict, key: str) -> float:
-    values = series.get(key)
-    return values[-1][1] if values else float("nan")
+def _values(series: dict, key: str) -> list[float]:
+    return [v for _, v in series.get(key, [])]
 
 
 def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
     m = read_metrics(run / "metrics.csv")
-    wrong = [v for _, v in m.get("train/collapse_all_wrong", [])][-steps_per_epoch:]
+    nan = float("nan")
+    out: dict[str, float] = {}
+    for split in SPLITS:
+        greedy = _values(m, f"val/{split}/greedy_acc")
+        mean_k = next((_values(m, k) for k in m if k.startswith(f"val/{split}/mean@")), [])
+        out[f"{split}_start"] = greedy[0] if greedy else nan
+        out[split] = greedy[-1] if greedy else nan
+        out[f"{split}_mean@k"] = mean_k[-1] if mean_k else nan
+        out[f"{split}_min"] = min(greedy) if greedy else nan
+    wrong = _values(m, "train/collapse_all_wrong")[-steps_per_epoch:]
     searches = sorted((run / "p2o").glob("search_*.json"))
-    best = max((max(json.loads(p.read_text())["dev_mean"]) for p in searches), default=float("nan"))
-    return {
-        "in_dist": last(m, "val/in_dist/greedy_acc"),
-        "ood": last(m, "val/ood/greedy_acc"),
-        "in_dist_start": m["val/in_dist/greedy_acc"][0][1] if "val/in_dist/greedy_acc" in m else float("nan"),
-        "collapse_all_wrong": sum(wrong) / max(len(wrong), 1),
-        "rescued_groups": sum(v for _, v in m.get("p2o/rescued_groups", [])),
-        "searches": len(searches),
-        "best_dev": best,
-        "wall_s": float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else float("nan"),
-    }
+    distilled = _values(m, "p2o/distilled_greedy_acc")
+    out.update(
+        collapse_all_wrong=sum(wrong) / max(len(wrong), 1),
+        rescued_groups=sum(_values(m, "p2o/rescued_groups")),
+        searches=len(searches),
+        distilled_acc=distilled[-1] if distilled else nan,
+        wall_s=float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else nan,
+    )
+    return out
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v == v]
     if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(ms: tuple[float, float]) -> str:
+    mean, std = ms
+    return "–" if mean != mean else f"{mean:.3f} ± {std:.3f}"
+
+
+def plot_curves(runs: dict[str, list[Path]], out: Path) -> None:
+    """Mean (± std band) plain-prompt greedy accuracy of every setting against the step, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(5.6 * len(SPLITS), 4.0), squeeze=False)
+    for ax, split in zip(axes[0], SPLITS):
+        for setting, paths in runs.items():
+            curves = [dict(read_metrics(p / "metrics.csv").get(f"val/{split}/greedy_acc", [])) for p in paths]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            mean = [statistics.mean(c[s] for c in curves) for s in steps]
+            std = [statistics.stdev(c[s] for c in curves) if len(curves) > 1 else 0.0 for s in steps]
+            style = "-" if setting.startswith("p2o") else "--"
+            (line,) = ax.plot(steps, mean, style, marker="o", ms=3, label=setting, lw=2 if setting == "p2o" else 1.2)
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.12)  # fmt: skip
+        ax.set_title(f"plain prompt, greedy: {split}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"mean ± std over {max(len(p) for p in runs.values())} seeds")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def verdict(summary: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The issue's target, checked on the numbers: P²O (K) against GRPO (2K) and its own ablations."""
+    lines = []
+    if "p2o" not in summary or "grpo_2k" not in summary:
+        return lines
+    p2o, grpo2k = summary["p2o"], summary["grpo_2k"]
+    for split in SPLITS:
+        (pm, ps), (gm, gs) = mean_std(p2o[split]), mean_std(grpo2k[split])
+        margin = 2 * max(ps, gs)
+        ok = pm - gm > margin
+        lines.append(f"- {split}: P²O {pm:.3f} vs GRPO 2K {gm:.3f}: +{pm - gm:.3f} (needs > {margin:.3f}) -> "
+                     f"{'met' if ok else 'NOT met'}")  # fmt: skip
+    if "grpo_k" in summary:
+        ratio = mean_std(p2o["wall_s"])[0] / mean_std(summary["grpo_k"]["wall_s"])[0]
+        lines.append(
+            f"- wall time: P²O / GRPO K = {ratio:.2f} (needs <= 1.5) -> {'met' if ratio <= 1.5 else 'NOT met'}"
+        )
+    for ablation in ("p2o_no_distill", "p2o_one_template"):
+        if ablation in summary:
+            a, p = mean_std(summary[ablation]["in_dist"])[0], mean_std(p2o["in_dist"])[0]
+            lines.append(f"- {ablation} in_dist {a:.3f} below P²O {p:.3f} -> {'yes' if a < p else 'NO'}")
+    low, start = mean_std(p2o["in_dist_min"])[0], mean_std(p2o["in_dist_start"])[0]
+    lines.append(f"- valley: lowest in_dist {low:.3f} = {low / start:.2f} x start (target >= 0.8) -> "
+                 f"{'met' if low >= 0.8 * start else 'NOT met'}")  # fmt: skip
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--k", type=int, default=8, help="K of GRPO and P²O (GRPO 2K uses 2K)")
-    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps of every run (5 epochs)")
+    parser.add_argument("--lr", type=float, default=6e-5, help="the learning rate of every setting")
+    parser.add_argument("--sweep-lr", type=float, nargs="+", default=None, help="run GRPO K at each of these lrs")
+    parser.add_argument("--max-steps", type=int, default=240, help="optimizer steps of every run (10 epochs)")
+    parser.add_argument("--val-every", type=int, default=24, help="validate every N steps (24: every epoch)")
     parser.add_argument("--steps-per-epoch", type=int, default=24, help="for the last-epoch collapse average")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "experiment")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    runs = {s: [run_one(s, seed, args) for seed in args.seeds] for s in args.settings}
-    rows = []
+    if args.sweep_lr:
+        runs = {f"grpo_k@{lr:g}": [run_one("grpo_k", s, args, lr, f"sweep-grpo_k-lr{lr:g}-s{s}") for s in args.seeds]
+                for lr in args.sweep_lr}  # fmt: skip
+    else:
+        runs = {s: [run_one(s, seed, args, args.lr) for seed in args.seeds] for s in args.settings}
+    summary: dict[str, dict[str, list[float]]] = {}
     for setting, paths in runs.items():
         per_seed = [summarise(p, args.steps_per_epoch) for p in paths]
-        row = {"setting": setting, "seeds": len(per_seed)}
-        for key in per_seed[0]:
-            row[key] = mean_std([r[key] for r in per_seed])
-        rows.append(row)
-    header = ["setting", "in_dist_start", "in_dist", "ood", "collapse_all_wrong", "rescued_groups", "searches",
-              "best_dev", "wall_s"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    table = "\n".join(lines)
+        summary[setting] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
+    columns = ["in_dist_start", "in_dist", "in_dist_min", "hard", "ood", "in_dist_mean@k", "hard_mean@k",
+               "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc", "wall_s"]  # fmt: skip
+    lines = ["| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |" for s, v in summary.items()]
+    table = "\n".join(lines + [""] + verdict(summary))
     print(table)
     (args.out / "summary.md").write_text(table + "\n")
+    (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "per_seed": summary}, indent=1))  # fmt: skip
     with open(args.out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow(["setting", *(f"{c}_{x}" for c in columns for x in ("mean", "std"))])
+        for s, v in summary.items():
+            writer.writerow([s, *(f"{x:.4f}" for c in columns for x in mean_std(v[c]))])
+    plot_curves(runs, args.out / "curves.png")
     seed0 = [paths[0] for paths in runs.values()]
     subprocess.run(
         [sys.executable, "-m", "p2o_lightning", "report", *map(str, seed0), "--out", str(args.out)], cwd=REPO

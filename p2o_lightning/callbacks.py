@@ -13,9 +13,17 @@ or when the running all-wrong collapse rate passes a threshold) and at least ``m
 - the reflection backend writes children (:mod:`~p2o_lightning.prompt.reflection`).
 
 Then the set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
-prompt its templates; rank 0 broadcasts them and every rank hands them to the module, keyed by prompt text and kept
-across epochs. From then on the module samples those prompts' rollouts from templated prompts and distils them into
-the plain prompt (context distillation).
+prompt its templates; rank 0 broadcasts them and every rank hands them to the module, keyed by prompt text. The
+module samples those prompts' rollouts from templated prompts and distils them into the plain prompt (context
+distillation; :mod:`p2o_lightning.step.plan`).
+
+**Template lifetime** (``template_lifetime: epoch``, the reference): a search's templates apply in the epoch after
+it only, to the prompts that were hard in the epoch searched. At every epoch end they expire; the new search, scored
+by the current policy on this epoch's hard set, installs the next epoch's; a skipped search leaves none, and a prompt
+no longer hard goes back to plain rollouts. ``forever`` keeps every assignment for the rest of the run.
+
+At every epoch end, before the templates expire, the plain-prompt greedy accuracy of the prompts that held them is
+logged as ``p2o/distilled_greedy_acc``: the direct measure of what the distillation taught.
 
 The callback is stateful: the hard pool, every search's candidates with their dev scores, the Pareto front, the
 assignments and the search history are in the checkpoint, so a resumed run continues with them.
@@ -37,9 +45,11 @@ from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
 from p2o_lightning.prompt.assignment import assign_templates, template_cover
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
+from p2o_lightning.rollout import SamplingParams
 
 log = logging.getLogger(__name__)
 TRIGGERS = ("epoch", "steps", "collapse")
+LIFETIMES = ("epoch", "forever")
 
 
 class P2OCallback(L.Callback):
@@ -61,6 +71,8 @@ class P2OCallback(L.Callback):
         reflection_minibatch_size: train problems per proposal (paper: 3).
         max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
         group_diversity: the K rollouts of a prompt draw their templates independently (False: one for all K).
+        template_lifetime: ``epoch`` (the reference: a search's templates apply until the end of the epoch after
+            the one it ran in, then expire) | ``forever`` (every assignment is kept for the rest of the run).
         clear_pool_after_search: start a new hard pool after each search (the paper collects per epoch).
         template_pool: a JSON file of template assignments to start from: a ``p2o/search_*.json`` of an earlier
             run, or ``{"assignments": {prompt: [K templates]}}``; checked before training.
@@ -82,12 +94,15 @@ class P2OCallback(L.Callback):
         reflection_minibatch_size: int = 3,
         max_new_tokens: int | None = None,
         group_diversity: bool = True,
+        template_lifetime: str = "epoch",
         clear_pool_after_search: bool = True,
         template_pool: str | None = None,
         seed: int = 0,
     ) -> None:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger={trigger!r} is unknown; choose one of {TRIGGERS}")
+        if template_lifetime not in LIFETIMES:
+            raise ValueError(f"template_lifetime={template_lifetime!r} is unknown; choose one of {LIFETIMES}")
         if tau < 1:
             raise ValueError(f"tau must be >= 1, got {tau}")
         if min_hard_samples < 2:
@@ -105,12 +120,15 @@ class P2OCallback(L.Callback):
         self.reflection_minibatch_size = reflection_minibatch_size
         self.max_new_tokens = max_new_tokens
         self.group_diversity = group_diversity
+        self.template_lifetime = template_lifetime
         self.clear_pool_after_search = clear_pool_after_search
         self.template_pool = template_pool
         self.seed = seed
         # state (checkpointed)
         self.hard_pool: dict[str, str] = {}  # prompt -> gold answer
         self.assignments: dict[str, list[str]] = {}  # prompt -> K templates
+        self.assigned_answers: dict[str, str] = {}  # prompt -> gold answer, of the prompts holding templates
+        self.assigned_epoch = -1  # the epoch the current assignments were made in (they last through the next)
         self.searches: list[dict[str, Any]] = []  # one record per search: candidates, dev scores, front, ...
         self.recent_all_wrong: list[float] = []
         self.last_search_step = -(10**9)
@@ -153,8 +171,28 @@ class P2OCallback(L.Callback):
             self.search(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if self.assignments and self.assigned_epoch < epoch:  # they applied during this epoch
+            pl_module.log("p2o/distilled_greedy_acc", self.distilled_accuracy(pl_module), on_epoch=True)
+        if self.template_lifetime == "epoch" and self.assigned_epoch < epoch:
+            self.assignments, self.assigned_answers = {}, {}  # expired: their epoch is over
+            pl_module.template_assignments = self.assignments
         if self.trigger == "epoch":
             self.search(trainer, pl_module, in_step=False)  # epoch-end hooks may only log on_epoch
+
+    def distilled_accuracy(self, pl_module: L.LightningModule, batch_size: int = 64) -> float:
+        """Plain-prompt greedy accuracy of the prompts holding templates (every rank scores all of them)."""
+        prompts = sorted(p for p in self.assignments if p in self.assigned_answers)
+        if not prompts:
+            return float("nan")
+        sampling = SamplingParams(1, 0.0, 1.0, self.max_new_tokens or pl_module.hparams.max_new_tokens)
+        correct = 0.0
+        with torch.random.fork_rng(devices=[]):
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i : i + batch_size]
+                _, grade = pl_module.sample(chunk, [self.assigned_answers[p] for p in chunk], sampling)
+                correct += sum(r >= 1.0 for r in grade.rewards)
+        return correct / len(prompts)
 
     # ------------------------------------------------------------------ search
     def search(self, trainer: L.Trainer, pl_module: L.LightningModule, in_step: bool = True) -> None:
@@ -163,6 +201,8 @@ class P2OCallback(L.Callback):
         self.last_search_step = step
         if len(self.hard_pool) < self.min_hard_samples:
             log.info(f"P²O: {len(self.hard_pool)} hard samples < min_hard_samples={self.min_hard_samples}; no search")
+            if self.clear_pool_after_search and self.trigger == "epoch":
+                self.hard_pool = {}  # the reference collects hard samples per epoch, searched or not
             return
         record = None
         if trainer.is_global_zero:
@@ -173,7 +213,11 @@ class P2OCallback(L.Callback):
                 record = {"rollout_step": step, "error": str(err), "assignments": {}, "dev_mean": [0.0]}
         record = trainer.strategy.broadcast(record, src=0)
         self.searches.append(record)
+        if self.template_lifetime == "epoch":
+            self.assignments, self.assigned_answers = {}, {}
         self.assignments.update(record["assignments"])
+        self.assigned_answers.update({p: self.hard_pool[p] for p in record["assignments"] if p in self.hard_pool})
+        self.assigned_epoch = trainer.current_epoch
         pl_module.template_assignments = self.assignments
         if self.clear_pool_after_search:
             self.hard_pool = {}
@@ -261,6 +305,8 @@ class P2OCallback(L.Callback):
         state = {
             "hard_pool": dict(self.hard_pool),
             "assignments": {k: list(v) for k, v in self.assignments.items()},
+            "assigned_answers": dict(self.assigned_answers),
+            "assigned_epoch": self.assigned_epoch,
             "searches": self.searches,
             "recent_all_wrong": list(self.recent_all_wrong),
             "last_search_step": self.last_search_step,
@@ -272,6 +318,8 @@ class P2OCallback(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.hard_pool = dict(state["hard_pool"])
         self.assignments = {k: list(v) for k, v in state["assignments"].items()}
+        self.assigned_answers = dict(state.get("assigned_answers", {}))
+        self.assigned_epoch = state.get("assigned_epoch", -1)
         self.searches = list(state["searches"])
         self.recent_all_wrong = list(state["recent_all_wrong"])
         self.last_search_step = state["last_search_step"]

@@ -153,7 +153,8 @@ class PromptDataModule(L.LightningDataModule):
         train_file: JSON / JSONL / Parquet / CSV with a prompt and an answer per row. None: the embedded world's
             training split (task ``addition`` only).
         val_files: validation splits by name, e.g. ``{"in_dist": dev.jsonl, "ood": aime24.jsonl}``. None: the
-            embedded world's ``in_dist`` (held-out easy + hard) and ``ood`` splits.
+            embedded world's ``in_dist`` (held-out easy + hard, each also reported on its own as ``easy`` and
+            ``hard``) and ``ood`` splits.
         prompt_key: the column holding the prompt (a string, or a chat message list whose last user turn is used).
         answer_key: the column holding the gold answer (verl's ``reward_model`` dict is accepted too).
         batch_size: prompts per optimizer step on each device (each gets K rollouts).
@@ -190,6 +191,7 @@ class PromptDataModule(L.LightningDataModule):
         self.seed, self.world_seed = seed, world_seed
         self.train_problems: list[Problem] = []
         self.val_problems: dict[str, list[Problem]] = {}
+        self.val_subsets: dict[str, list[str]] = {}  # split -> per-problem subset name, reported on its own too
         self._train_stream: PromptStream | None = None
 
     def setup(self, stage: str) -> None:
@@ -205,12 +207,14 @@ class PromptDataModule(L.LightningDataModule):
             self.train_problems = load_problems(self.train_file, self.prompt_key, self.answer_key)
         if self.val_files is None:
             self.val_problems = {"in_dist": splits["easy"] + splits["hard"], "ood": splits["ood"]}
+            self.val_subsets = {"in_dist": ["easy"] * len(splits["easy"]) + ["hard"] * len(splits["hard"])}
         else:
             self.val_problems = {
                 name: load_problems(path, self.prompt_key, self.answer_key) for name, path in self.val_files.items()
             }
         if self.max_val_samples is not None:
             self.val_problems = {k: v[: self.max_val_samples] for k, v in self.val_problems.items()}
+            self.val_subsets = {k: v[: self.max_val_samples] for k, v in self.val_subsets.items()}
         _, world = _rank_and_world()
         if len(self.train_problems) < self.batch_size * world:
             raise ValueError(
@@ -220,7 +224,9 @@ class PromptDataModule(L.LightningDataModule):
 
     @property
     def val_split_names(self) -> list[str]:
-        return list(self.val_problems)
+        """The names validation metrics are reported under: the splits, then their subsets."""
+        subsets = sorted({name for names in self.val_subsets.values() for name in names} - set(self.val_problems))
+        return [*self.val_problems, *subsets]
 
     def train_dataloader(self) -> ResumableLoader:
         if self._train_stream is None:
@@ -232,7 +238,8 @@ class PromptDataModule(L.LightningDataModule):
         loaders = []
         for name, problems in self.val_problems.items():
             rows = [
-                {"prompt": p.prompt, "answer": p.answer, "index": i, "split": name}
+                {"prompt": p.prompt, "answer": p.answer, "index": i, "split": name, "subset": subsets[i]}
+                for subsets in [self.val_subsets.get(name) or [None] * len(problems)]
                 for i, p in enumerate(problems)
                 if i % world == rank
             ]

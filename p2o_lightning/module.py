@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from p2o_lightning.metrics import CollapseRate
-from p2o_lightning.ops import get_ops
+from p2o_lightning.ops import CONTEXT_MASK_SCOPES, context_ratio_mask, get_ops
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams, check_rollout_engine, require_extra
-from p2o_lightning.tasks import apply_template, get_task
+from p2o_lightning.step.plan import RolloutPlan, plan_rollouts, rows_in_loss
+from p2o_lightning.tasks import get_task
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -136,7 +137,14 @@ class P2OModule(L.LightningModule):
         distill: P²O context distillation: rollouts sampled from a templated prompt are trained as responses to
             the original prompt (False: the paper's "no distillation" ablation, trained on the templated prompt).
         context_ratio_bounds: P²O's context ratio mask: distilled tokens with ρ = π(y|x) / π(y|template(x))
-            outside [low, high] are dropped from the loss (None: no mask).
+            outside [low, high] are cut (None: no mask).
+        context_mask_scope: what the context ratio mask cuts: ``policy_gradient`` (the reference: the token's PPO
+            term only; it stays in the token-mean denominator and keeps its KL term) | ``tokens`` (the whole token).
+        plain_rollouts: P²O mixed groups: this many of the K rollouts of a templated prompt are sampled from the
+            plain prompt (the reference's ``left_1_no_template_rollout`` is 1), so the group holds the contrast
+            that teaches the plain prompt the templated behaviour (see :mod:`p2o_lightning.step.plan`).
+        drop_failed_templated: the failed (reward 0) templated rollouts leave the loss (the reference's
+            ``drop_failed_template_rollout``); they still count in their group's advantage.
     """
 
     def __init__(
@@ -174,6 +182,9 @@ class P2OModule(L.LightningModule):
         seed: int = 0,
         distill: bool = True,
         context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0),
+        context_mask_scope: str = "policy_gradient",
+        plain_rollouts: int = 0,
+        drop_failed_templated: bool = False,
     ) -> None:
         super().__init__()
         # Everything a config can get wrong is checked here, before a model is loaded or a rollout sampled.
@@ -191,6 +202,12 @@ class P2OModule(L.LightningModule):
             raise ValueError("num_rollouts, ppo_epochs, micro_batch_size and max_new_tokens must all be >= 1")
         if context_ratio_bounds is not None and not 0 < context_ratio_bounds[0] <= 1 <= context_ratio_bounds[1]:
             raise ValueError(f"context_ratio_bounds={context_ratio_bounds} must satisfy 0 < low <= 1 <= high")
+        if context_mask_scope not in CONTEXT_MASK_SCOPES:
+            raise ValueError(
+                f"context_mask_scope={context_mask_scope!r} is unknown; choose one of {CONTEXT_MASK_SCOPES}"
+            )
+        if not 0 <= plain_rollouts <= num_rollouts:
+            raise ValueError(f"plain_rollouts={plain_rollouts} must be in [0, num_rollouts={num_rollouts}]")
         if attn_implementation == "flash_attention_2":
             require_extra("flash_attn", "flash", "attn_implementation='flash_attention_2'")
         check_rollout_engine(rollout_engine)
@@ -296,18 +313,10 @@ class P2OModule(L.LightningModule):
         return max(1, int(self.trainer.estimated_stepping_batches) * self._updates_per_batch())
 
     # ------------------------------------------------------------------ rollouts
-    def rollout_prompts(self, prompts: list[str]) -> list[str] | None:
-        """Per-rollout generation prompts [B*K] when some prompt holds P²O templates, else None (plain GRPO)."""
-        K = self.hparams.num_rollouts
-        if not any(p in self.template_assignments for p in prompts):
-            return None
-        out = []
-        for prompt in prompts:
-            templates = self.template_assignments.get(prompt)
-            if templates is not None and len(templates) != K:
-                raise ValueError(f"{len(templates)} templates assigned to a prompt but num_rollouts={K}")
-            out.extend(apply_template(t, prompt) for t in templates) if templates else out.extend([prompt] * K)
-        return out
+    def plan(self, prompts: list[str]) -> RolloutPlan:
+        """The step's rollout plan: which prompt each of the B·K rows is sampled under and trained under."""
+        hp = self.hparams
+        return plan_rollouts(prompts, self.template_assignments, hp.num_rollouts, hp.plain_rollouts, hp.distill)
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
@@ -359,39 +368,45 @@ class P2OModule(L.LightningModule):
 
         t0 = time.perf_counter()
         sampling = SamplingParams(K, hp.temperature, hp.top_p, hp.max_new_tokens)
-        gen_prompts = self.rollout_prompts(prompts)
-        if gen_prompts is None:
+        plan = self.plan(prompts)
+        if not plan.any_templated:
             rollouts, grade = self.sample(prompts, answers, sampling)
         else:
-            rollouts, grade = self.sample(gen_prompts, [a for a in answers for _ in range(K)], _one(sampling))
+            rollouts, grade = self.sample(plan.sample_prompts, [a for a in answers for _ in range(K)], _one(sampling))
         t_rollout = time.perf_counter() - t0
 
         rewards = torch.tensor(grade.rewards, dtype=torch.float32, device=self.device).view(B, K)
         ops = self.ops
         advantages = ops.group_advantage(rewards, norm_by_std=hp.norm_adv_by_std).view(B * K)  # [B*K]
         mask = rollouts.response_mask.float()  # [B*K, R]
-        templated = torch.tensor([p in self.template_assignments for p in prompts], device=self.device)  # [B]
+        in_loss = torch.tensor(rows_in_loss(plan, grade.rewards, hp.drop_failed_templated), device=self.device)
+        loss_mask = mask * in_loss.float()[:, None]  # [B*K, R]: the tokens the loss is taken over
 
         t0 = time.perf_counter()
         context_logp = None
-        if gen_prompts is not None and hp.distill:
+        if any(plan.distilled_rows):
             # Context distillation: score the responses as answers to the original prompt x; keep log π(y|t(x))
-            # of the prompts they were sampled from for the context ratio mask.
+            # of the prompts they were sampled from for the context ratio mask (rows sampled from x get ρ = 1).
             if hp.context_ratio_bounds is not None:
-                context_logp = self.sequence_logprobs(self.policy, rollouts)[0]  # [B*K, R] on template(x)
-            rollouts = self.with_prompts(rollouts, [p for p in prompts for _ in range(K)])
+                context_logp = self.sequence_logprobs(self.policy, rollouts)[0]  # [B*K, R] on the sampled prompts
+            rollouts = self.with_prompts(rollouts, plan.train_prompts)
         old_logp, entropy = self.sequence_logprobs(self.policy, rollouts, return_entropy=True)
         ref_logp = self.sequence_logprobs(self.reference, rollouts)[0] if hp.kl_coef > 0 else None
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        stats = self._ppo_update(rollouts, old_logp, ref_logp, context_logp, advantages, mask, B, K)
+        stats = self._ppo_update(rollouts, old_logp, ref_logp, context_logp, advantages, loss_mask, B, K)
         t_update = time.perf_counter() - t0
         self.rollout_steps += 1
 
         self._log_train(rewards, rollouts, mask, entropy, grade, stats, t_rollout, t_logprob, t_update)
-        self._log_p2o(rewards, templated)
-        return {"prompts": prompts, "answers": answers, "rewards": rewards.detach().cpu()}
+        self._log_p2o(plan, rewards, rollouts, mask, old_logp, context_logp)
+        return {
+            "prompts": prompts,
+            "answers": answers,
+            "rewards": rewards.detach().cpu(),  # [B, K]
+            "templated": list(plan.templated_groups),  # [B]
+        }
 
     def with_prompts(self, rollouts: Rollouts, prompts: list[str]) -> Rollouts:
         """The same responses behind other prompts (one per row), left-padded anew."""
@@ -412,8 +427,8 @@ class P2OModule(L.LightningModule):
             groups = torch.randperm(B)  # shuffle whole groups; the K rollouts of a prompt stay together
             for group_ids in groups.split(mini):
                 rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(self.device)  # [mini*K]
-                kept = mask[rows]
-                if context_logp is not None:  # normalise by the tokens the context ratio mask keeps
+                kept = mask[rows]  # [mini*K, R] the tokens a token-mean divides by
+                if context_logp is not None and hp.context_mask_scope == "tokens":  # cut tokens leave the mean
                     kept = kept * ops.context_ratio_mask(old_logp[rows], context_logp[rows], *hp.context_ratio_bounds)
                 num_tokens = kept.sum().clamp(min=1)
                 opt.zero_grad()
@@ -444,6 +459,7 @@ class P2OModule(L.LightningModule):
                         num_seqs=len(rows),
                         context_logp=None if context_logp is None else context_logp[micro],
                         context_ratio_bounds=hp.context_ratio_bounds or (0.01, 10.0),
+                        context_mask_scope=hp.context_mask_scope,
                     )
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
@@ -502,17 +518,46 @@ class P2OModule(L.LightningModule):
             self.log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
         self.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
 
-    def _log_p2o(self, rewards: Tensor, templated: Tensor) -> None:
-        """P²O's own metrics; all zero while no prompt holds templates."""
-        n = templated.sum()
-        rescued = templated & (rewards != rewards[:, :1]).any(dim=1)  # templated groups with a non-zero advantage
-        plain = ~templated
+    def _log_p2o(self, plan: RolloutPlan, rewards, rollouts, mask, old_logp, context_logp) -> None:
+        """P²O's diagnostics, every step under ``p2o/``; all zero while no prompt holds templates.
+
+        - ``templated_share``: share of the batch's prompts that hold templates; ``rescued_groups``: how many of
+          them have a non-zero advantage (a gradient GRPO would not have had);
+        - ``templated_success`` / ``plain_in_templated_success``: reward of the templated rows, and of the rows of
+          templated groups sampled from the plain prompt (mixed groups: a direct view of the transfer);
+        - ``ctx_masked_first4`` / ``ctx_masked_rest``: share of distilled rows' response tokens the context ratio
+          mask cuts among the first 4 response tokens, and among the rest (the opening is where a template bites);
+        - ``shared_first_token``: share of templated rows whose first response token is the first token of every
+          rollout of their group (such an opening gets no net gradient: the group's advantages sum to zero).
+        """
+        K = self.hparams.num_rollouts
+        zero = torch.zeros((), device=self.device)
+        groups = torch.tensor(plan.templated_groups, device=self.device)  # [B]
+        rows = torch.tensor(plan.templated_rows, device=self.device)  # [B*K]
+        in_group = groups.repeat_interleave(K)  # [B*K]
+        flat = rewards.view(-1)
+        plain_in_group = in_group & ~rows
+        rescued = groups & (rewards != rewards[:, :1]).any(dim=1)
         metrics = {
-            "p2o/templated_share": templated.float().mean(),
-            "p2o/templated_success": rewards[templated].mean() if n > 0 else torch.zeros((), device=self.device),
+            "p2o/templated_share": groups.float().mean(),
+            "p2o/templated_success": flat[rows].mean() if rows.any() else zero,
+            "p2o/plain_in_templated_success": flat[plain_in_group].mean() if plain_in_group.any() else zero,
             "p2o/rescued_groups": rescued.float().sum(),
-            "train/reward_plain": rewards[plain].mean() if plain.any() else torch.zeros((), device=self.device),
+            "train/reward_plain": rewards[~groups].mean() if (~groups).any() else zero,
         }
+        first4, rest = zero, zero
+        distilled = torch.tensor(plan.distilled_rows, device=self.device)  # [B*K]
+        if context_logp is not None and distilled.any():
+            bounds = self.hparams.context_ratio_bounds
+            cut = (~context_ratio_mask(old_logp, context_logp, *bounds)).float() * mask  # [B*K, R]
+            cut, resp = cut[distilled], mask[distilled]
+            first4 = cut[:, :4].sum() / resp[:, :4].sum().clamp(min=1)
+            rest = cut[:, 4:].sum() / resp[:, 4:].sum().clamp(min=1)
+        metrics["p2o/ctx_masked_first4"] = first4
+        metrics["p2o/ctx_masked_rest"] = rest
+        first = rollouts.response_ids[:, 0].view(-1, K)  # [B, K]
+        same = (first == first[:, :1]).all(dim=1).repeat_interleave(K)  # [B*K]: the group opens with one token
+        metrics["p2o/shared_first_token"] = (same & rows).float().sum() / rows.sum() if rows.any() else zero
         for key, value in metrics.items():
             self.log(
                 key, value, on_step=True, sync_dist=True, reduce_fx="sum" if key == "p2o/rescued_groups" else "mean"
@@ -521,7 +566,6 @@ class P2OModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: list[dict], prefix: str) -> None:
         hp = self.hparams
-        split = batch[0]["split"]
         prompts = [row["prompt"] for row in batch]
         answers = [row["answer"] for row in batch]
         max_new = hp.val_max_new_tokens or hp.max_new_tokens
@@ -529,12 +573,19 @@ class P2OModule(L.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(hp.seed * 7919 + self.global_step * 31 + batch[0]["index"])
             _, grade = self.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new))
-            greedy = torch.tensor(grade.rewards, device=self.device)
-            self._update_val_metric(prefix, split, "greedy", greedy)
+            self._update_val_metrics(prefix, batch, "greedy", torch.tensor(grade.rewards, device=self.device))
             if hp.val_num_samples > 0:
                 n = hp.val_num_samples
                 _, grade = self.sample(prompts, answers, SamplingParams(n, hp.val_temperature, hp.top_p, max_new))
-                self._update_val_metric(prefix, split, "mean_at_k", torch.tensor(grade.rewards, device=self.device))
+                rewards = torch.tensor(grade.rewards, device=self.device).view(len(prompts), n).mean(dim=1)
+                self._update_val_metrics(prefix, batch, "mean_at_k", rewards)
+
+    def _update_val_metrics(self, prefix: str, batch: list[dict], kind: str, values: Tensor) -> None:
+        """Update the split's metric with ``values`` [len(batch)], and each subset's with its rows."""
+        self._update_val_metric(prefix, batch[0]["split"], kind, values)
+        for subset in sorted({row["subset"] for row in batch if row.get("subset")}):
+            rows = torch.tensor([row.get("subset") == subset for row in batch], device=self.device)
+            self._update_val_metric(prefix, subset, kind, values[rows])
 
     def _val_name(self, prefix: str, key: str) -> str:
         if key.endswith("_greedy"):

@@ -133,8 +133,10 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
     assert len(callback.searches) >= 1
     search = callback.searches[0]
     assert max(search["dev_mean"]) > search["dev_mean"][0]  # a template beats the plain prompt on hard problems
-    assert callback.assignments and all(len(v) == 8 for v in callback.assignments.values())
+    assert search["assignments"] and all(len(v) == 8 for v in search["assignments"].values())
     rows = read_csv(tmp_path / "run" / "metrics.csv")
+    # at the end of epoch 1 the plain-prompt accuracy of the prompts that held templates was measured
+    assert any(r.get("p2o/distilled_greedy_acc", "") != "" for r in rows.values())
     after = [rows[s] for s in sorted(rows) if s >= 2 and "p2o/templated_share" in rows[s]]
     assert any(float(r["p2o/templated_share"]) > 0 for r in after)
     assert sum(float(r["p2o/rescued_groups"]) for r in after) > 0  # hard groups whose advantage is not all zero
@@ -171,3 +173,54 @@ def test_template_pool_file_is_checked_and_loaded(tmp_path):
     good = tmp_path / "search_000.json"
     good.write_text('{"templates": ["", "Add."], "assignments": {"1+1=": ["Add.", "Add.", "", "Add."]}}')
     assert load_template_pool(str(good), 4) == {"1+1=": ["Add.", "Add.", "", "Add."]}
+
+
+def test_template_lifetime_epoch_as_the_reference(monkeypatch):
+    """Templates apply in the epoch after their search only; a skipped search leaves none; forever keeps them."""
+    from types import SimpleNamespace
+
+    def record(assignments):
+        return {"assignments": assignments, "dev_mean": [0.0, 1.0]}
+
+    logged = {}
+    module = SimpleNamespace(
+        hparams=SimpleNamespace(num_rollouts=2, max_new_tokens=8),
+        template_assignments={},
+        rollout_steps=0,
+        log=lambda key, value, **kw: logged.__setitem__(key, value),
+        # the plain-prompt greedy check: "a" is now solved without its template, "b" not
+        sample=lambda prompts, answers, sampling: (
+            None,
+            SimpleNamespace(rewards=[1.0 if p == "a" else 0.0 for p in prompts]),
+        ),
+    )
+    trainer = SimpleNamespace(
+        current_epoch=0, is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda obj, src: obj)
+    )
+    for lifetime in ("epoch", "forever"):
+        searches = iter([record({"a": ["T."] * 2, "b": ["T."] * 2}), record({"c": ["U."] * 2})])
+        callback = P2OCallback(min_hard_samples=2, template_lifetime=lifetime)
+        monkeypatch.setattr(callback, "_run_gepa", lambda *args, searches=searches: next(searches))
+        # epoch 0: a, b hard -> search -> their templates for epoch 1
+        callback.hard_pool = {"a": "2", "b": "4"}
+        trainer.current_epoch = 0
+        callback.on_train_epoch_end(trainer, module)
+        assert module.template_assignments == {"a": ["T."] * 2, "b": ["T."] * 2}
+        # epoch 1: only c hard (a and b were rolled out with templates) -> a, b expire, c gets templates
+        callback.hard_pool = {"c": "6", "d": "8"}
+        trainer.current_epoch = 1
+        logged.clear()
+        callback.on_train_epoch_end(trainer, module)
+        assert logged["p2o/distilled_greedy_acc"] == 0.5  # of a and b, under the plain prompt: a solved, b not
+        if lifetime == "epoch":
+            assert module.template_assignments == {"c": ["U."] * 2}
+        else:
+            assert set(module.template_assignments) == {"a", "b", "c"}
+        # epoch 2: too few hard samples, the search is skipped: under "epoch" nothing is left
+        callback.hard_pool = {"e": "10"}
+        trainer.current_epoch = 2
+        callback.on_train_epoch_end(trainer, module)
+        assert module.template_assignments == ({} if lifetime == "epoch" else callback.assignments)
+        assert callback.hard_pool == {}  # the reference collects hard samples per epoch, searched or not
+    with pytest.raises(ValueError, match="template_lifetime='never' is unknown"):
+        P2OCallback(template_lifetime="never")

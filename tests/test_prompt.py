@@ -48,6 +48,15 @@ def test_assignment_draws_from_solvers_with_replacement():
     assert (
         assign_templates(hard, templates[:1] + templates[3:], [dev_scores[0], dev_scores[3]], 6, random.Random()) == {}
     )
+    # the seed template joins the cover when it solves a dev problem no other template does (as the reference);
+    # then the problem it solves draws only the seed, i.e. plain rollouts
+    seed_solves = [{"p1": 0.0, "p2": 0.0, "p3": 1.0}, *dev_scores[1:]]
+    seed_solves[2] = {"p1": 0.0, "p2": 1.0, "p3": 0.0}
+    out = assign_templates(hard, templates, seed_solves, k=6, rng=random.Random(0))
+    assert out["p3"] == [""] * 6 and set(out["p2"]) == {"Go column by column."}
+    assert "" in set(assign_templates(["q"], templates, seed_solves, k=300, rng=random.Random(2))["q"])
+    # a cover of the seed alone: nothing to distil
+    assert assign_templates(hard, templates[:1], seed_solves[:1], 6, random.Random()) == {}
 
 
 # ------------------------------------------------------------------------------------------------ offline proposer

@@ -7,6 +7,10 @@ candidate), until no template adds any. Each hard sample then draws K templates 
 - a dev problem that some chosen templates solved draws only from those, weighted by their mean dev score;
 - every other hard sample draws from the whole cover, weighted by mean dev score.
 
+The seed template (empty: the plain prompt) is a candidate like any other, as in the reference: when the plain prompt
+solves dev problems the others do not (near-hard ones), it joins the cover and its rows are sampled plainly. A cover
+of the seed alone gives no assignment: there is nothing to distil.
+
 With ``group_diversity`` the K draws are independent (the K rollouts of a prompt see different templates); without
 it one template is drawn and used for all K (the paper's ablation). Everything is a pure function of its inputs and
 a ``random.Random``, so the assignment is reproducible and checkpointable.
@@ -46,10 +50,10 @@ def _solved_sets(dev_scores: Sequence[Mapping[str, float]]) -> list[set[str]]:
 
 
 def template_cover(templates: Sequence[str], dev_scores: Sequence[Mapping[str, float]]) -> list[int]:
-    """Candidate indices the greedy set cover picks over the dev problems; the empty template never counts."""
-    mean, solved = _mean_scores(dev_scores), _solved_sets(dev_scores)
-    usable = [c for c in range(len(templates)) if templates[c].strip()]  # the empty template is the plain prompt
-    return [usable[i] for i in set_cover([solved[c] for c in usable], [mean[c] for c in usable])]
+    """Candidate indices the greedy set cover picks over the dev problems (the empty seed template included)."""
+    if len(templates) != len(dev_scores):
+        raise ValueError(f"{len(templates)} templates but {len(dev_scores)} score maps")
+    return set_cover(_solved_sets(dev_scores), _mean_scores(dev_scores))
 
 
 def _weighted_draws(rng: random.Random, pool: Sequence[int], scores: Sequence[float], k: int, diverse: bool):
@@ -70,17 +74,15 @@ def assign_templates(
     """K templates for each hard prompt, as ``{prompt: [template] * K}``.
 
     ``templates[c]`` is candidate c's text and ``dev_scores[c]`` its score per dev prompt (keyed by prompt text).
-    The seed template (empty) may be among the candidates; a cover that holds only templates solving nothing gives
-    no assignment at all (an empty dict): there is nothing to distil.
+    The seed template (empty) may be in the cover and then drawn; a cover without any non-empty template gives no
+    assignment at all (an empty dict): there is nothing to distil.
     """
-    if len(templates) != len(dev_scores):
-        raise ValueError(f"{len(templates)} templates but {len(dev_scores)} score maps")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     mean = _mean_scores(dev_scores)
     solved = _solved_sets(dev_scores)
     cover = template_cover(templates, dev_scores)
-    if not cover:
+    if not any(templates[c].strip() for c in cover):
         return {}
     assignments = {}
     for prompt in hard_prompts:

@@ -198,8 +198,15 @@ class P2OModule(L.LightningModule):
             raise ValueError(f"lr_schedule={lr_schedule!r} is unknown; choose 'constant' or 'cosine'")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend={backend!r} is unknown; choose 'auto', 'torch' or 'triton'")
-        if num_rollouts < 1 or ppo_epochs < 1 or micro_batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("num_rollouts, ppo_epochs, micro_batch_size and max_new_tokens must all be >= 1")
+        if num_rollouts < 2:
+            raise ValueError(
+                f"num_rollouts={num_rollouts}: GRPO needs at least 2 rollouts per prompt (a group's advantage is each"
+                " reward minus the group's mean, always 0 for a group of one)"
+            )
+        if ppo_epochs < 1 or micro_batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("ppo_epochs, micro_batch_size and max_new_tokens must all be >= 1")
+        if ppo_mini_batch_size is not None and ppo_mini_batch_size < 1:
+            raise ValueError(f"ppo_mini_batch_size={ppo_mini_batch_size} must be >= 1 (or None: the whole batch)")
         if context_ratio_bounds is not None and not 0 < context_ratio_bounds[0] <= 1 <= context_ratio_bounds[1]:
             raise ValueError(f"context_ratio_bounds={context_ratio_bounds} must satisfy 0 < low <= 1 <= high")
         if context_mask_scope not in CONTEXT_MASK_SCOPES:
@@ -275,6 +282,12 @@ class P2OModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and getattr(dm, "task", self.hparams.task) != self.hparams.task:
             raise ValueError(f"model.task={self.hparams.task!r} but data.task={dm.task!r}: they must match")
+        batch, mini = getattr(dm, "batch_size", None), self.hparams.ppo_mini_batch_size
+        if stage == "fit" and batch and mini and batch % mini:
+            raise ValueError(
+                f"model.ppo_mini_batch_size={mini} does not divide data.batch_size={batch}: every PPO update must"
+                f" see the same number of prompts (choose a divisor of {batch})"
+            )
         names = getattr(dm, "val_split_names", None) or []
         for name in names:
             for kind in ("greedy", "mean_at_k"):

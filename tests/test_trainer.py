@@ -177,6 +177,8 @@ def test_unknown_config_key_is_named(capsys):
         ({"backend": "cuda"}, "backend='cuda' is unknown"),
         ({"rollout_engine": "vllm"}, r"p2o-lightning\[vllm\]"),
         ({"attn_implementation": "flash_attention_2"}, r"p2o-lightning\[flash\]"),
+        ({"num_rollouts": 1}, r"num_rollouts=1: GRPO needs at least 2 rollouts per prompt"),
+        ({"ppo_mini_batch_size": 0}, r"ppo_mini_batch_size=0 must be >= 1"),
     ],
 )
 def test_bad_module_arguments_fail_before_loading(kwargs, message):
@@ -192,6 +194,13 @@ def test_data_row_without_answer_fails_before_training(tiny_world, tmp_path):
     with pytest.raises(ValueError, match=r"train.jsonl: row 1 has no 'answer'"):
         trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
     assert module.policy is None  # failed before the model was loaded
+
+
+def test_mini_batch_not_dividing_the_batch_fails_before_loading(tiny_world, tmp_path):
+    module = small_module(tiny_world, ppo_mini_batch_size=3)
+    with pytest.raises(ValueError, match=r"ppo_mini_batch_size=3 does not divide data.batch_size=4"):
+        trainer(tmp_path, max_steps=1).fit(module, datamodule=small_data(batch_size=4))
+    assert module.policy is None
 
 
 FSDP2 = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'

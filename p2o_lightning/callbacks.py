@@ -50,6 +50,7 @@ from p2o_lightning.rollout import SamplingParams
 log = logging.getLogger(__name__)
 TRIGGERS = ("epoch", "steps", "collapse")
 LIFETIMES = ("epoch", "forever")
+HARDNESS = ("plain", "sampled")
 
 
 class P2OCallback(L.Callback):
@@ -71,6 +72,10 @@ class P2OCallback(L.Callback):
         reflection_minibatch_size: train problems per proposal (paper: 3).
         max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
         group_diversity: the K rollouts of a prompt draw their templates independently (False: one for all K).
+        hardness: what makes a prompt hard: ``plain`` (its rollouts sampled from the plain prompt: all K of a plain
+            group, the plain rollouts of a mixed templated group, with the same share τ−1 of K — a prompt its
+            template solves stays hard until the plain prompt solves it) | ``sampled`` (the reference: all K
+            rollouts as sampled, templated ones included; also what ``plain`` does for a group without plain rows).
         template_lifetime: ``epoch`` (the reference: a search's templates apply until the end of the epoch after
             the one it ran in, then expire) | ``forever`` (every assignment is kept for the rest of the run).
         clear_pool_after_search: start a new hard pool after each search (the paper collects per epoch).
@@ -94,6 +99,7 @@ class P2OCallback(L.Callback):
         reflection_minibatch_size: int = 3,
         max_new_tokens: int | None = None,
         group_diversity: bool = True,
+        hardness: str = "plain",
         template_lifetime: str = "epoch",
         clear_pool_after_search: bool = True,
         template_pool: str | None = None,
@@ -101,6 +107,8 @@ class P2OCallback(L.Callback):
     ) -> None:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger={trigger!r} is unknown; choose one of {TRIGGERS}")
+        if hardness not in HARDNESS:
+            raise ValueError(f"hardness={hardness!r} is unknown; choose one of {HARDNESS}")
         if template_lifetime not in LIFETIMES:
             raise ValueError(f"template_lifetime={template_lifetime!r} is unknown; choose one of {LIFETIMES}")
         if tau < 1:
@@ -121,6 +129,7 @@ class P2OCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.group_diversity = group_diversity
         self.template_lifetime = template_lifetime
+        self.hardness = hardness
         self.clear_pool_after_search = clear_pool_after_search
         self.template_pool = template_pool
         self.seed = seed
@@ -149,11 +158,8 @@ class P2OCallback(L.Callback):
 
     # ------------------------------------------------------------------ collection
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        rewards: torch.Tensor = outputs["rewards"]  # [B, K]
-        correct = (rewards >= 1.0).sum(dim=1)
-        local = [
-            (p, a) for p, a, c in zip(outputs["prompts"], outputs["answers"], correct.tolist()) if c <= self.tau - 1
-        ]
+        hard = hard_groups(outputs["rewards"], outputs.get("plain_rows"), self.tau, self.hardness)  # [B]
+        local = [(p, a) for p, a, h in zip(outputs["prompts"], outputs["answers"], hard.tolist()) if h]
         for prompt, answer in _gather(trainer, local):
             self.hard_pool[prompt] = answer
         self.recent_all_wrong.append(float(trainer.callback_metrics.get("train/collapse_all_wrong", 0.0)))
@@ -325,6 +331,23 @@ class P2OCallback(L.Callback):
         self.last_search_step = state["last_search_step"]
         if "reflection" in state and hasattr(self.reflection, "load_state_dict"):
             self.reflection.load_state_dict(state["reflection"])
+
+
+def hard_groups(rewards: torch.Tensor, plain_rows: torch.Tensor | None, tau: int, hardness: str) -> torch.Tensor:
+    """[B] which groups are hard samples: at most a share (τ−1)/K of their counted rollouts correct.
+
+    ``rewards`` [B, K]; ``plain_rows`` [B, K] bool, the rows sampled from the plain prompt (None: all of them).
+    With ``hardness="plain"`` a group's plain rows are counted (all K rows when it has none); with ``sampled``
+    all K rows are.
+    """
+    correct = rewards >= 1.0  # [B, K]
+    k = rewards.shape[1]
+    counted = torch.ones_like(correct)
+    if hardness == "plain" and plain_rows is not None:
+        has_plain = plain_rows.any(dim=1, keepdim=True)  # [B, 1]
+        counted = torch.where(has_plain, plain_rows.bool(), counted)
+    # c / n <= (τ − 1) / K, in integers: c · K <= (τ − 1) · n
+    return (correct & counted).sum(dim=1) * k <= (tau - 1) * counted.sum(dim=1)
 
 
 def load_template_pool(path: str, k: int) -> dict[str, list[str]]:

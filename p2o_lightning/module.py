@@ -419,6 +419,7 @@ class P2OModule(L.LightningModule):
             "answers": answers,
             "rewards": rewards.detach().cpu(),  # [B, K]
             "templated": list(plan.templated_groups),  # [B]
+            "plain_rows": ~torch.tensor(plan.templated_rows).view(B, K),  # [B, K] sampled from the plain prompt
         }
 
     def with_prompts(self, rollouts: Rollouts, prompts: list[str]) -> Rollouts:

@@ -224,3 +224,27 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
         assert callback.hard_pool == {}  # the reference collects hard samples per epoch, searched or not
     with pytest.raises(ValueError, match="template_lifetime='never' is unknown"):
         P2OCallback(template_lifetime="never")
+
+
+def test_hard_groups_by_hand():
+    from p2o_lightning.callbacks import hard_groups
+
+    # K = 4, τ = 2: hard = at most a share 1/4 of the counted rollouts correct
+    rewards = torch.tensor(
+        [
+            [0.0, 1.0, 0.0, 0.0],  # plain group, 1 of 4 correct: hard (near-hard)
+            [1.0, 1.0, 0.0, 0.0],  # plain group, 2 of 4: not hard
+            [1.0, 1.0, 1.0, 0.0],  # templated, rows 0-2 templated (all solved), row 3 plain and wrong
+            [1.0, 1.0, 1.0, 1.0],  # templated, the plain row 3 solved too
+            [1.0, 1.0, 1.0, 0.0],  # templated without plain rows
+        ]
+    )
+    plain = torch.tensor([[True] * 4, [True] * 4, [False] * 3 + [True], [False] * 3 + [True], [False] * 4])
+    # plain: row 2's plain rollout failed (0 of 1 <= 1/4): still hard although its templates solve it; row 3's plain
+    # rollout succeeded (1 of 1): not hard; row 4 has no plain row: counted on all K (3 of 4): not hard
+    assert hard_groups(rewards, plain, tau=2, hardness="plain").tolist() == [True, False, True, False, False]
+    # sampled (the reference): all K rows as sampled
+    assert hard_groups(rewards, plain, tau=2, hardness="sampled").tolist() == [True, False, False, False, False]
+    assert hard_groups(rewards, None, tau=2, hardness="plain").tolist() == [True, False, False, False, False]
+    with pytest.raises(ValueError, match="hardness='templated' is unknown"):
+        P2OCallback(hardness="templated")

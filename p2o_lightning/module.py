@@ -2,7 +2,8 @@
 
 One ``training_step`` is one RL iteration, the shape TRL's ``GRPOTrainer`` and verl's ``ray_trainer`` share:
 
-1. **Rollouts.** K responses per prompt from the rollout engine (HF ``generate``; temperature, top-p, EOS).
+1. **Rollouts.** K responses per prompt from the rollout engine (HF ``generate`` or a colocated vLLM synced after
+   each PPO update; a fresh generation config: temperature, top-p, EOS), with each token's sampling log-prob.
 2. **Rewards.** ``task.score`` per response, in worker threads with a timeout (:mod:`p2o_lightning.rewards`).
 3. **Advantages.** Group-normalised rewards, GRPO ``(r - mean) / (std + eps)`` or Dr. GRPO's ``r - mean``.
 4. **Old / reference log-probs** once, under no grad (the reference only when ``kl_coef > 0``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,9 +36,16 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from p2o_lightning.metrics import CollapseRate
-from p2o_lightning.ops import CONTEXT_MASK_SCOPES, context_ratio_mask, get_ops
+from p2o_lightning.ops import CONTEXT_MASK_SCOPES, context_ratio_mask, get_ops, tis_weights
 from p2o_lightning.rewards import SafeGrader
-from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams, check_rollout_engine, require_extra
+from p2o_lightning.rollout import (
+    HFRolloutEngine,
+    RolloutEngine,
+    Rollouts,
+    SamplingParams,
+    check_rollout_engine,
+    require_extra,
+)
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts, rows_in_loss
 from p2o_lightning.tasks import get_task
 
@@ -45,14 +54,28 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_model_path(path: str) -> str:
+    """The checkpoint folder of ``model``, or an error naming it.
+
+    ``"embedded"`` builds (or reuses) the embedded world; any other value must be a local HF model folder.
+    """
+    if path == "embedded":
+        from p2o_lightning.tasks.world import build_world
+
+        return str(build_world())
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model={path!r}: no such file or folder (models load from local paths only)")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ValueError(f"model={path!r} is not a HF model folder: it has no config.json (save_pretrained layout)")
+    return str(folder)
+
+
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
     """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path == "embedded":
-        from p2o_lightning.tasks.world import build_world
-
-        path = str(build_world())
+    path = resolve_model_path(path)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -132,7 +155,12 @@ class P2OModule(L.LightningModule):
         dtype: parameter dtype of policy and reference: ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: HF attention kernel (``sdpa``, ``eager``, ``flash_attention_2`` needs the flash extra).
         gradient_checkpointing: recompute activations in backward to save memory.
-        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (optional extra).
+        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
+        vllm_options: keyword arguments of the vLLM engine (``gpu_memory_utilization``, ``max_model_len``,
+            ``kv_cache_memory_bytes``, ``sleep``; see :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine`).
+        tis_cap: truncated importance sampling: weight each token's policy-gradient term by
+            min(π_old / π_rollout, tis_cap), the trainer's over the engine's probability of the sampled token
+            (verl / TRL; 2.0 is common with vLLM). None: off; the mismatch is still logged.
         seed: seed of validation sampling (kept apart from the training RNG stream).
         distill: P²O context distillation: rollouts sampled from a templated prompt are trained as responses to
             the original prompt (False: the paper's "no distillation" ablation, trained on the templated prompt).
@@ -179,6 +207,8 @@ class P2OModule(L.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         rollout_engine: str = "hf",
+        vllm_options: dict[str, Any] | None = None,
+        tis_cap: float | None = None,
         seed: int = 0,
         distill: bool = True,
         context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0),
@@ -218,6 +248,8 @@ class P2OModule(L.LightningModule):
         if attn_implementation == "flash_attention_2":
             require_extra("flash_attn", "flash", "attn_implementation='flash_attention_2'")
         check_rollout_engine(rollout_engine)
+        if tis_cap is not None and tis_cap <= 0:
+            raise ValueError(f"tis_cap={tis_cap} must be > 0 (or None to turn truncated importance sampling off)")
         get_task(task)
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
@@ -228,7 +260,7 @@ class P2OModule(L.LightningModule):
         self.policy: PolicyLogProb | None = None  # loaded in configure_model, after the data is checked
         self._reference: list[PolicyLogProb] = []  # held outside the module tree: frozen, never checkpointed
         self.tokenizer = None
-        self.engine: HFRolloutEngine | None = None
+        self.engine: RolloutEngine | None = None
         self.collapse = CollapseRate()
         self.rollout_steps = 0  # RL iterations done (checkpointed)
         # P²O: prompt text -> the K templates its rollouts are sampled with (set by P2OCallback, keyed by content)
@@ -249,7 +281,13 @@ class P2OModule(L.LightningModule):
             self._fully_shard(self.policy)
         ref_lm, _ = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
         self._reference = [PolicyLogProb(ref_lm).eval().requires_grad_(False).to(self.device)]
-        self.engine = HFRolloutEngine(lm, self.tokenizer)
+        if hp.rollout_engine == "vllm":
+            from p2o_lightning.rollout.vllm import VLLMRolloutEngine
+
+            options = dict(dtype=hp.dtype, seed=hp.seed, **(hp.vllm_options or {}))
+            self.engine = VLLMRolloutEngine(resolve_model_path(hp.model), self.tokenizer, **options)
+        else:
+            self.engine = HFRolloutEngine(lm, self.tokenizer)
 
     def _fully_shard(self, policy: PolicyLogProb) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -333,14 +371,15 @@ class P2OModule(L.LightningModule):
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        if self._sharded:  # FSDP2: generate() runs outside the wrapper's forward, so gather its parameters first
+        gather = self._sharded and isinstance(self.engine, HFRolloutEngine)
+        if gather:  # FSDP2: generate() runs outside the wrapper's forward, so gather its parameters first
             # the root must initialise before any layer runs, or that layer takes itself for the root
             self.policy._get_fsdp_state()._lazy_init()
             self.policy.unshard()
         try:
             rollouts = self.engine.generate(prompts, sampling)
         finally:
-            if self._sharded:
+            if gather:
                 self.policy.reshard()
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
         return rollouts, grade
@@ -402,15 +441,27 @@ class P2OModule(L.LightningModule):
             # of the prompts they were sampled from for the context ratio mask (rows sampled from x get ρ = 1).
             if hp.context_ratio_bounds is not None:
                 context_logp = self.sequence_logprobs(self.policy, rollouts)[0]  # [B*K, R] on the sampled prompts
-            rollouts = self.with_prompts(rollouts, plan.train_prompts)
+            sampled, rollouts = rollouts, self.with_prompts(rollouts, plan.train_prompts)
         old_logp, entropy = self.sequence_logprobs(self.policy, rollouts, return_entropy=True)
         ref_logp = self.sequence_logprobs(self.reference, rollouts)[0] if hp.kl_coef > 0 else None
+        # On-policy hygiene: the trainer's π_old of each token under the prompt it was sampled from, against the
+        # engine's π_rollout; logged, and with tis_cap the PPO term of each token is weighted by their capped ratio.
+        behaviour_logp = old_logp
+        if any(plan.distilled_rows):
+            behaviour_logp = context_logp
+            if behaviour_logp is None:
+                behaviour_logp = self.sequence_logprobs(self.policy, sampled)[0]  # [B*K, R] on the sampled prompts
+        onpolicy, tis = _rollout_mismatch(behaviour_logp, rollouts.sampling_logp, mask, hp.tis_cap)
+        if tis is not None:
+            advantages = advantages[:, None] * tis  # [B*K, R]: w·pg equals pg with w·A, as w > 0
         t_logprob = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         stats = self._ppo_update(rollouts, old_logp, ref_logp, context_logp, advantages, loss_mask, B, K)
+        self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         t_update = time.perf_counter() - t0
         self.rollout_steps += 1
+        stats.update(onpolicy)
 
         self._log_train(rewards, rollouts, mask, entropy, grade, stats, t_rollout, t_logprob, t_update)
         self._log_p2o(plan, rewards, rollouts, mask, old_logp, context_logp)
@@ -424,8 +475,7 @@ class P2OModule(L.LightningModule):
 
     def with_prompts(self, rollouts: Rollouts, prompts: list[str]) -> Rollouts:
         """The same responses behind other prompts (one per row), left-padded anew."""
-        prompt_ids, prompt_mask = self.engine.encode_prompts(prompts, self.device)
-        return Rollouts(prompt_ids, prompt_mask, rollouts.response_ids, rollouts.response_mask, rollouts.texts)
+        return rollouts.with_prompt_ids(*self.engine.encode_prompts(prompts, self.device))
 
     def _ppo_update(
         self, rollouts, old_logp, ref_logp, context_logp, advantages, mask, B: int, K: int
@@ -647,6 +697,9 @@ class P2OModule(L.LightningModule):
             name, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
+    def on_train_start(self) -> None:
+        self.engine.sync_weights(self.policy.lm)  # a resumed policy is not the checkpoint the engine was built from
+
     def on_fit_end(self) -> None:
         self.grader.close()
 
@@ -669,6 +722,24 @@ def _accumulate_stats(sums: dict[str, float], stats: dict[str, Tensor], loss: Te
             sums[key] = max(sums.get(key, value), value)
         else:
             sums[key] = sums.get(key, 0.0) + value * share
+
+
+def _rollout_mismatch(
+    trainer_logp: Tensor, sampling_logp: Tensor | None, mask: Tensor, tis_cap: float | None
+) -> tuple[dict[str, float], Tensor | None]:
+    """Stats of π_old vs π_rollout over the response tokens, and the TIS weights [M, R] when ``tis_cap`` is set."""
+    if sampling_logp is None:
+        if tis_cap is not None:
+            raise ValueError("tis_cap is set but the rollout engine returned no sampling log-probs")
+        return {}, None
+    n = mask.sum().clamp(min=1)
+    stats = {"rollout_logprob_diff": float(((trainer_logp - sampling_logp).abs() * mask).sum() / n)}
+    if tis_cap is None:
+        return stats, None
+    tis = tis_weights(trainer_logp, sampling_logp, tis_cap)  # [M, R]
+    stats["tis_weight_mean"] = float((tis * mask).sum() / n)
+    stats["tis_capped_frac"] = float(((trainer_logp - sampling_logp > math.log(tis_cap)) * mask).sum() / n)
+    return stats, tis
 
 
 def _numpy_state_to_torch(state: tuple) -> tuple:

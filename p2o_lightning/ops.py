@@ -350,6 +350,25 @@ def context_ratio_mask(logp: Tensor, context_logp: Tensor, low: float = 0.01, hi
     return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
 
 
+def tis_weights(old_logp: Tensor, sampling_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling: w_t = min(π_old(y_t) / π_rollout(y_t), C), a constant (no gradient).
+
+    The rollout engine (vLLM, bf16 kernels, another attention) samples from π_rollout, which is not exactly the
+    trainer's π_old of the same weights; the PPO ratio π/π_old then corrects nothing for that gap. TIS (Yao et al.
+    2025; verl ``tis_imp_ratio_cap``, TRL ``vllm_importance_sampling_cap``) multiplies each token's policy-gradient
+    term by the capped ratio. Computed in log space, so a large gap cannot overflow::
+
+        w = exp(min(old_logp − sampling_logp, log C))           # (B, T), ≤ C
+
+    Because w > 0, scaling the PPO term by w equals scaling the token's advantage by w (clip and dual-clip pick the
+    same branch), which is how the trainer applies it: advantages of shape (B, T).
+    """
+    if cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+    log_w = (old_logp.float() - sampling_logp.float()).clamp(max=math.log(cap))
+    return torch.exp(log_w).detach()
+
+
 def check_policy_loss_args(
     logp: Tensor,
     old_logp: Tensor,

@@ -21,3 +21,22 @@ def tiny_world(world_cache):
     from p2o_lightning.tasks.world import TEST_RECIPE, build_world
 
     return build_world(TEST_RECIPE, cache_dir=world_cache, log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def math_rows():
+    """The repo's own math problems (prompt with the \\boxed{} instruction, exact answer, kind)."""
+    from p2o_lightning.tasks.math_data import math_problems
+
+    return math_problems(240, seed=0)
+
+
+@pytest.fixture(scope="session")
+def bpe_checkpoint(tmp_path_factory, math_rows):
+    """A Qwen3 checkpoint with a BPE tokenizer trained here, ChatML template, and `repetition_penalty: 1.3` in its
+    generation_config.json (a default that rollouts must not inherit)."""
+    from p2o_lightning.tasks.bpe_checkpoint import build_bpe_checkpoint
+
+    texts = [f"{r['prompt']} The answer is \\boxed{{{r['answer']}}}." for r in math_rows]
+    path = tmp_path_factory.mktemp("bpe") / "qwen3-bpe"
+    return build_bpe_checkpoint(path, texts, generation_defaults={"repetition_penalty": 1.3})

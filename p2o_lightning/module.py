@@ -284,6 +284,13 @@ class P2OModule(L.LightningModule):
         if hp.rollout_engine == "vllm":
             from p2o_lightning.rollout.vllm import VLLMRolloutEngine
 
+            if type(getattr(self._trainer, "strategy", None)).__name__ == "FSDPStrategy":
+                raise ValueError(
+                    "rollout_engine='vllm' syncs full tensors from FSDP2 (ModelParallelStrategy) or unsharded "
+                    "policies; FSDPStrategy (FSDP1) shards flat parameters it cannot hand over: use "
+                    "lightning.pytorch.strategies.ModelParallelStrategy"
+                )
+
             options = dict(dtype=hp.dtype, seed=hp.seed, **(hp.vllm_options or {}))
             self.engine = VLLMRolloutEngine(resolve_model_path(hp.model), self.tokenizer, **options)
         else:

@@ -5,6 +5,7 @@ vLLM itself is tested in ``test_vllm.py`` (marker ``vllm``, its own venv); every
 
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -167,3 +168,18 @@ def test_math_steps_on_a_bpe_checkpoint_log_the_rollout_mismatch(bpe_checkpoint,
         assert float(row["train/tis_weight_mean"]) == pytest.approx(1.0, abs=1e-4)
         assert float(row["train/tis_capped_frac"]) == 0.0
     assert module.engine.use_chat_template
+
+
+def test_the_8gpu_config_carries_the_paper_s_settings():
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "qwen3-4b-deepscaler-8gpu.yaml").read_text())
+    model, trainer = config["model"], config["trainer"]
+    assert trainer["devices"] == 8 and "ModelParallelStrategy" in trainer["strategy"]["class_path"]
+    assert (model["num_rollouts"], model["temperature"], model["max_new_tokens"]) == (6, 0.6, 12288)
+    assert model["optimizer"]["init_args"]["lr"] == 1e-6 and model["warmup_steps"] == 0.05 and model["kl_coef"] == 0.0
+    assert config["data"]["batch_size"] * 8 == 128 and model["ppo_mini_batch_size"] * 8 == 64
+    assert model["rollout_engine"] == "vllm" and model["tis_cap"] == 2.0 and trainer["max_epochs"] == 10
+    p2o = next(c for c in trainer["callbacks"] if c["class_path"].endswith("P2OCallback"))["init_args"]
+    assert (p2o["tau"], p2o["min_hard_samples"], p2o["dev_size"], p2o["parents_per_iteration"]) == (2, 100, 300, 16)
+    assert p2o["reflection"]["class_path"].endswith("TeacherReflection")

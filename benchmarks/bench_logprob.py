@@ -4,7 +4,10 @@ The op behind every log-prob of the trainer (policy, frozen reference, P²O's co
 states (N, H) and the LM head (V, H) into one log-prob per token. Implementations compared:
 
 - ``materialised``: ``(hidden @ weight.T).float().log_softmax(-1).gather(...)``, the (N, V) logits in full;
-- ``chunked``: :func:`p2o_lightning.ops.linear_logprob`, the reference op (float32, ``chunk_size`` rows at a time);
+- ``chunked``: :func:`p2o_lightning.ops.linear_logprob`, the reference op (float32, chunks of ``--logits-budget``
+  logits, at most ``--chunk-size`` rows when given);
+- ``chunked-tokens``: the same op chunked by a token count alone (``--chunk-size``, default 1024 rows, no budget):
+  what the op did before its chunks were sized by a logits budget, for ``--vocab-sweep``;
 - ``compiled``: ``torch.compile`` of the chunked op (runs on CPU too; the compile is not timed);
 - ``triton``: :func:`p2o_lightning.kernels.linear_logprob`, the fused kernel (CUDA only: the interpreter that runs
   it on CPU is a correctness tool, not a benchmark);
@@ -29,6 +32,14 @@ this script should be compared with, never a substitute for one.
     python benchmarks/bench_logprob.py                     # CPU: default grid (~6 min on 2 cores); CUDA: GPU grid
     python benchmarks/bench_logprob.py --grid full         # CPU: N up to 8192, H 1024, V 32768
     python benchmarks/bench_logprob.py --shapes 4096x1024x32768 --modes fwd+bwd --impls chunked triton
+    python benchmarks/bench_logprob.py --vocab-sweep       # CPU: peak memory against the vocabulary, budget vs tokens
+    python benchmarks/bench_logprob.py --model-gpu         # the launch-config model for A100 / H100 / H200, no GPU
+
+``--vocab-sweep`` measures the peak memory of the chunked op at N=1024, H=128 for V from 8,192 to 151,936, with
+chunks sized by the logits budget and by 1,024 tokens (writes ``bench_logprob_vocab_<device kind>.csv``).
+``--model-gpu`` prints, for each log-prob kernel, GPU and launch config, the registers and shared memory of its
+AOT compile and the time the model of :mod:`p2o_lightning.kernels.tuning` predicts — a model, not a measurement —
+and which configs autotune would time (writes ``bench_logprob_config_model.csv``).
 
 Writes (appends) ``benchmarks/results/bench_logprob_<device kind>.csv`` and ``bench_logprob_model_h100.csv``,
 draws this run's ``bench_logprob_<device kind>.png``; the last line printed is a JSON summary.
@@ -56,7 +67,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from p2o_lightning.ops import linear_logprob  # noqa: E402
+from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows, linear_logprob  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = {  # (N, H, V)
@@ -65,6 +76,7 @@ GRIDS = {  # (N, H, V)
     "gpu": [(4096, 4096, 151936), (16384, 4096, 151936)],  # Qwen's vocabulary, a 7-8B model's width
 }
 IMPLS = ("chunked", "compiled", "materialised", "triton", "liger", "cce")
+VOCAB_SWEEP = [(1024, 128, v) for v in (8192, 32768, 65536, 151936)]
 MODES = ("fwd", "fwd+bwd")
 CEILING_SHAPE = {"cpu": (1024, 1024, 32768), "cuda": (4096, 4096, 32768)}  # the plain matmul of "% mm"
 
@@ -93,18 +105,23 @@ def materialised_logprob(hidden: Tensor, weight: Tensor, targets: Tensor) -> Ten
     return (hidden @ weight.T).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
 
-def logprob_fn(impl: str, targets: Tensor, chunk_size: int) -> Callable[[Tensor, Tensor], Tensor]:
+def logprob_fn(
+    impl: str, targets: Tensor, chunk_size: int | None, logits_budget: int = LOGITS_BUDGET
+) -> Callable[[Tensor, Tensor], Tensor]:
     """(hidden, weight) → per-token log-prob (N,) of ``impl``."""
+    chunking = dict(chunk_size=chunk_size, logits_budget=logits_budget)
     if impl == "materialised":
         return lambda hd, w: materialised_logprob(hd, w, targets)
     if impl == "chunked":
-        return lambda hd, w: linear_logprob(hd, w, targets, chunk_size=chunk_size)[0]
+        return lambda hd, w: linear_logprob(hd, w, targets, **chunking)[0]
+    if impl == "chunked-tokens":  # chunks of a token count whatever the vocabulary: the op before its budget
+        return lambda hd, w: linear_logprob(hd, w, targets, chunk_size=chunk_size or 1024, logits_budget=2**62)[0]
     if impl == "compiled":
-        return torch.compile(lambda hd, w: linear_logprob(hd, w, targets, chunk_size=chunk_size)[0], dynamic=False)
+        return torch.compile(lambda hd, w: linear_logprob(hd, w, targets, **chunking)[0], dynamic=False)
     if impl == "triton":
         from p2o_lightning.kernels import linear_logprob as fused
 
-        return lambda hd, w: fused(hd, w, targets, chunk_size=chunk_size)[0]
+        return lambda hd, w: fused(hd, w, targets, **chunking)[0]
     if impl == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -118,7 +135,15 @@ def logprob_fn(impl: str, targets: Tensor, chunk_size: int) -> Callable[[Tensor,
 
 
 def setup_logprob(
-    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, impl: str, mode: str, chunk_size: int
+    n: int,
+    h: int,
+    v: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: str,
+    mode: str,
+    chunk_size: int | None,
+    logits_budget: int = LOGITS_BUDGET,
 ) -> Callable[[], object]:
     """Allocate the inputs (in place, no temporaries: the CPU baseline must be the high-water mark) → a step."""
     gen = torch.Generator(device).manual_seed(0)
@@ -126,7 +151,7 @@ def setup_logprob(
     weight = torch.empty(v, h, dtype=dtype, device=device).normal_(std=h**-0.5, generator=gen)  # (V, H)
     targets = torch.randint(0, v, (n,), device=device, generator=gen)  # (N,)
     grad_out = torch.empty(n, device=device).normal_(generator=gen)  # (N,) upstream grad of the log-probs
-    fn = logprob_fn(impl, targets, chunk_size)
+    fn = logprob_fn(impl, targets, chunk_size, logits_budget)
     if mode == "fwd":
 
         def step() -> object:
@@ -153,7 +178,10 @@ def setup_case(case: dict, device: torch.device) -> Callable[[], object]:
     dtype = getattr(torch, case["dtype"])
     if case["impl"] == "matmul":
         return setup_matmul(case["N"], case["H"], case["V"], dtype, device)
-    return setup_logprob(case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"])
+    return setup_logprob(
+        case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"],
+        case.get("logits_budget", LOGITS_BUDGET),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,7 +443,8 @@ def versions() -> dict:
 
 COLUMNS = [
     "date", "device", "device_kind", "torch", "triton_version", "liger_version", "cce_version", "commit", "dtype",
-    "impl", "mode", "N", "H", "V", "chunk_size", "status", "ms", "ms_stat", "ms_median", "ms_lo", "ms_hi", "tflops",
+    "impl", "mode", "N", "H", "V", "chunk_size", "logits_budget", "status", "ms", "ms_stat", "ms_median", "ms_lo",
+    "ms_hi", "tflops",
     "pct_of_matmul", "peak_mb", "logits_mb", "baseline_slack_mb",
 ]  # fmt: skip
 MODEL_COLUMNS = [
@@ -494,6 +523,109 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# peak memory against the vocabulary (measured), and the launch-config model (no GPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vocab_sweep(base: dict, device: torch.device, env: dict, out: Path) -> None:
+    """Measured peak memory and time of the chunked op for V in VOCAB_SWEEP: logits-budget vs 1,024-token chunks."""
+    print(f"{env['device']}, torch {env['torch']}, commit {env['commit']}, {base['dtype']}, "
+          f"budget {base['logits_budget']} logits\nMEASURED: peak memory against the vocabulary")  # fmt: skip
+    print(TABLE_HEAD)
+    rows = []
+    for n, h, v in VOCAB_SWEEP:
+        for mode in MODES:
+            for impl in ("chunked", "chunked-tokens"):
+                case = dict(base, impl=impl, mode=mode, N=n, H=h, V=v)
+                if impl == "chunked-tokens":
+                    case.update(chunk_size=base["chunk_size"] or 1024, logits_budget=2**62)
+                row = dict(env, **case, **run_case(case, device), logits_mb=n * v * 4 / 2**20)
+                if row["status"] == "ok":
+                    row["tflops"] = (2 if mode == "fwd" else 6) * n * h * v / row["ms"] / 1e9
+                    row["pct_of_matmul"] = float("nan")  # no matmul ceiling measured in the sweep
+                rows.append(row)
+                print(table_line(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_logprob_vocab_{env['device_kind']}.csv"
+    write_csv(rows, path, COLUMNS)
+    summary = {f"{r['impl']}_{r['mode']}_V{r['V']}_peak_mb": round(r["peak_mb"], 1) for r in rows if "peak_mb" in r}
+    print(f"\nwrote {path}")
+    print(json.dumps({"bench": "logprob_vocab", **env, **summary}))
+
+
+CONFIG_MODEL_COLUMNS = [
+    "date", "commit", "source", "gpu", "kernel", "dtype", "N", "H", "V", "contexts", "config", "registers",
+    "shared_bytes", "resident", "programs", "waves", "wave_eff", "bound", "model_ms", "model_tflops", "rank",
+    "autotune_times",
+]  # fmt: skip
+
+
+def config_model(out: Path) -> None:
+    """Print and write the launch-config model's prediction for every log-prob config on A100 / H100 / H200."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    from p2o_lightning.kernels import logprob, tuning
+
+    env = environment(torch.device("cpu"))
+    print("MODEL, NOT MEASURED: predicted time of each launch config of the log-prob kernels (kernels/tuning.py),")
+    print("from bytes, FLOPs and the occupancy of the registers / shared memory of its AOT compile. No GPU ran this.")
+    head = (f"{'GPU':>15} {'kernel':>8} {'shape (C×)N×H×V':>22} {'config BN×BV×BH/w/s':>20} {'regs':>5} {'smem KB':>8} "
+            f"{'res':>4} {'waves':>6} {'bound':>5} {'model ms':>9} {'TFLOP/s':>8}  rank")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for gpu in tuning.GPUS.values():
+        for kernel, contexts in (("forward", 1), ("forward", 2), ("backward", 1)):
+            configs = (logprob.FORWARD_CONFIGS if kernel == "forward" else logprob.BACKWARD_CONFIGS)[torch.bfloat16]
+            for n, h, v in GRIDS["gpu"]:
+                rows_n = n * contexts
+                vc = logprob.backward_columns(rows_n, v, LOGITS_BUDGET) if kernel == "backward" else v
+                preds = []
+                for config in configs:
+                    c_pad = triton_next_pow2(contexts)
+                    launched = logprob.per_context(dict(config, num_stages=config.get("num_stages", 3)), c_pad)
+                    feats = (("ENTROPY", True),) + ((("C_PAD", c_pad),) if kernel == "forward" else ())
+                    base = dict(config, num_stages=config.get("num_stages", 3))
+                    res = tuning._resources(kernel, "bf16", tuple(base.items()), feats, gpu.arch)
+                    shape = (n, h, v, contexts) if kernel == "forward" else (rows_n, h, vc, 1)
+                    pred = tuning.predict(kernel, gpu, "bf16", launched, res, *shape)
+                    slices = -(-v // vc) if kernel == "backward" else 1
+                    pred["model_ms"] *= slices  # every slice of the vocabulary
+                    preds.append((launched, res, pred))
+                order = sorted(range(len(preds)), key=lambda i: preds[i][2]["model_ms"])
+                for rank, i in enumerate(order, 1):
+                    launched, res, pred = preds[i]
+                    cfg = f"{launched['BLOCK_N']}×{launched['BLOCK_V']}×{launched['BLOCK_H']}/{launched['num_warps']}" \
+                          f"/{launched['num_stages']}"  # fmt: skip
+                    timed = rank <= logprob.TOP_K
+                    shape_s = f"{contexts}×{n}×{h}×{v}" if kernel == "forward" else f"{rows_n}×{h}×{v}"
+                    print(f"{gpu.name:>15} {kernel:>8} {shape_s:>22} {cfg:>20} {res.registers:>5} "
+                          f"{res.shared_bytes / 1024:>8.0f} {pred['resident']:>4} {pred['waves']:>6} "
+                          f"{pred['bound']:>5} {pred['model_ms']:>9.2f} {pred.get('model_tflops', 0):>8.0f}"
+                          f"  {rank}{' (autotune times it)' if timed else ''}")  # fmt: skip
+                    rows.append(dict(
+                        date=env["date"], commit=env["commit"], source="model, not measured", gpu=gpu.name,
+                        kernel=kernel, dtype="bf16", N=n, H=h, V=v, contexts=contexts, config=cfg,
+                        registers=res.registers, shared_bytes=res.shared_bytes, rank=rank, autotune_times=timed,
+                        **{k: pred[k] for k in ("resident", "programs", "waves", "wave_eff", "bound", "model_ms")},
+                        model_tflops=pred.get("model_tflops", 0.0),
+                    ))  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_logprob_config_model.csv"
+    if path.exists():
+        path.unlink()  # one run's predictions (the configs change with the kernels)
+    write_csv(rows, path, CONFIG_MODEL_COLUMNS)
+    best = {f"{r['gpu']}|{r['kernel']}|C{r['contexts']}|N{r['N']}": r["config"] for r in rows if r["rank"] == 1}
+    print(f"\nwrote {path}")
+    print(json.dumps({"bench": "logprob_config_model", "source": "model, not measured", **env, "best": best}))
+
+
+def triton_next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -509,7 +641,10 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", type=parse_shape, help="NxHxV shapes, instead of --grid")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--chunk-size", type=int, default=1024, help="token rows per chunk of linear_logprob")
+    parser.add_argument("--chunk-size", type=int, default=None, help="at most this many token rows per chunk")
+    parser.add_argument("--logits-budget", type=int, default=LOGITS_BUDGET, help="logits (elements) per chunk")
+    parser.add_argument("--vocab-sweep", action="store_true", help="peak memory against V: budget vs token chunks")
+    parser.add_argument("--model-gpu", action="store_true", help="print the launch-config model (no GPU) and exit")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per case (CPU)")
@@ -521,12 +656,19 @@ def main() -> None:
     if args._case:
         print(json.dumps(run_case_cpu(json.loads(args._case))))
         return
+    if args.model_gpu:
+        config_model(args.out)
+        return
 
     device = torch.device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     shapes = args.shapes or GRIDS[args.grid or ("gpu" if device.type == "cuda" else "default")]
     env = dict(environment(device), **versions())
-    base = {"dtype": dtype, "chunk_size": args.chunk_size, "min_run_time": args.min_run_time, "repeats": args.repeats}
+    base = {"dtype": dtype, "chunk_size": args.chunk_size, "logits_budget": args.logits_budget,
+            "min_run_time": args.min_run_time, "repeats": args.repeats}  # fmt: skip
+    if args.vocab_sweep:
+        vocab_sweep(base, device, env, args.out)
+        return
 
     n_c, h_c, v_c = CEILING_SHAPE[device.type]
     ceiling = run_case(dict(base, impl="matmul", mode="fwd", N=n_c, H=h_c, V=v_c), device)
@@ -554,7 +696,11 @@ def main() -> None:
                 print(table_line(row), flush=True)
 
     model_rows = [
-        dict(model_case(impl, mode, n, h, v, args.chunk_size), date=env["date"], commit=env["commit"])
+        dict(
+            model_case(impl, mode, n, h, v, chunk_rows(v, args.logits_budget, args.chunk_size)),
+            date=env["date"],
+            commit=env["commit"],
+        )  # fmt: skip
         for n, h, v in GRIDS["gpu"]
         for mode in MODES
         for impl in ("materialised", "chunked", "triton")
@@ -573,7 +719,11 @@ def main() -> None:
     model_path = args.out / "bench_logprob_model_h100.csv"
     write_csv(rows, csv_path, COLUMNS)
     write_csv(model_rows, model_path, MODEL_COLUMNS)
-    plot(rows, png_path, f"per-token log-prob, {env['device']}, {dtype}, chunk {args.chunk_size}, torch {env['torch']}")
+    plot(
+        rows,
+        png_path,
+        f"per-token log-prob, {env['device']}, {dtype}, budget {args.logits_budget}, torch {env['torch']}",
+    )
 
     largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
     summary = {"bench": "logprob", **env, "dtype": dtype, "ceiling_tflops": round(ceiling_tflops, 4)}

@@ -35,14 +35,15 @@ def linear_logprob(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this package imports nothing at import time)
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Fused :func:`p2o_lightning.ops.linear_logprob`; see :mod:`p2o_lightning.kernels.logprob`."""
     from .logprob import linear_logprob as kernel
 
     return kernel(
         hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
-        ignore_index=ignore_index, chunk_size=chunk_size,
+        ignore_index=ignore_index, logits_budget=logits_budget, chunk_size=chunk_size,
     )  # fmt: skip
 
 
@@ -54,14 +55,15 @@ def linear_logprob_multi(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this package imports nothing at import time)
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the same targets under C contexts, the weight streamed once; see :mod:`.logprob`."""
     from .logprob import linear_logprob_multi as kernel
 
     return kernel(
         hidden, weight, targets, temperature=temperature, return_entropy=return_entropy,
-        ignore_index=ignore_index, chunk_size=chunk_size,
+        ignore_index=ignore_index, logits_budget=logits_budget, chunk_size=chunk_size,
     )  # fmt: skip
 
 

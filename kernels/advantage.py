@@ -40,6 +40,12 @@ from torch import Tensor
 
 __all__ = ["group_advantage", "group_advantage_and_collapse"]
 
+MAX_K = 256  # rollouts per group a launch supports (one group's rewards are one program's registers)
+# The launch configs of a GPU launch: ~4K rewards per program (BLOCK_B groups × K rounded up to a power of 2), 4
+# warps; compiled for sm_80, sm_90 and sm_100 by the AOT test (kernels/aot.py).
+CONFIGS = tuple(dict(BLOCK_B=4096 // k, BLOCK_K=k) for k in (2**i for i in range(1, MAX_K.bit_length())))
+NUM_WARPS = 4
+
 
 @triton.jit
 def _group_advantage_kernel(
@@ -85,6 +91,8 @@ def group_advantage_and_collapse(
     if not rewards.is_floating_point():
         rewards = rewards.float()
     n_groups, k = rewards.shape
+    if k > MAX_K:
+        raise ValueError(f"the group-advantage kernel supports K <= {MAX_K} rollouts per group, got {k}")
     if k == 1 or n_groups == 0:  # no group to normalise against: zeros (and, with one reward, no spread)
         return torch.zeros_like(rewards), torch.ones(n_groups, dtype=torch.bool, device=rewards.device)
     if rewards.stride(1) != 1:
@@ -92,12 +100,16 @@ def group_advantage_and_collapse(
     advantages = torch.empty_like(rewards, memory_format=torch.contiguous_format)  # (B, K)
     flags = torch.empty(n_groups, dtype=torch.int8, device=rewards.device)  # (B,)
     block_k = triton.next_power_of_2(k)
-    # ~4K rewards per program: a few registers per thread at 4 warps, and B/BLOCK_B programs fill the SMs
-    block_b = block_b or max(1, min(triton.next_power_of_2(n_groups), 4096 // block_k))
+    # ~4K rewards per program: a few registers per thread at 4 warps, and B/BLOCK_B programs fill the SMs (fewer
+    # in the interpreter, where a smaller tile is faster)
+    interpreted = not isinstance(_group_advantage_kernel, triton.runtime.JITFunction)
+    block_b = block_b or (
+        max(1, min(triton.next_power_of_2(n_groups), 4096 // block_k)) if interpreted else 4096 // block_k
+    )
     _group_advantage_kernel[(triton.cdiv(n_groups, block_b),)](
         rewards, advantages, flags, n_groups, k, rewards.stride(0), advantages.stride(0), eps,
         NORM_BY_STD=norm_by_std, COMPUTE=tl.float64 if rewards.dtype == torch.float64 else tl.float32,
-        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4,
+        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=NUM_WARPS,
     )  # fmt: skip
     return advantages, flags.view(torch.bool)  # 0 / 1 bytes: a zero-copy reinterpretation
 

@@ -58,8 +58,9 @@ non-deterministic and moves (1/BLOCK_N + 1/BLOCK_V)·N·V·H·8 bytes of read-mo
 work as Liger-Kernel does, between one Triton kernel and two cuBLAS matmuls, with a bounded buffer in between: the
 kernel recomputes each (BLOCK_N × BLOCK_V) logit tile from the saved lse (and Σ p z), forms ∂L/∂z / T in registers
 and writes it once, in the input dtype; the matmuls give grad_hidden and grad_weight. The buffer is a *slice of
-the vocabulary* for all rows, (N, Vc) with Vc = chunk_size·V/N, at most ``chunk_size`` × V elements as in the
-reference; slicing columns rather than rows (Liger slices rows) means each slice's grad_weight rows come from one
+the vocabulary* for all rows, (N, Vc) with Vc ≈ logits_budget / N, at most ``logits_budget`` elements as the
+reference's chunks (a budget in elements, not tokens: a 151,936-token vocabulary costs what a 32,768 one does);
+slicing columns rather than rows (Liger slices rows) means each slice's grad_weight rows come from one
 matmul over all N rows, written once in the weight's dtype, and the cross-slice float32 accumulation falls on
 grad_hidden (N × H) instead of grad_weight (V × H, 9× larger for N = 16k tokens of Qwen: 2.5 GB of float32
 read and written per slice avoided). The logits are never written, 4 of the 6·N·H·V FLOPs of forward + backward
@@ -77,12 +78,15 @@ wrong), and the interpreter's fp32 → bf16 stores truncate where a GPU rounds t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows
 
 __all__ = ["linear_logprob", "linear_logprob_multi"]
 
@@ -125,12 +129,11 @@ def _logprob_forward_kernel(
     N,  # token rows per context
     V,  # vocabulary size
     H,  # hidden size
-    row_blocks,  # cdiv(N, BLOCK_N)
     n_splits,  # vocabulary splits S
+    cols_per_split,  # vocabulary columns of one split, a multiple of BLOCK_V (the last split may run past V)
     stride_hc,  # elements between contexts of hidden
     stride_hn,  # elements between rows of hidden
     stride_wv,  # elements between rows of the weight
-    tiles_per_split,  # vocabulary tiles walked by one program
     inv_temperature,  # 1 / T
     C_PAD: tl.constexpr,  # C rounded up to a power of 2 (tile rows are C_PAD·BLOCK_N)
     BLOCK_N: tl.constexpr,  # token rows per context in one program
@@ -141,6 +144,7 @@ def _logprob_forward_kernel(
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's low-precision dot is wrong)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else None (the default)
 ):
+    row_blocks = tl.cdiv(N, BLOCK_N)
     pid_n, pid_s = _grouped_program(tl.program_id(0), row_blocks, n_splits, GROUP_N)  # row block, vocabulary split
     rows = tl.arange(0, C_PAD * BLOCK_N)  # tile row r holds context r // BLOCK_N, token pid_n·BLOCK_N + r % BLOCK_N
     ctx = rows // BLOCK_N
@@ -153,8 +157,8 @@ def _logprob_forward_kernel(
     s = tl.zeros((C_PAD * BLOCK_N,), tl.float32)  # running Σ exp(z − m)
     t = tl.zeros((C_PAD * BLOCK_N,), tl.float32)  # running Σ exp(z − m)·z
     z_target = tl.zeros((C_PAD * BLOCK_N,), tl.float32)
-    v_start = pid_s * tiles_per_split * BLOCK_V
-    for tile in range(0, tiles_per_split):
+    v_start = pid_s * cols_per_split
+    for tile in range(0, cols_per_split // BLOCK_V):
         cols = v_start + tile * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
         col_ok = cols < V
         w_cols = W_ptr + cols.to(tl.int64) * stride_wv  # (BLOCK_V,) row pointers of the weight
@@ -170,7 +174,7 @@ def _logprob_forward_kernel(
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
         z = acc * inv_temperature  # (ROWS, BLOCK_V) logits / T; 0 on padded columns
         z_max = tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1)
-        m_new = tl.maximum(m, z_max)  # finite: every tile a program visits has a valid column
+        m_new = tl.maximum(m, z_max)  # finite: the first tile of a split holds a valid column
         alpha = tl.exp(m - m_new)
         p = tl.where(col_ok[None, :], tl.exp(z - m_new[:, None]), 0.0)  # exp(z − m'), 0 on padded columns
         s = s * alpha + tl.sum(p, axis=1)
@@ -201,8 +205,6 @@ def _logprob_backward_kernel(
     Vc,  # vocabulary columns in this chunk
     v_offset,  # the chunk's first column in the vocabulary (targets are global ids)
     H,  # hidden size
-    row_blocks,  # cdiv(R, BLOCK_N)
-    v_tiles,  # cdiv(Vc, BLOCK_V)
     stride_hn,  # elements between rows of hidden
     stride_wv,  # elements between rows of the weight
     stride_dz,  # elements between rows of DZ
@@ -215,6 +217,7 @@ def _logprob_backward_kernel(
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter)
     PRECISION: tl.constexpr,  # tl.dot input_precision
 ):
+    row_blocks, v_tiles = tl.cdiv(R, BLOCK_N), tl.cdiv(Vc, BLOCK_V)
     pid_n, pid_v = _grouped_program(tl.program_id(0), row_blocks, v_tiles, GROUP_N)  # row block, vocabulary tile
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # columns of the chunk
@@ -255,6 +258,37 @@ def _logprob_backward_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The launch configs a GPU launch chooses from. ``triton.autotune`` times the TOP_K of them that the bytes / FLOPs /
+# occupancy model of :mod:`.tuning` ranks first for the shape and device; the AOT test compiles every one of them for
+# sm_80, sm_90 and sm_100 (registers, spills, shared memory: benchmarks/results/aot_kernels.csv). BLOCK_N is the
+# token rows of one context: C contexts stack max(16, BLOCK_N // C_PAD) rows each into a tile of the same height.
+# fp32 tiles multiply on the FMA units (``input_precision="ieee"``), with operands in registers: smaller k-slices and
+# 8 warps, or they spill (measured by the AOT test: 64 × 128 × 64 on 4 warps spills ~6 KB a thread).
+_TENSOR_CORE_TILES = (  # the AOT test found 64 × 128 on 4 warps, 128 × 128 and 64 × 256 on 8 spilling (sm_100)
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=64, GROUP_N=16, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+)
+_FMA_TILES = (
+    dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, GROUP_N=16, num_warps=8, num_stages=2),
+    dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, GROUP_N=16, num_warps=4, num_stages=2),
+)
+FORWARD_CONFIGS = {torch.bfloat16: _TENSOR_CORE_TILES, torch.float16: _TENSOR_CORE_TILES, torch.float32: _FMA_TILES}
+BACKWARD_CONFIGS = {  # no softmax state carried across tiles: larger tiles fit (none spills, AOT test)
+    torch.bfloat16: (
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=4, num_stages=3),
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8, num_stages=3),
+        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+        dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=3),
+    ),
+    torch.float32: _FMA_TILES,
+}
+BACKWARD_CONFIGS[torch.float16] = BACKWARD_CONFIGS[torch.bfloat16]
+TOP_K = 2  # configs timed by triton.autotune per (V, H, contexts, entropy, dtype), out of the model's ranking
+# a multiple of every BLOCK_V: the forward's splits and the backward's slices do not depend on the config picked
+SPLIT_UNIT = max(c["BLOCK_V"] for cs in (*FORWARD_CONFIGS.values(), *BACKWARD_CONFIGS.values()) for c in cs)
+
+
 def _interpreted() -> bool:
     """Whether the kernels run in the Triton interpreter (decided when ``@triton.jit`` decorated them)."""
     return not isinstance(_logprob_forward_kernel, triton.runtime.JITFunction)
@@ -265,26 +299,45 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def _forward_config(n: int, v: int, h: int, c_pad: int) -> dict[str, int]:
-    """Tile sizes, program grouping and warps of the forward kernel; every tl.dot dimension stays ≥ 16 (GPU)."""
+def per_context(config: dict, c_pad: int) -> dict:
+    """``config`` for C_PAD stacked contexts: the same tile height, max(16, BLOCK_N // C_PAD) rows per context."""
+    return dict(config, BLOCK_N=max(16, config["BLOCK_N"] // c_pad))
+
+
+def _forward_config(n: int, v: int, h: int, c_pad: int) -> dict[str, int] | None:
+    """A fixed config of the forward kernel (the interpreter's), or None: autotune over FORWARD_CONFIGS (GPU)."""
     if _interpreted():  # numpy runs one program at a time: few, large tiles
         block_n = min(64, max(16, triton.next_power_of_2(n)))
         block_v = min(512, max(16, triton.next_power_of_2(v)))
         return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
-    # (rows × 128) float32 logits per program: 64 rows for one context, 128 in all for several. Untuned (no GPU was
-    # at hand): a starting point, to be swept with benchmarks/bench_logprob.py on the target device.
-    block_n = 64 if c_pad == 1 else max(16, 128 // c_pad)
-    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8 if block_n * c_pad >= 128 else 4)
+    return None
 
 
-def _backward_config(rows: int, v: int) -> dict[str, int]:
-    """Tile sizes, program grouping and warps of the ∂L/∂z kernel."""
+def _backward_config(rows: int, v: int) -> dict[str, int] | None:
+    """A fixed config of the ∂L/∂z kernel (the interpreter's), or None: autotune over BACKWARD_CONFIGS (GPU)."""
     if _interpreted():
         block_n = min(64, max(16, triton.next_power_of_2(rows)))
         block_v = min(512, max(16, triton.next_power_of_2(v)))
         return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8)
+    return None
+
+
+@functools.cache
+def _tuned(kernel: str, dtype: torch.dtype) -> triton.runtime.Autotuner:
+    """The autotuned forward / backward kernel for ``dtype``: the model of :mod:`.tuning` ranks the configs, autotune
+    times the TOP_K best on the device (once per key, in the process).
+    """
+    from . import tuning
+
+    if kernel == "forward":
+        fn, configs, key = _logprob_forward_kernel, FORWARD_CONFIGS[dtype], ["V", "H", "C_PAD", "ENTROPY"]
+        prune = {"early_config_prune": tuning.prune_for_contexts, "perf_model": tuning.forward_perf_model}
+    else:
+        fn, configs, key = _logprob_backward_kernel, BACKWARD_CONFIGS[dtype], ["Vc", "H", "ENTROPY"]
+        prune = {"perf_model": tuning.backward_perf_model}
+    return triton.autotune([tuning.as_config(c) for c in configs], key=key, prune_configs_by=dict(prune, top_k=TOP_K))(
+        fn
+    )
 
 
 def _num_splits(row_blocks: int, v_tiles: int, group_n: int, device: torch.device) -> int:
@@ -313,20 +366,27 @@ def linear_logprob_forward(
     v = weight.shape[0]
     c_pad = triton.next_power_of_2(n_ctx)
     config = _forward_config(n, v, h, c_pad)
-    row_blocks, v_tiles = triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(v, config["BLOCK_V"])
-    splits = _num_splits(row_blocks, v_tiles, config["GROUP_N"], hidden.device)
-    tiles_per_split = triton.cdiv(v_tiles, min(splits, v_tiles))
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # every split starts on a tile that holds a valid column
+    # the splits do not depend on the config autotune picks: whole SPLIT_UNIT columns each, the last one partial
+    unit, block_n, group_n = (SPLIT_UNIT, max(16, 64 // c_pad), 16) if config is None else (
+        config["BLOCK_V"], config["BLOCK_N"], config["GROUP_N"])  # fmt: skip
+    v_units = triton.cdiv(v, unit)
+    splits = _num_splits(triton.cdiv(n, block_n), v_units, group_n, hidden.device)
+    cols_per_split = unit * triton.cdiv(v_units, min(splits, v_units))
+    splits = triton.cdiv(v, cols_per_split)  # every split starts on a column < V
 
     part = torch.empty(4 if return_entropy else 3, splits, n_ctx * n, device=hidden.device, dtype=torch.float32)
     part_max, part_sum, part_zt = part[0], part[1], part[2]  # each (S, C·N)
     part_pz = part[3] if return_entropy else part_sum  # a placeholder pointer when the entropy is not wanted
-    _logprob_forward_kernel[(row_blocks * splits,)](
+    args = (
         hidden, weight, targets, part_max, part_sum, part_pz, part_zt,
-        n_ctx, n, v, h, row_blocks, splits, hidden.stride(0), hidden.stride(1), weight.stride(0), tiles_per_split,
+        n_ctx, n, v, h, splits, cols_per_split, hidden.stride(0), hidden.stride(1), weight.stride(0),
         1.0 / temperature,
-        C_PAD=c_pad, ENTROPY=return_entropy, UPCAST=_interpreted(), PRECISION=_precision(hidden.dtype), **config,
     )  # fmt: skip
+    flags = dict(C_PAD=c_pad, ENTROPY=return_entropy, UPCAST=_interpreted(), PRECISION=_precision(hidden.dtype))
+    if config is not None:
+        _logprob_forward_kernel[(triton.cdiv(n, config["BLOCK_N"]) * splits,)](*args, **flags, **config)
+    else:
+        _tuned("forward", hidden.dtype)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)](*args, **flags)
 
     # merge the splits (S × C·N floats: noise next to the kernel): M = max m_k, S = Σ s_k e^{m_k − M}
     row_max = part_max.amax(dim=0)  # (C·N,)
@@ -339,6 +399,19 @@ def linear_logprob_forward(
     return lse.view(shape), z_target.view(shape), (sum_pz.view(shape) if sum_pz is not None else None)
 
 
+def _backward_grid(rows: int, cols: int, meta: dict) -> tuple[int]:
+    return (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(cols, meta["BLOCK_V"]),)
+
+
+def backward_columns(rows: int, v: int, logits_budget: int, unit: int = SPLIT_UNIT) -> int:
+    """Vocabulary columns per backward slice: the (rows, Vc) ∂L/∂z buffer holds ≤ ``logits_budget`` elements
+    (whole ``unit``-column blocks, at least one), or the whole vocabulary when it fits.
+    """
+    if rows * v <= logits_budget:
+        return v
+    return max(unit, logits_budget // rows // unit * unit)
+
+
 def linear_logprob_backward(
     hidden: Tensor,  # (R, H) every row, unit stride along H
     weight: Tensor,  # (V, H)
@@ -348,41 +421,43 @@ def linear_logprob_backward(
     grad_logp: Tensor,  # (R,) float32, 0 on ignored rows
     grad_entropy: Tensor | None,  # (R,) float32, 0 on ignored rows
     temperature: float,
-    chunk_size: int,
+    logits_budget: int,
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """grad_hidden (R, H) and grad_weight (V, H) in the input dtype, one slice of the vocabulary at a time.
 
-    The (R, V) matrix ∂L/∂z / T is produced in column slices of ``chunk_size·V / R`` columns (whole tiles), so its
-    buffer holds at most chunk_size × V elements, the reference's bound. Slicing the vocabulary rather than the
-    rows lets each slice's grad_weight rows come out of one matmul over all R rows, written once, and leaves the
-    cross-slice accumulation to grad_hidden, (R, H): smaller than (V, H) by V/R (float32 across several slices).
+    The (R, V) matrix ∂L/∂z / T is produced in column slices of :func:`backward_columns` columns, so its buffer
+    holds at most ``logits_budget`` elements (the reference's bound; at least R × 256). Slicing the vocabulary
+    rather than the rows lets each slice's grad_weight rows come out of one matmul over all R rows, written once,
+    and leaves the cross-slice accumulation to grad_hidden, (R, H): smaller than (V, H) by V/R (float32 across
+    several slices).
     """
     n_rows, h = hidden.shape
     v = weight.shape[0]
     dz_dtype = hidden.dtype  # the matmul dtype: bf16 / fp16 use the tensor cores, fp32 stays fp32
     config = _backward_config(n_rows, v)
-    block_v = config["BLOCK_V"]
-    v_chunk = v if n_rows <= chunk_size else max(block_v, chunk_size * v // n_rows // block_v * block_v)
+    v_chunk = backward_columns(n_rows, v, logits_budget, SPLIT_UNIT if config is None else config["BLOCK_V"])
     single = v_chunk >= v
     grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H): each slice written once
     grad_hidden = None
     if need_hidden:  # (R, H): accumulated over the slices, in float32 when there are several
         grad_hidden = torch.empty_like(hidden) if single else torch.zeros_like(hidden, dtype=torch.float32)
-    row_blocks = triton.cdiv(n_rows, config["BLOCK_N"])
+    flags = dict(ENTROPY=grad_entropy is not None, UPCAST=_interpreted(), PRECISION=_precision(dz_dtype))
     for v0 in range(0, v, v_chunk):
         cols = min(v_chunk, v - v0)
         w_slice = weight[v0 : v0 + cols]  # (Vc, H)
         dz = torch.empty(n_rows, cols, device=hidden.device, dtype=dz_dtype)  # the only (R, Vc) buffer alive
-        v_tiles = triton.cdiv(cols, block_v)
-        _logprob_backward_kernel[(row_blocks * v_tiles,)](
+        args = (
             hidden, w_slice, targets, lse, sum_pz if grad_entropy is not None else lse, grad_logp,
             grad_entropy if grad_entropy is not None else grad_logp, dz,
-            n_rows, cols, v0, h, row_blocks, v_tiles, hidden.stride(0), weight.stride(0), dz.stride(0),
-            1.0 / temperature,
-            ENTROPY=grad_entropy is not None, UPCAST=_interpreted(), PRECISION=_precision(dz_dtype), **config,
+            n_rows, cols, v0, h, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
         )  # fmt: skip
+        if config is not None:
+            grid = (triton.cdiv(n_rows, config["BLOCK_N"]) * triton.cdiv(cols, config["BLOCK_V"]),)
+            _logprob_backward_kernel[grid](*args, **flags, **config)
+        else:
+            _tuned("backward", dz_dtype)[functools.partial(_backward_grid, n_rows, cols)](*args, **flags)
         if grad_weight is not None:
             torch.mm(dz.T, hidden, out=grad_weight[v0 : v0 + cols])  # (Vc, H), one matmul over all rows
         if grad_hidden is not None:
@@ -428,7 +503,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         temperature: float,
         return_entropy: bool,
         ignore_index: int,
-        chunk_size: int,
+        logits_budget: int,
     ) -> tuple[Tensor, ...]:
         in_dtypes = (hidden.dtype, weight.dtype)
         dtype = _compute_dtype(hidden, weight)
@@ -440,7 +515,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         entropy = (lse - sum_pz).masked_fill_(~valid, 0.0) if return_entropy else None
 
         ctx.save_for_backward(hidden_c, weight_c, targets, lse, sum_pz)
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+        ctx.temperature, ctx.ignore_index, ctx.logits_budget = temperature, ignore_index, logits_budget
         ctx.in_dtypes = in_dtypes
         ctx.set_materialize_grads(False)
         return (logp,) if entropy is None else (logp, entropy)
@@ -459,7 +534,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         # the C contexts are C·N rows with the targets repeated: the single-context backward, chunk by chunk
         grad_hidden, grad_weight = linear_logprob_backward(
             hidden.reshape(n_ctx * n, h), weight, targets.repeat(n_ctx), lse.reshape(-1),
-            sum_pz.reshape(-1) if e is not None else None, g, e, ctx.temperature, ctx.chunk_size,
+            sum_pz.reshape(-1) if e is not None else None, g, e, ctx.temperature, ctx.logits_budget,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )  # fmt: skip
         if grad_hidden is not None:
@@ -474,13 +549,16 @@ class LinearLogprobFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check(hidden: Tensor, weight: Tensor, temperature: float, chunk_size: int) -> None:
+def _check(hidden: Tensor, weight: Tensor, temperature: float, logits_budget: int, chunk_size: int | None) -> int:
+    """The reference's argument errors; returns the backward's buffer bound in elements (the budget, capped at
+    chunk_size × V when a token count is given, as the reference's chunks).
+    """
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_rows(weight.shape[0], logits_budget, chunk_size)  # the same errors as the reference
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits_budget if chunk_size is None else min(logits_budget, chunk_size * weight.shape[0])
 
 
 def linear_logprob(
@@ -491,18 +569,19 @@ def linear_logprob(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = LOGITS_BUDGET,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Triton twin of :func:`p2o_lightning.ops.linear_logprob`: same arguments, same float32 outputs.
 
-    ``chunk_size`` bounds the (chunk_size, V) buffer of ∂L/∂z in backward; the forward holds no logits at all.
+    ``logits_budget`` (elements; capped at ``chunk_size`` × V when a token count is given) bounds the ∂L/∂z buffer
+    of the backward; the forward holds no logits at all.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
-    _check(hidden, weight, temperature, chunk_size)
     logp, entropy = linear_logprob_multi(
         hidden.unsqueeze(0), weight, targets, temperature=temperature, return_entropy=return_entropy,
-        ignore_index=ignore_index, chunk_size=chunk_size,
+        ignore_index=ignore_index, logits_budget=logits_budget, chunk_size=chunk_size,
     )  # fmt: skip
     return logp[0], (entropy[0] if entropy is not None else None)
 
@@ -515,7 +594,8 @@ def linear_logprob_multi(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = LOGITS_BUDGET,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the same targets under C contexts in one launch: each weight tile is loaded
     once for all C contexts. ``linear_logprob_multi(stack([h_x, h_tx]), W, y)`` gives log π(y|x) and
@@ -524,7 +604,7 @@ def linear_logprob_multi(
     """
     if hidden.ndim < 2 or hidden.shape[1:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be (C,) + targets {tuple(targets.shape)} + (H,)")
-    _check(hidden, weight, temperature, chunk_size)
+    budget = _check(hidden, weight, temperature, logits_budget, chunk_size)
     n_ctx, h = hidden.shape[0], hidden.shape[-1]
     out_shape = hidden.shape[:-1]
     n = math.prod(targets.shape)
@@ -533,7 +613,7 @@ def linear_logprob_multi(
         return logp, (torch.zeros_like(logp) if return_entropy else None)
     outs = LinearLogprobFunction.apply(
         hidden.reshape(n_ctx, n, h), weight, targets.reshape(-1).long(), float(temperature), return_entropy,
-        ignore_index, chunk_size,
+        ignore_index, budget,
     )  # fmt: skip
     logp = outs[0].view(out_shape)
     entropy = outs[1].view(out_shape) if return_entropy else None

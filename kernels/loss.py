@@ -404,8 +404,20 @@ def _interpreted() -> bool:
     return not isinstance(_policy_loss_forward_kernel, triton.runtime.JITFunction)
 
 
+# The launch configs of a GPU launch (tokens / sequences per step of a program's loop, 4 warps): compiled for sm_80,
+# sm_90 and sm_100 by the AOT test (kernels/aot.py). Below 128 a tile would leave threads idle anyway; 1024 spilled
+# (float64 forward: 656 bytes a thread; finalize).
+BLOCK_TS = (128, 256, 512)
+NUM_WARPS = 4
+
+
 def _block_t(t: int) -> int:
-    return min(triton.next_power_of_2(max(t, 1)), 4096 if _interpreted() else 1024)
+    """Tokens (or sequences) per tile: the smallest of BLOCK_TS that holds ``t``, else the largest (a GPU launch);
+    up to 4096 in the interpreter, where fewer, larger tiles are faster.
+    """
+    if _interpreted():
+        return min(triton.next_power_of_2(max(t, 1)), 4096)
+    return min(max(triton.next_power_of_2(max(t, 1)), BLOCK_TS[0]), BLOCK_TS[-1])
 
 
 @functools.lru_cache(maxsize=64)
@@ -442,7 +454,7 @@ def policy_loss_forward(
     if n_seqs > 0:
         _policy_loss_forward_kernel[(n_seqs,)](
             *_pointers(inputs), params, part, t,
-            COMPUTE=_compute(compute), BLOCK_T=_block_t(t), num_warps=4, **flags,
+            COMPUTE=_compute(compute), BLOCK_T=_block_t(t), num_warps=NUM_WARPS, **flags,
         )  # fmt: skip
     loss = torch.empty((), device=device, dtype=compute)
     stats = torch.empty(len(STAT_KEYS), device=device, dtype=torch.float32)
@@ -452,8 +464,8 @@ def policy_loss_forward(
         part, den if den_tensor else part, float(den) if den is not None and not den_tensor else 0.0,
         loss, stats, weights, n_seqs,
         AGG=_LOSS_AGGS.index(loss_agg), HAS_DEN=den is not None, DEN_TENSOR=den_tensor, HAS_REF=flags["HAS_REF"],
-        PG_ONLY=flags["PG_ONLY"], COMPUTE=_compute(compute), BLOCK_B=min(triton.next_power_of_2(max(n_seqs, 1)), 1024),
-        num_warps=4,
+        PG_ONLY=flags["PG_ONLY"], COMPUTE=_compute(compute), BLOCK_B=_block_t(n_seqs),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return loss, stats, weights
 
@@ -469,7 +481,7 @@ def policy_loss_backward(
     block_t = _block_t(t)
     _policy_loss_backward_kernel[(n_seqs, triton.cdiv(t, block_t))](
         *_pointers(inputs), params, weights, grad_loss, grad, t,
-        COMPUTE=_compute(params.dtype), BLOCK_T=block_t, num_warps=4, **flags,
+        COMPUTE=_compute(params.dtype), BLOCK_T=block_t, num_warps=NUM_WARPS, **flags,
     )  # fmt: skip
     return grad
 

@@ -6,7 +6,9 @@ and the benchmarks:
 - :func:`linear_logprob` — per-token log π(y_t | ·) (and optionally the entropy) straight from the last hidden
   states and the LM head weight, **chunked over tokens** so the tokens × vocab logits never exist whole: a
   Qwen3 response of 12k tokens × 152k vocab is 7 GiB of float32 logits per sequence, and the policy, the frozen
-  reference model and P²O's context ratio mask each need such log-probs.
+  reference model and P²O's context ratio mask each need such log-probs. A chunk holds at most
+  ``logits_budget`` logits (elements, not tokens: :func:`chunk_rows`), so its memory does not grow with the
+  vocabulary.
 - :func:`group_advantage` / :func:`collapsed_groups` — GRPO's group-normalised advantage over K rollouts of a
   prompt, and the groups whose rewards have no spread (P²O's *advantage collapse*).
 - :func:`kl_penalty` — Schulman's k1 / k2 / k3 estimators of KL(π ‖ π_ref) per token.
@@ -32,6 +34,8 @@ from torch import Tensor
 __all__ = [
     "Backend",
     "Ops",
+    "LOGITS_BUDGET",
+    "chunk_rows",
     "collapsed_groups",
     "check_policy_loss_args",
     "context_ratio_mask",
@@ -49,6 +53,9 @@ KLEstimator = Literal["k1", "k2", "k3"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 _KL_ESTIMATORS = ("k1", "k2", "k3")
+# Logits alive at once in a log-prob chunk (elements): 128 MiB of float32, the 1,024-token chunk of a 32,768-token
+# vocabulary; a 151,936-token vocabulary then gets 220-token chunks and costs the same memory.
+LOGITS_BUDGET = 2**25
 _LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 # what P²O's context ratio mask removes: the PPO term of a token (the reference), or the whole token
 CONTEXT_MASK_SCOPES = ("policy_gradient", "tokens")
@@ -57,6 +64,20 @@ CONTEXT_MASK_SCOPES = ("policy_gradient", "tokens")
 # ----------------------------------------------------------------------------------------------------------------
 # Fused linear log-prob (+ entropy), chunked over tokens
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def chunk_rows(vocab: int, logits_budget: int = LOGITS_BUDGET, chunk_size: int | None = None) -> int:
+    """Token rows per log-prob chunk: as many as ``logits_budget`` logits allow (≥ 1), capped by ``chunk_size``.
+
+    A (rows, V) chunk then holds at most max(V, logits_budget) elements whatever the vocabulary: the budget, not a
+    token count, is what bounds memory (1,024 tokens × 151,936 logits would be 622 MB of float32).
+    """
+    if logits_budget < 1:
+        raise ValueError(f"logits_budget must be >= 1 (elements), got {logits_budget}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (tokens) or None, got {chunk_size}")
+    rows = max(1, logits_budget // max(vocab, 1))
+    return rows if chunk_size is None else min(rows, chunk_size)
 
 
 class _LinearLogprob(torch.autograd.Function):
@@ -183,7 +204,8 @@ def linear_logprob(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = LOGITS_BUDGET,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""Per-token log-prob of ``targets`` (and entropy) under ``softmax(hidden @ weight.T / temperature)``.
 
@@ -191,8 +213,9 @@ def linear_logprob(
     ``logp = z[target] − lse`` and ``entropy = lse − Σ_j softmax(z)_j z_j``, both float32 of the shape of
     ``targets``. Rows with ``target == ignore_index`` give 0 log-prob and 0 entropy and get no gradient.
 
-    Token rows are processed ``chunk_size`` at a time, so at most one (chunk_size, V) float32 block of logits is
-    alive in forward or backward (plus one (V, H) float32 copy of the weight when it is not float32, and the (V, H)
+    Token rows are processed :func:`chunk_rows` at a time — ``logits_budget // V`` rows, at most ``chunk_size`` when
+    given — so at most one (rows, V) float32 block of ~``logits_budget`` logits is alive in forward or backward
+    (plus one (V, H) float32 copy of the weight when it is not float32, and the (V, H)
     float32 grad_weight accumulator); forward saves only (hidden, weight, targets, lse). ``hidden`` and ``weight``
     may require grad independently; under ``torch.no_grad`` (a frozen reference model) nothing is kept.
 
@@ -202,8 +225,7 @@ def linear_logprob(
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = chunk_rows(weight.shape[0], logits_budget, chunk_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     out_shape = targets.shape
@@ -214,7 +236,7 @@ def linear_logprob(
         float(temperature),
         return_entropy,
         ignore_index,
-        chunk_size,
+        rows,
     )
     logp = outs[0].view(out_shape)
     entropy = outs[1].view(out_shape) if return_entropy else None

@@ -271,6 +271,9 @@ def test_group_advantage_by_hand():
     torch.testing.assert_close(kernels.group_advantage(rewards), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rewards"):
         kernels.group_advantage(torch.zeros(4))
+    # one group is one program's registers: K is bounded by the launch configs compiled for the GPUs (AOT test)
+    with pytest.raises(ValueError, match="supports K <= 256 rollouts per group, got 257"):
+        kernels.group_advantage(torch.zeros(2, 257, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -210,6 +210,37 @@ def test_linear_logprob_never_allocates_more_than_one_chunk_of_logits(return_ent
     assert naive_mode.max_numel >= n * v
 
 
+@pytest.mark.parametrize("v", [101, 1001, 4001])
+def test_linear_logprob_chunks_follow_a_logits_budget_whatever_the_vocabulary(v):
+    # budget 8,000 logits: 79 rows of V=101, 7 rows of V=1001, and 1 row of V=4001 (a chunk holds ≥ 1 row)
+    n, h, budget = 64, 8, 8000
+    hidden, weight, targets = make_inputs(n, h, v, torch.float32)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    rows = ops.chunk_rows(v, budget)
+    assert rows == {101: 79, 1001: 7, 4001: 1}[v]
+    with _LargestOutput() as mode:
+        logp, entropy = linear_logprob(hidden, weight, targets, return_entropy=True, logits_budget=budget)
+        torch.autograd.grad([logp, entropy], [hidden, weight], [torch.randn(n), torch.randn(n)])
+    largest_input = max(v * h, n * h)  # the weight (and its grad) and hidden are not chunks of logits
+    assert mode.max_numel == max(min(rows, n) * v, largest_input)
+    assert min(rows, n) * v <= max(budget, v)
+    ref_logp, ref_entropy = naive_logprob(hidden.detach().double(), weight.detach().double(), targets)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_rows_budget_and_token_cap():
+    assert ops.chunk_rows(32768) == 1024  # the default budget: 1,024 tokens of a 32,768 vocabulary …
+    assert ops.chunk_rows(151936) == 220  # … and the same memory for Qwen's 151,936
+    assert ops.chunk_rows(151936, chunk_size=64) == 64  # a token count caps the rows
+    assert ops.chunk_rows(100, logits_budget=10) == 1
+    with pytest.raises(ValueError, match="logits_budget must be >= 1"):
+        ops.chunk_rows(100, logits_budget=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        linear_logprob(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0)
+
+
 def test_linear_logprob_rejects_bad_shapes():
     with pytest.raises(ValueError, match="targets"):
         linear_logprob(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))

@@ -1,0 +1,258 @@
+"""The one-call GPU check: kernel tests on the GPU, then the benchmarks against torch, torch.compile, Liger-Kernel
+and cut-cross-entropy, into one folder with a CSV and a markdown summary.
+
+    python benchmarks/gpu_check.py                       # on a CUDA machine; ~5–8 min on an H100 / H200
+    python benchmarks/gpu_check.py --no-install          # do not pip-install missing baselines (skip them)
+
+Steps, each a subprocess with its own time limit (the whole check stays within ``--budget`` seconds, 480 by
+default; a step that would start with too little time left is skipped and says so):
+
+1. ``tests``: ``pytest tests/test_kernels.py`` with ``TRITON_INTERPRET`` unset — the kernels compiled for this GPU
+   (not the interpreter) against the float64 references, the fused training step included.
+2. ``baselines``: ``liger-kernel`` and ``cut-cross-entropy`` imported, else installed from wheels with pip
+   (``--no-install``: skipped, with the reason in the summary).
+3. ``bench_logprob``: the log-prob op on the GPU grid (N ∈ {4096, 16384}, H 4096, V 151,936, bf16): the chunked
+   reference, ``torch.compile`` of it, materialised logits, our Triton kernel (autotuned on first use),
+   Liger-Kernel's fused linear cross-entropy and cut-cross-entropy; time and peak memory, forward and forward +
+   backward.
+4. ``bench_loss``: group advantage and the PPO-clip + KL + ratio-mask loss, Triton vs the torch reference, GB/s.
+
+Writes ``<out>/gpu_check.csv`` (one row per step: status, seconds, what it measured) and ``<out>/gpu_check.md``
+(device, driver, versions, commit, date, the test counts and the benchmark tables), plus each benchmark's own CSV
+and PNG; ``--out`` defaults to ``benchmarks/results/gpu_check/<device kind>``. Without CUDA it refuses (exit code 2)
+before doing anything: the numbers it writes are measurements of a GPU, never of anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
+BASELINES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}  # module → wheel
+# seconds: the longest each step may take (the check's budget is shared; see plan_steps)
+STEP_LIMITS = {"tests": 120, "baselines": 60, "bench_logprob": 240, "bench_loss": 60}
+
+
+class NoCuda(SystemExit):
+    """Raised (exit code 2) when there is no CUDA device: this check measures GPUs only."""
+
+    def __init__(self, why: str) -> None:
+        print(f"gpu_check: {why}; this check runs the kernels and benchmarks on an NVIDIA GPU and measures nothing "
+              "else. Run it on a CUDA machine (tests on CPU: python -m pytest; CPU benchmarks: benchmarks/bench_*.py)",
+              file=sys.stderr)  # fmt: skip
+        super().__init__(2)
+
+
+def require_cuda() -> dict:
+    """The device's description, or NoCuda naming why there is none."""
+    try:
+        import torch
+    except ImportError as err:
+        raise NoCuda(f"torch does not import ({err})") from err
+    if not torch.cuda.is_available():
+        raise NoCuda(f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False)")
+    props = torch.cuda.get_device_properties(0)
+    driver = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip() if shutil_which("nvidia-smi") else "unknown"  # fmt: skip
+    return {
+        "device": props.name,
+        "device_kind": "cuda-" + re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-"),
+        "capability": f"sm_{props.major}{props.minor}",
+        "memory_gb": round(props.total_memory / 1e9, 1),
+        "driver": driver or "unknown",
+        "cuda": torch.version.cuda or "unknown",
+    }
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def versions() -> dict:
+    out = {}
+    for dist in ("torch", "triton", "transformers", "liger-kernel", "cut-cross-entropy"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "-"
+    return out
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return (sha.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def run_step(name: str, cmd: list[str], limit: float, log_dir: Path, env: dict | None = None) -> dict:
+    """Run one step's command with a time limit; its output goes to <log_dir>/<name>.log."""
+    start = time.perf_counter()
+    log = log_dir / f"{name}.log"
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        output = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        status = f"timed out after {limit:.0f} s"
+        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+    log.write_text(output)
+    return {"step": name, "status": status, "seconds": round(time.perf_counter() - start, 1), "log": log.name,
+            "output": output}  # fmt: skip
+
+
+def ensure_baselines(install: bool, limit: float) -> dict[str, str]:
+    """module → "installed <version>" / "skipped: <why>"; installs missing wheels with pip when ``install``."""
+    out = {}
+    for module, wheel in BASELINES.items():
+        if importlib.util.find_spec(module) is None and install:
+            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", wheel]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            if proc.returncode != 0:
+                out[module] = f"skipped: pip install {wheel} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+                continue
+            importlib.invalidate_caches()
+        if importlib.util.find_spec(module) is None:
+            out[module] = "skipped: not installed (--no-install)" if not install else "skipped: does not import"
+        else:
+            out[module] = f"present {importlib.metadata.version(wheel)}"
+    return out
+
+
+def pytest_counts(junit: Path) -> dict:
+    """passed / failed / errors / skipped of a junit XML report (zeros when pytest wrote none)."""
+    if not junit.exists():
+        return {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failed = int(suite.get("tests", 0)), int(suite.get("failures", 0))
+    errors, skipped = int(suite.get("errors", 0)), int(suite.get("skipped", 0))
+    return {"passed": total - failed - errors - skipped, "failed": failed, "errors": errors, "skipped": skipped}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return "(no rows)"
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/gpu_check/<device kind>")
+    parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check")
+    parser.add_argument("--no-install", action="store_true", help="skip missing baselines instead of installing them")
+    parser.add_argument("--steps", nargs="+", choices=list(STEP_LIMITS), default=list(STEP_LIMITS))
+    args = parser.parse_args()
+
+    device = require_cuda()  # before anything else: no GPU, no numbers
+    start = time.perf_counter()
+    out = args.out or RESULTS / device["device_kind"]
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels, not the interpreter
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+            **device, **{f"{k}_version": v for k, v in versions().items()}}  # fmt: skip
+    print(json.dumps(meta))
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - start)
+
+    steps, baselines, tests = [], {}, {}
+    for name in args.steps:
+        limit = min(STEP_LIMITS[name], left())
+        if limit < 20:
+            steps.append({"step": name, "status": f"skipped: {left():.0f} s left of the {args.budget:.0f} s budget",
+                          "seconds": 0})  # fmt: skip
+            continue
+        if name == "tests":
+            junit = out / "tests.xml"
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                   "tests/test_kernels.py"]  # fmt: skip
+            step = run_step(name, cmd, limit, out, env)
+            tests = pytest_counts(junit)
+            step["measured"] = ", ".join(f"{k} {v}" for k, v in tests.items())
+        elif name == "baselines":
+            t0 = time.perf_counter()
+            baselines = ensure_baselines(not args.no_install, limit)
+            step = {"step": name, "status": "ok", "seconds": round(time.perf_counter() - t0, 1),
+                    "measured": "; ".join(f"{k}: {v}" for k, v in baselines.items())}  # fmt: skip
+        elif name == "bench_logprob":
+            cmd = [sys.executable, "benchmarks/bench_logprob.py", "--out", str(out)]
+            step = run_step(name, cmd, limit, out, env)
+            step["measured"] = f"{len(read_rows(out / ('bench_logprob_' + device['device_kind'] + '.csv')))} rows"
+        else:
+            cmd = [sys.executable, "benchmarks/bench_loss.py", "--out", str(out)]
+            step = run_step(name, cmd, limit, out, env)
+            step["measured"] = f"{len(read_rows(out / ('bench_loss_' + device['device_kind'] + '.csv')))} rows"
+        step.pop("output", None)
+        steps.append(step)
+        print(f"{step['step']}: {step['status']} ({step['seconds']} s) {step.get('measured', '')}", flush=True)
+
+    total = round(time.perf_counter() - start, 1)
+    with (out / "gpu_check.csv").open("w", newline="") as f:
+        columns = ["date", "commit", "device", "capability", "driver", "cuda", "torch_version", "triton_version",
+                   "liger-kernel_version", "cut-cross-entropy_version", "step", "status", "seconds",
+                   "measured"]  # fmt: skip
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for step in steps:
+            writer.writerow({**meta, **step})
+
+    logprob = [r for r in read_rows(out / f"bench_logprob_{device['device_kind']}.csv") if r.get("commit")]
+    loss = read_rows(out / f"bench_loss_{device['device_kind']}.csv")
+    md = [
+        f"# GPU check: {device['device']} ({device['capability']}, {device['memory_gb']} GB)",
+        "",
+        f"{meta['date']}, commit {meta['commit']}, driver {device['driver']}, CUDA {device['cuda']}, "
+        + ", ".join(f"{k} {v}" for k, v in versions().items())
+        + f". Measured on this GPU in {total} s (budget {args.budget:.0f} s).",
+        "",
+        markdown_table(steps, ["step", "status", "seconds", "measured"]),
+        "",
+        "Baselines: " + ("; ".join(f"{k}: {v}" for k, v in baselines.items()) or "not checked"),
+        "",
+        "## Log-prob (bench_logprob.py)",
+        "",
+        markdown_table(logprob, ["N", "H", "V", "mode", "impl", "status", "ms", "tflops", "peak_mb"]),
+        "",
+        "## Loss (bench_loss.py)",
+        "",
+        markdown_table(loss, ["op", "config", "B", "T", "mode", "impl", "status", "ms", "gbs", "pct_of_copy"]),
+        "",
+    ]
+    (out / "gpu_check.md").write_text("\n".join(md))
+    print(f"wrote {out / 'gpu_check.csv'} and {out / 'gpu_check.md'} ({total} s)")
+    failed = [s["step"] for s in steps if s["status"] not in ("ok",) and not s["status"].startswith("skipped")]
+    print(json.dumps({"bench": "gpu_check", **meta, "seconds": total, "tests": tests, "failed_steps": failed}))
+    sys.exit(1 if failed or tests.get("failed") or tests.get("errors") else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -237,12 +237,17 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=24, help="for the last-epoch collapse average")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "experiment")
+    parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.sweep_lr:
         runs = {f"grpo_k@{lr:g}": [run_one("grpo_k", s, args, lr, f"sweep-grpo_k-lr{lr:g}-s{s}") for s in args.seeds]
                 for lr in args.sweep_lr}  # fmt: skip
+    elif args.summarise_only:
+        found = {s: [args.out / f"{s}-s{seed}" for seed in args.seeds] for s in args.settings}
+        runs = {s: [p for p in paths if (p / "policy").is_dir()] for s, paths in found.items()}
+        runs = {s: paths for s, paths in runs.items() if paths}
     else:
         runs = {s: [run_one(s, seed, args, args.lr) for seed in args.seeds] for s in args.settings}
     summary: dict[str, dict[str, list[float]]] = {}
@@ -252,8 +257,11 @@ def main() -> None:
     columns = ["in_dist_start", "in_dist", "in_dist_min", "hard", "ood", "in_dist_mean@k", "hard_mean@k",
                "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc", "cpu_s",
                "wall_s"]  # fmt: skip
-    lines = ["| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |" for s, v in summary.items()]
+    lines = ["| setting | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    lines += [
+        f"| {s} | {len(runs[s])} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |"
+        for s, v in summary.items()
+    ]
     table = "\n".join(lines + [""] + verdict(summary))
     print(table)
     (args.out / "summary.md").write_text(table + "\n")

@@ -21,6 +21,8 @@ and the benchmarks:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import math
 import os
@@ -80,6 +82,21 @@ def chunk_rows(vocab: int, logits_budget: int = LOGITS_BUDGET, chunk_size: int |
     return rows if chunk_size is None else min(rows, chunk_size)
 
 
+def _float32_region(fn: Callable) -> Callable:
+    """Run an autograd Function's forward / backward outside autocast: they compute in float32 by construction, and
+    a 16-mixed / bf16-mixed region would recast their chunk matmuls (and break the float32 scatter of backward).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class _LinearLogprob(torch.autograd.Function):
     r"""Chunked ``log softmax(hidden @ weight.T / T)[target]`` and entropy, never holding the (N, V) logits.
 
@@ -104,6 +121,7 @@ class _LinearLogprob(torch.autograd.Function):
     """
 
     @staticmethod
+    @_float32_region
     def forward(
         ctx,
         hidden: Tensor,  # (N, H), any float dtype
@@ -149,6 +167,7 @@ class _LinearLogprob(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_float32_region
     def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor | None = None):  # each (N,) or None
         hidden, weight, targets, lse = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:

@@ -1,0 +1,125 @@
+"""The policy as the RL step sees it: a HF causal LM loaded from a path, scored token by token from its hidden states.
+
+:class:`PolicyLogProb` wraps the LM in one ``nn.Module`` whose ``forward`` returns per-token log-probs (and entropy)
+of response tokens straight from the decoder's last hidden states and the LM head weight (through the ops of
+:mod:`p2o_lightning.ops`: never a tokens × vocab tensor). Given a second prompt for the same responses (P²O's
+templated prompt) it runs the decoder on both and scores the two contexts with one ``linear_logprob_multi`` call, so
+the LM head weight is streamed once for log π(y|x) and log π(y|t(x)).
+
+FSDP2 (``fully_shard``, one unit per decoder layer and one for the rest) is applied by :func:`fully_shard_policy`;
+:func:`gathered` holds the full parameters for ``generate``, which runs outside the wrapper's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
+    """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path == "embedded":
+        from p2o_lightning.tasks.world import build_world
+
+        path = str(build_world())
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class PolicyLogProb(nn.Module):
+    """Per-token log-prob (and entropy) of response tokens, from the decoder's hidden states and the LM head.
+
+    One module whose ``forward`` does the whole computation, so that DDP and FSDP2 (which gather parameters in a
+    module's forward hooks) see the LM head used inside a forward.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the LM head has a bias; the fused log-prob assumes logits = hidden @ weight.T")
+
+    def _response_hidden(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+        hidden = self.lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [M, P + R, H]
+        return hidden[:, -response_len - 1 : -1]  # [M, R, H]: the positions that predict the response tokens
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [M, P + R] prompt (left-padded) then response (right-padded)
+        attention_mask: Tensor,  # [M, P + R]
+        targets: Tensor,  # [M, R] response ids, ignore_index where masked
+        ops: Any,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        chunk_size: int = 1024,
+        context_ids: Tensor | None = None,  # [M, Pc + R] the same responses behind another prompt (t(x))
+        context_mask: Tensor | None = None,  # [M, Pc + R]
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` (no grad) is log π of
+        the same tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``.
+        """
+        response_len = targets.shape[1]
+        hidden = self._response_hidden(input_ids, attention_mask, response_len)  # [M, R, H]
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        kwargs = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+        if context_ids is None:
+            logp, entropy = ops.linear_logprob(hidden, weight, targets, **kwargs)
+            return logp, entropy, None
+        with torch.no_grad():  # the context's log-probs feed the ratio mask only
+            context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
+        logp, entropy = ops.linear_logprob_multi(torch.stack([hidden, context_hidden]), weight, targets, **kwargs)
+        return logp[0], (entropy[0] if entropy is not None else None), logp[1].detach()
+
+
+def fully_shard_policy(policy: PolicyLogProb, device_mesh) -> None:
+    """FSDP2: one ``fully_shard`` unit per decoder layer, and one for the rest (embeddings, norm, LM head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in device_mesh.mesh_dim_names else None
+    layers = getattr(policy.lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError("FSDP2 sharding expects the decoder's blocks at `.layers` (Llama / Qwen layout)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+
+
+@contextmanager
+def gathered(policy: PolicyLogProb) -> Iterator[None]:
+    """Full parameters for code that runs outside the wrapper's forward (``generate``): FSDP2 all-gathers them here.
+
+    Re-entrant: a nested ``gathered`` (a search's evaluation around each ``sample``) gathers once. Without FSDP2,
+    nothing happens. Every rank must enter it together: the all-gather is a collective.
+    """
+    if not hasattr(policy, "unshard"):
+        yield
+        return
+    depth = getattr(policy, "_p2o_gathered", 0)
+    if depth == 0:
+        policy._get_fsdp_state()._lazy_init()  # the root initialises first, or a layer takes itself for the root
+        policy.unshard()
+    policy._p2o_gathered = depth + 1
+    try:
+        yield
+    finally:
+        policy._p2o_gathered = depth
+        if depth == 0:
+            policy.reshard()

@@ -1,0 +1,118 @@
+"""``RolloutBatch``: one RL step's rollouts and everything the stages attach to them, in one typed record.
+
+M = G·K rows: G groups (prompts) of K rollouts, group g = rows g·K … g·K + K − 1. Each row names both of its
+prompts (through its :class:`~p2o_lightning.step.plan.RolloutPlan`): the one it is *sampled* under (``gen_ids``:
+x, or template(x) for a P²O hard prompt) and the one it is *trained* under (``prompt_ids``: x when distilling).
+A stage takes a batch and returns ``dataclasses.replace(batch, ...)``; tensors are on the policy's device.
+
+The three policies of verl's vocabulary, spelled out: π_rollout sampled the responses; ``old_logp`` is π_old (the
+policy before this step's updates, computed once, or the current one detached when there is a single update);
+π_θ is recomputed in every PPO update. ``ref_logp`` is the frozen reference model's, ``context_logp`` π_old of
+the same tokens behind the prompt the row was sampled under (P²O's context ratio mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from p2o_lightning.step.plan import RolloutPlan
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """A step's M = G·K rollout rows; the ``None`` fields are filled by later stages."""
+
+    plan: RolloutPlan  # per row: x, its template, the prompt sampled under, the prompt trained under
+    answers: list[str]  # [M] gold answer of each row
+    gen_ids: Tensor  # [M, Pg] the prompt each row is sampled under, left-padded
+    gen_mask: Tensor  # [M, Pg]
+    prompt_ids: Tensor  # [M, P] the prompt each row is trained under (x when distilling), left-padded
+    prompt_mask: Tensor  # [M, P]
+    response_ids: Tensor  # [M, R] right-padded with the pad id
+    response_mask: Tensor  # [M, R] 1 up to and including the first EOS
+    texts: list[str]  # [M] decoded responses
+    rewards: Tensor  # [G, K] the grader's rewards
+    reward_errors: int = 0  # grader calls that raised (scored 0)
+    reward_timeouts: int = 0  # grader calls that timed out (scored 0)
+    advantages: Tensor | None = None  # [M] group-normalised rewards
+    loss_mask: Tensor | None = None  # [M, R] the tokens the loss is taken over (response × rows in the loss)
+    old_logp: Tensor | None = None  # [M, R] log π_old(y | trained prompt)
+    entropy: Tensor | None = None  # [M, R] entropy of π_old(· | trained prompt)
+    ref_logp: Tensor | None = None  # [M, R] log π_ref(y | trained prompt), when kl_coef > 0
+    context_logp: Tensor | None = None  # [M, R] log π_old(y | sampled prompt), when some row is distilled
+
+    @property
+    def group_size(self) -> int:  # K
+        return self.rewards.shape[1]
+
+    @property
+    def num_groups(self) -> int:  # G
+        return self.rewards.shape[0]
+
+    @property
+    def sampled_prompts(self) -> list[str]:  # [M]
+        return self.plan.sample_prompts
+
+    @property
+    def trained_prompts(self) -> list[str]:  # [M]
+        return self.plan.train_prompts
+
+    @property
+    def input_ids(self) -> Tensor:  # [M, P + R] trained prompt, then response
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # [M, P + R]
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def context_input_ids(self) -> Tensor:  # [M, Pg + R] sampled prompt, then response
+        return torch.cat([self.gen_ids, self.response_ids], dim=1)
+
+    @property
+    def context_attention_mask(self) -> Tensor:  # [M, Pg + R]
+        return torch.cat([self.gen_mask, self.response_mask], dim=1)
+
+    @property
+    def targets(self) -> Tensor:  # [M, R] response ids, -100 where masked (the log-prob ops' ignore_index)
+        return self.response_ids.masked_fill(self.response_mask == 0, -100)
+
+    @property
+    def truncated(self) -> Tensor:  # [M] bool: hit max_new_tokens without an EOS
+        return self.response_mask.bool().all(dim=1)
+
+    @property
+    def reprompted(self) -> bool:
+        """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ ``gen_ids``)."""
+        return any(self.plan.distilled_rows)
+
+    def with_(self, **changes) -> RolloutBatch:
+        """``dataclasses.replace``: what a stage returns."""
+        return replace(self, **changes)
+
+    def select_groups(self, groups: list[int]) -> RolloutBatch:
+        """The batch of groups ``groups`` (in that order): rows, plan and every per-row tensor follow."""
+        k = self.group_size
+        rows = [g * k + i for g in groups for i in range(k)]
+        index = torch.tensor(rows, dtype=torch.long, device=self.response_ids.device)
+        plan = RolloutPlan(
+            prompts=[self.plan.prompts[r] for r in rows],
+            templates=[self.plan.templates[r] for r in rows],
+            sample_prompts=[self.plan.sample_prompts[r] for r in rows],
+            train_prompts=[self.plan.train_prompts[r] for r in rows],
+            templated_groups=[self.plan.templated_groups[g] for g in groups],
+        )
+        changes: dict = {
+            "plan": plan,
+            "answers": [self.answers[r] for r in rows],
+            "texts": [self.texts[r] for r in rows],
+        }
+        changes["rewards"] = self.rewards[torch.tensor(groups, dtype=torch.long, device=self.rewards.device)]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in changes and isinstance(value, Tensor):
+                changes[f.name] = value[index]
+        return replace(self, **changes)

@@ -1,0 +1,95 @@
+"""Log-prob stage: π_old (with entropy), π_ref and P²O's context log-probs of every rollout token, under no grad.
+
+One pass over the rows in micro-batches. When some row is distilled (trained under x, sampled under template(x)),
+each micro-batch runs the decoder on both prompts and scores both contexts with **one** ``linear_logprob_multi``
+call, so the LM head weight is streamed once for log π(y|x) and log π(y|t(x)) (both backends; the Triton kernel
+multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The reference model (only when
+``kl_coef > 0``) is a second pass. When the PPO update is a single one (:func:`single_update`), π_old is π_θ at
+that update, detached: the update computes it, and this stage only computes what the update cannot (the
+reference, and the context log-probs that a ``tokens``-scope mask needs before the update's denominators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from p2o_lightning.step.batch import RolloutBatch
+
+
+@dataclass(frozen=True)
+class LogProbSettings:
+    temperature: float  # the sampling temperature (1 for greedy): log-probs of the distribution sampled from
+    chunk_size: int  # tokens per chunk of the log-prob op
+    micro_batch_size: int  # rows per forward
+
+
+def forward_rows(
+    model, batch: RolloutBatch, rows: Tensor, ops, settings: LogProbSettings, return_entropy: bool, with_context: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None."""
+    response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
+    context = None, None
+    if with_context:
+        context = (torch.cat([batch.gen_ids[rows], response], 1), torch.cat([batch.gen_mask[rows], response_mask], 1))
+    return model(
+        torch.cat([batch.prompt_ids[rows], response], 1),  # [m, P + R]
+        torch.cat([batch.prompt_mask[rows], response_mask], 1),
+        response.masked_fill(response_mask == 0, -100),  # [m, R] targets
+        ops,
+        temperature=settings.temperature,
+        return_entropy=return_entropy,
+        chunk_size=settings.chunk_size,
+        context_ids=context[0],  # [m, Pg + R]
+        context_mask=context[1],
+    )
+
+
+def token_logprobs(
+    model,
+    batch: RolloutBatch,
+    ops,
+    settings: LogProbSettings,
+    return_entropy: bool = False,
+    with_context: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(logp, entropy, context_logp)`` [M, R] of every row, in micro-batches; with grad iff grad is enabled.
+
+    ``with_context``: also log π(y | sampled prompt), in the same ``linear_logprob_multi`` call as log π(y | trained
+    prompt).
+    """
+    rows = torch.arange(batch.response_ids.shape[0], device=batch.response_ids.device)
+    outs = [
+        forward_rows(model, batch, micro, ops, settings, return_entropy, with_context)
+        for micro in rows.split(settings.micro_batch_size)
+    ]
+    return tuple(torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def rollout_logprobs(
+    policy,
+    reference,
+    batch: RolloutBatch,
+    ops,
+    settings: LogProbSettings,
+    need_old: bool = True,
+    with_context: bool = False,
+) -> RolloutBatch:
+    """The batch with ``old_logp`` and ``entropy`` (when ``need_old``), ``context_logp`` (when ``with_context``)
+    and ``ref_logp`` (when ``reference`` is given).
+    """
+    changes: dict[str, Tensor | None] = {}
+    if need_old:
+        old, entropy, context = token_logprobs(
+            policy, batch, ops, settings, return_entropy=True, with_context=with_context
+        )
+        changes.update(old_logp=old, entropy=entropy, context_logp=context)
+    elif with_context:  # the mask's denominators need the context before the update: score the sampled prompts
+        context = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
+        changes["context_logp"] = token_logprobs(policy, context, ops, settings)[0]
+    if reference is not None:
+        changes["ref_logp"] = token_logprobs(reference, batch, ops, settings)[0]
+    return batch.with_(**changes)

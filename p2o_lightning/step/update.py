@@ -1,0 +1,256 @@
+"""PPO update stage: ``ppo_epochs`` passes × mini-batches of whole groups × micro-batches, one optimizer step each.
+
+Each pass shuffles the G groups (the K rollouts of a prompt stay together) and splits them into mini-batches of
+``mini_batch_groups``; each mini-batch is one optimizer step, its loss accumulated over micro-batches of
+``micro_batch_size`` rows, each normalised by the whole mini-batch (``num_tokens`` / ``num_seqs`` of
+:func:`p2o_lightning.ops.policy_loss`) so that the micro-batch gradients add up to the mini-batch's.
+
+**One update, no old pass.** With one PPO epoch and one mini-batch (:func:`single_update`, the default configs)
+π_old is π_θ before its only update, so the update's own forward gives it: ``old_logp = logp.detach()`` (ratio 1,
+as TRL and verl do), the entropy and, for distilled rows, log π(y|t(x)) come from the same forward and the same
+``linear_logprob_multi`` call. The one exception is the ``tokens`` scope of the context ratio mask, whose token-mean
+divides by the tokens the mask keeps: those are known only from π_old, so the old pass runs first.
+
+Gradient clipping and the non-finite checks live with the optimizer step (the module's ``optimizer_step``
+callable, see :func:`clip_grad_norm`); a step that the fp16 GradScaler skipped is counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from p2o_lightning.ops import CONTEXT_MASK_SCOPES
+from p2o_lightning.step.batch import RolloutBatch
+from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
+from p2o_lightning.step.stats import UpdateStats
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The PPO loss's settings (:func:`p2o_lightning.ops.policy_loss`), checked once, before any model is loaded."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_ratio_c: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg: str = "token-mean"
+    context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0)  # None: no context ratio mask
+    context_mask_scope: str = "policy_gradient"
+
+    def __post_init__(self) -> None:
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"loss_agg={self.loss_agg!r} is unknown; choose one of {LOSS_AGGS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} is unknown; choose one of {KL_ESTIMATORS}")
+        bounds = self.context_ratio_bounds
+        if bounds is not None and not 0 < bounds[0] <= 1 <= bounds[1]:
+            raise ValueError(f"context_ratio_bounds={bounds} must satisfy 0 < low <= 1 <= high")
+        if self.context_mask_scope not in CONTEXT_MASK_SCOPES:
+            scope = self.context_mask_scope
+            raise ValueError(f"context_mask_scope={scope!r} is unknown; choose one of {CONTEXT_MASK_SCOPES}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {self.clip_ratio_c}")
+
+    def bind(self, ops) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
+        """``ops.policy_loss`` with these settings bound: the loss, built once per step."""
+        kwargs = asdict(self)
+        kwargs["context_ratio_bounds"] = self.context_ratio_bounds or (0.01, 10.0)  # unused without context_logp
+        return partial(ops.policy_loss, **kwargs)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    ppo_epochs: int  # passes over one rollout batch
+    mini_batch_groups: int | None  # groups (prompts) per optimizer step; None: the whole batch
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs={self.ppo_epochs} must be >= 1")
+        if self.mini_batch_groups is not None and self.mini_batch_groups < 1:
+            raise ValueError(f"ppo_mini_batch_size={self.mini_batch_groups} must be >= 1 (or None: the whole batch)")
+
+    def check_batch_size(self, batch_size: int | None) -> None:
+        """Every PPO update must see the same number of prompts: the mini-batch divides the data's batch."""
+        mini = self.mini_batch_groups
+        if batch_size and mini and batch_size % mini:
+            raise ValueError(
+                f"model.ppo_mini_batch_size={mini} does not divide data.batch_size={batch_size}: every PPO update"
+                f" must see the same number of prompts (choose a divisor of {batch_size})"
+            )
+
+
+def single_update(settings: PPOSettings, num_groups: int) -> bool:
+    """One PPO epoch and one mini-batch: π_old = π_θ at the only update (no separate old log-prob pass needed)."""
+    return settings.ppo_epochs == 1 and (settings.mini_batch_groups is None or settings.mini_batch_groups >= num_groups)
+
+
+def lr_schedule(optimizer, warmup: float, total: int, cosine: bool) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` updates (a value in (0, 1): a share of ``total``), then constant or cosine."""
+    warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine or total <= warmup:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float | None, fsdp_root=None) -> float:
+    """Clip the global gradient norm to ``max_norm`` (None or 0: measure only) and return the norm before clipping.
+
+    Under FSDP1 (``fsdp_root``: the ``FullyShardedDataParallel`` root the strategy wrapped) each rank holds a flat
+    shard of every gradient, so ``torch.nn.utils.clip_grad_norm_`` would clip each rank by its own shard's norm: the
+    root's ``clip_grad_norm_`` all-reduces the shards' squared norms first. Under FSDP2 the gradients are DTensors
+    and the norm is one too (its ``full_tensor`` is the global norm); under DDP they are already all-reduced.
+    """
+    max_norm = max_norm or float("inf")
+    if fsdp_root is not None:
+        norm = fsdp_root.clip_grad_norm_(max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class PPOUpdate:
+    """The update stage; ``__call__`` runs it on one batch and returns the step's loss statistics and the batch
+    (with π_old, entropy and context log-probs filled in when the update computed them).
+    """
+
+    def __init__(self, settings: PPOSettings, loss: LossSettings, logprob: LogProbSettings) -> None:
+        self.settings = settings
+        self.loss = loss
+        self.logprob = logprob
+
+    def fuses_old_logprobs(self, batch: RolloutBatch) -> bool:
+        """π_old comes from the update's own forward: a single update, and no ``tokens``-scope context mask (whose
+        token-mean denominators need π_old before the update).
+        """
+        tokens_scope = self.loss.context_mask_scope == "tokens" and self.loss.context_ratio_bounds is not None
+        return single_update(self.settings, batch.num_groups) and not (batch.reprompted and tokens_scope)
+
+    def __call__(
+        self,
+        batch: RolloutBatch,
+        policy,
+        ops,
+        backward: Callable[[Tensor], None],
+        zero_grad: Callable[[], None],
+        optimizer_step: Callable[[], tuple[float, bool]],  # -> (grad norm before clipping, skipped by the scaler)
+        where: Callable[[], str],  # "at global step ... (rollout step ...)", for error messages
+    ) -> tuple[dict[str, float], RolloutBatch]:
+        s, lp, bounds = self.settings, self.logprob, self.loss.context_ratio_bounds
+        loss_fn = self.loss.bind(ops)
+        G, K = batch.num_groups, batch.group_size
+        device = batch.response_ids.device
+        mask = batch.loss_mask  # [M, R]
+        fused_old = batch.old_logp is None  # single update: π_old comes from this forward
+        with_context = fused_old and batch.reprompted and bounds is not None
+        if fused_old:
+            old_all = torch.zeros_like(mask)  # [M, R]
+            entropy_all = torch.zeros_like(mask)
+            context_all = torch.zeros_like(mask) if with_context else None
+        stats = UpdateStats()
+        for _ in range(s.ppo_epochs):
+            groups = torch.randperm(G)  # shuffle whole groups; the K rollouts of a prompt stay together
+            for group_ids in groups.split(s.mini_batch_groups or G):
+                rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(device)  # [mini·K]
+                kept = mask[rows]  # [mini·K, R] the tokens a token-mean divides by
+                if batch.context_logp is not None and self.loss.context_mask_scope == "tokens":  # cut tokens leave
+                    kept = kept * ops.context_ratio_mask(batch.old_logp[rows], batch.context_logp[rows], *bounds)
+                num_tokens = kept.sum().clamp(min=1)
+                zero_grad()
+                for micro in rows.split(lp.micro_batch_size):
+                    logp, entropy, context = forward_rows(policy, batch, micro, ops, lp, fused_old, with_context)
+                    if fused_old:
+                        old = logp.detach()
+                        old_all[micro], entropy_all[micro] = old, entropy.detach()
+                        if context is not None:
+                            context_all[micro] = context
+                    else:
+                        old = batch.old_logp[micro]
+                        context = None if batch.context_logp is None else batch.context_logp[micro]
+                    loss, loss_stats = loss_fn(
+                        logp,
+                        old,
+                        batch.advantages[micro],
+                        mask[micro],
+                        ref_logp=None if batch.ref_logp is None else batch.ref_logp[micro],
+                        num_tokens=num_tokens,
+                        num_seqs=len(rows),
+                        context_logp=context,
+                    )
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss ({loss.item()}) {where()}; stopping before the optimizer step, "
+                            "no checkpoint is written"
+                        )
+                    backward(loss)
+                    share = float(mask[micro].sum() / mask[rows].sum().clamp(min=1))
+                    stats.add_micro({"loss": loss.detach(), **loss_stats}, token_share=share)
+                grad_norm, skipped = optimizer_step()
+                stats.end_update(grad_norm=0.0 if skipped else grad_norm, skipped_steps=float(skipped))
+        if fused_old:
+            batch = batch.with_(old_logp=old_all, entropy=entropy_all, context_logp=context_all)
+        return stats.result(), batch
+
+
+class OptimizerStep:
+    """One optimizer step of a manually optimised module: clip, check, step, schedule.
+
+    Lightning runs the module's ``on_before_optimizer_step`` inside ``opt.step()``, after the fp16 GradScaler has
+    unscaled the gradients: :meth:`clip` is called there, so the norm is of the true gradients (clipping before
+    ``opt.step()`` would clip scaled ones). A non-finite norm stops training, unless a GradScaler will skip the
+    step and lower its scale: then the step is counted as skipped and the LR schedule does not advance.
+    """
+
+    def __init__(self, module, max_grad_norm: float | None) -> None:
+        self.module = module
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm = 0.0
+
+    def clip(self, optimizer) -> None:
+        module = self.module
+        from torch.distributed.fsdp import FullyShardedDataParallel  # FSDP1
+
+        root = module.trainer.strategy.model  # FSDP1 wraps the LightningModule: the root knows the global norm
+        root = root if isinstance(root, FullyShardedDataParallel) else None
+        params = [p for p in module.policy.parameters() if p.grad is not None]
+        self.grad_norm = clip_grad_norm(params, self.max_grad_norm, root)
+        scaled = getattr(module.trainer.precision_plugin, "scaler", None) is not None
+        if not math.isfinite(self.grad_norm) and not scaled:
+            raise FloatingPointError(
+                f"non-finite gradient norm ({self.grad_norm}) {module._where()}; stopping before the optimizer "
+                "step, no checkpoint is written"
+            )
+
+    def __call__(self) -> tuple[float, bool]:
+        """Returns (gradient norm before clipping, whether the GradScaler skipped the step)."""
+        self.module.optimizers().step()
+        skipped = not math.isfinite(self.grad_norm)  # reached only under a GradScaler, which skipped the step
+        if not skipped:
+            self.module.lr_schedulers().step()
+        return self.grad_norm, skipped
+
+
+def total_updates(trainer, ppo_epochs: int, mini_batch_size: int | None) -> int:
+    """Optimizer steps of the whole run (``max_steps`` counts them under manual optimisation)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None) or 1
+    per_batch = ppo_epochs * math.ceil(batch / (mini_batch_size or batch))
+    return max(1, int(trainer.estimated_stepping_batches) * per_batch)

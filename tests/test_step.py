@@ -1,0 +1,198 @@
+"""The RL step's stages on the tiny world: one-pass context log-probs, the skipped old pass, statistics, clipping."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter; before triton imports
+
+import dataclasses  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+from test_trainer import small_data, small_module, trainer  # noqa: E402
+from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
+
+from p2o_lightning.module import P2OModule  # noqa: E402
+from p2o_lightning.ops import get_ops  # noqa: E402
+from p2o_lightning.rollout import SamplingParams  # noqa: E402
+from p2o_lightning.step.distill import reprompt  # noqa: E402
+from p2o_lightning.step.logprobs import token_logprobs  # noqa: E402
+from p2o_lightning.step.sample import sample_rollouts  # noqa: E402
+from p2o_lightning.step.stats import UpdateStats, rank_reduction, reduction  # noqa: E402
+from p2o_lightning.step.update import OptimizerStep  # noqa: E402
+from p2o_lightning.tasks.addition import world_splits  # noqa: E402
+
+
+def _distilled_batch(module, n_prompts=3):
+    """A real rollout batch whose rows are sampled under templates and trained under the plain prompt."""
+    module.configure_model()
+    prompts = [p.prompt for p in world_splits()["train"][:n_prompts]]
+    answers = [p.answer for p in world_splits()["train"][:n_prompts]]
+    k = module.hparams.num_rollouts
+    module.template_assignments = {p: ["Add.", "Carry.", "", "Add."][:k] for p in prompts}
+    torch.manual_seed(0)
+    batch = sample_rollouts(module.sample, module.plan(prompts), answers, SamplingParams(k, 1.0, 1.0, 8))
+    return reprompt(batch, module.engine.encode_prompts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_pass_context_logprobs_equal_two_passes(tiny_world, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    module = small_module(tiny_world, backend=backend, micro_batch_size=5)
+    batch = _distilled_batch(module)
+    assert batch.reprompted and not torch.equal(batch.gen_ids, batch.prompt_ids)
+    ops, settings = get_ops(backend, "cpu"), module.ppo.logprob
+    with torch.no_grad():
+        # one pass: log π(y|x) and log π(y|t(x)) from one linear_logprob_multi call per micro-batch
+        logp, entropy, context = token_logprobs(
+            module.policy, batch, ops, settings, return_entropy=True, with_context=True
+        )
+        # two passes: the trained prompts, then the sampled prompts, each through linear_logprob
+        logp2, entropy2, _ = token_logprobs(module.policy, batch, ops, settings, return_entropy=True)
+        sampled = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
+        context2 = token_logprobs(module.policy, sampled, ops, settings)[0]
+    torch.testing.assert_close(logp, logp2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(context, context2, rtol=0, atol=1e-5)
+    # the templated rows' two contexts differ (a check that cannot pass by scoring x twice)
+    rows = torch.tensor(batch.plan.distilled_rows)
+    assert (context[rows] - logp[rows]).abs().max() > 1e-3
+    # rows sampled under x itself (the seed template "") have the same context twice: ρ = 1
+    torch.testing.assert_close(context[~rows], logp[~rows], rtol=0, atol=1e-5)
+
+
+class ParityReward(P2OModule):
+    """The real module, rewarded 1 for an odd-length response: spread within groups whatever the tiny model says."""
+
+    def sample(self, prompts, answers, sampling):
+        rollouts, grade = super().sample(prompts, answers, sampling)
+        return rollouts, dataclasses.replace(grade, rewards=[float(len(t) % 2) for t in rollouts.texts])
+
+
+def _one_step(world, root, fuse: bool, **kw):
+    """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
+    L.seed_everything(0)
+    module = ParityReward(
+        model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5), **kw,
+    )  # fmt: skip
+    if not fuse:  # force the separate no-grad π_old pass that a single update otherwise skips
+        module.ppo.fuses_old_logprobs = lambda batch: False
+    # every training prompt holds templates: distilled rows, the context ratio mask, and plain rows ("")
+    module.template_assignments = {p.prompt: ["Add.", "", "Carry.", "Add."] for p in world_splits()["train"]}
+    seen = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+
+    t = trainer(root, max_steps=1, callbacks=[Record()], limit_val_batches=0)
+    t.fit(module, datamodule=small_data(batch_size=2))
+    return module, seen
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_single_update_skips_old_pass_with_equal_losses_and_gradients(tiny_world, tmp_path, kl_coef):
+    fused, a = _one_step(tiny_world, tmp_path / "fused", fuse=True, kl_coef=kl_coef)
+    separate, b = _one_step(tiny_world, tmp_path / "separate", fuse=False, kl_coef=kl_coef)
+    assert a["train/reward"] == b["train/reward"]  # the same rollouts
+    assert a["p2o/templated_share"] == 1.0
+    for key in ("train/loss", "train/pg_loss", "train/entropy", "train/kl", "train/context_masked_frac"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert a["train/ratio_min"] == a["train/ratio_max"] == 1.0  # π_old is π_θ detached: every ratio is exactly 1
+    assert b["train/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert a["train/loss"] != 0.0  # the step did learn something: parity rewards spread within groups
+    for p, q in zip(fused.policy.parameters(), separate.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_update_stats_reduce_as_declared():
+    stats = UpdateStats()
+    # update 1: two micro-batches holding 3/4 and 1/4 of the mini-batch's tokens
+    stats.add_micro({"loss": 0.3, "kl": 0.2, "ratio_min": 0.9, "ratio_max": 1.1}, token_share=0.75)
+    stats.add_micro({"loss": 0.1, "kl": 0.6, "ratio_min": 0.8, "ratio_max": 1.3}, token_share=0.25)
+    stats.end_update(grad_norm=2.0, skipped_steps=0.0)
+    # update 2: one micro-batch
+    stats.add_micro({"loss": 0.2, "kl": 0.1, "ratio_min": 0.95, "ratio_max": 1.05}, token_share=1.0)
+    stats.end_update(grad_norm=0.0, skipped_steps=1.0)
+    out = stats.result()
+    assert out["loss"] == pytest.approx(((0.3 + 0.1) + 0.2) / 2)  # sum over micro-batches, mean over updates
+    assert out["kl"] == pytest.approx(((0.75 * 0.2 + 0.25 * 0.6) + 0.1) / 2)  # token-weighted, then mean: 0.2
+    assert (out["ratio_min"], out["ratio_max"]) == (0.8, 1.3)  # extremes of all
+    assert out["grad_norm"] == pytest.approx(1.0) and out["skipped_steps"] == 1.0  # mean; a count adds up
+    assert [rank_reduction(k) for k in ("train/loss", "train/ratio_min", "p2o/rescued_groups")] == [
+        "mean",
+        "min",
+        "sum",
+    ]
+    with pytest.raises(KeyError, match="statistic 'train/novel' declares no reduction"):
+        reduction("train/novel")
+
+
+class _FakeFSDP1Root(FullyShardedDataParallel):
+    """Stands in for the root Lightning's FSDPStrategy wraps (FSDP1 needs an accelerator in torch 2.13): its
+    ``clip_grad_norm_`` is the one that all-reduces the shards' norms; here it returns a known global norm."""
+
+    def __init__(self, global_norm):
+        self.calls, self.global_norm = [], global_norm  # FSDP1's own __init__ is not run: no process group
+
+    def clip_grad_norm_(self, max_norm):
+        self.calls.append(max_norm)
+        return torch.tensor(self.global_norm)
+
+
+def test_optimizer_step_clips_with_the_fsdp1_roots_norm(monkeypatch):
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.full((3,), 2.0)  # this rank's shard: norm √12 ≈ 3.46
+    root = object.__new__(_FakeFSDP1Root)
+    _FakeFSDP1Root.__init__(root, global_norm=5.0)
+    policy = torch.nn.Module()
+    policy.p = params[0]
+    module = SimpleNamespace(
+        policy=policy,
+        trainer=SimpleNamespace(strategy=SimpleNamespace(model=root), precision_plugin=SimpleNamespace()),
+        _where=lambda: "at global step 0",
+    )
+    step = OptimizerStep(module, max_grad_norm=1.0)
+    step.clip(optimizer=None)
+    assert root.calls == [1.0] and step.grad_norm == 5.0  # the root clipped, by the global norm
+    torch.testing.assert_close(params[0].grad, torch.full((3,), 2.0))  # torch.nn.utils did not clip the shard
+    # without FSDP1 the plain clip runs: norm √12, clipped to 1
+    module.trainer.strategy.model = policy
+    step.clip(optimizer=None)
+    assert step.grad_norm == pytest.approx(12**0.5)
+    torch.testing.assert_close(params[0].grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+    # a non-finite norm stops training (no GradScaler), naming the step
+    params[0].grad = torch.tensor([float("inf"), 0.0, 0.0])
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm .* at global step 0"):
+        step.clip(optimizer=None)
+
+
+def test_fp16_overflow_skips_the_step_and_logs_it(tiny_world, tmp_path):
+    """16-mixed: clipping sees unscaled gradients; an overflowing step is skipped by the GradScaler and logged."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    L.seed_everything(0)
+    module = ParityReward(
+        model=str(tiny_world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8, max_grad_norm=1.0,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # so large that the first backward overflows fp16
+    skipped = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            skipped.append(float(trainer.callback_metrics["train/skipped_steps"]))
+
+    t = trainer(
+        tmp_path, max_steps=2, callbacks=[Record()], limit_val_batches=0,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )  # fmt: skip
+    t.fit(module, datamodule=small_data())
+    assert skipped[0] == 1.0  # logged, not a FloatingPointError
+    assert scaler.get_scale() < 2.0**40  # the scaler saw the overflow and backed off
+    assert t.global_step == 2

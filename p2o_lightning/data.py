@@ -193,6 +193,9 @@ class PromptDataModule(L.LightningDataModule):
         self.val_problems: dict[str, list[Problem]] = {}
         self.val_subsets: dict[str, list[str]] = {}  # split -> per-problem subset name, reported on its own too
         self._train_stream: PromptStream | None = None
+        self._extra_stream: PromptStream | None = None  # dynamic sampling's extra rounds (checkpointed)
+        self._extra_iter: Iterator[list[dict]] | None = None
+        self._extra_state: dict[str, int] | None = None
 
     def setup(self, stage: str) -> None:
         if self.train_problems:
@@ -232,6 +235,34 @@ class PromptDataModule(L.LightningDataModule):
         if self._train_stream is None:
             self._train_stream = PromptStream(self.train_problems, self.batch_size, self.seed, "train")
         return ResumableLoader(self._train_stream)
+
+    def extra_batch(self) -> list[dict]:
+        """The next batch of this rank's *extra* prompts, for dynamic sampling's further rounds (DAPO).
+
+        A second stream over the training problems, shuffled with its own seed and epochs, so that drawing more
+        prompts never shifts the training loader's order; its position is saved with the checkpoint
+        (:meth:`state_dict`), so a resumed run draws the same extra prompts.
+        """
+        if self._extra_stream is None:
+            self._extra_stream = PromptStream(self.train_problems, self.batch_size, self.seed + 1, "train")
+            if self._extra_state is not None:
+                self._extra_stream.load_state_dict(self._extra_state)
+        for _ in range(2):  # a finished epoch starts the next one
+            if self._extra_iter is None:
+                self._extra_iter = iter(self._extra_stream)
+            try:
+                return next(self._extra_iter)
+            except StopIteration:
+                self._extra_iter = None
+        raise ValueError(f"the training data cannot fill one batch of batch_size={self.batch_size}")
+
+    def state_dict(self) -> dict[str, Any]:
+        stream = self._extra_stream
+        return {"extra_stream": stream.state_dict()} if stream is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._extra_state = state.get("extra_stream")
+        self._extra_stream, self._extra_iter = None, None
 
     def _eval_loaders(self) -> list[DataLoader]:
         rank, world = _rank_and_world()

@@ -13,26 +13,28 @@ P²O callback: ``template_assignments`` (read by the plan) and the per-step ``ou
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
-from p2o_lightning.policy import DTYPES, PolicyLogProb, fully_shard_policy, gathered, load_causal_lm
+from p2o_lightning.policy import DTYPES, PolicyLogProb, gathered, load_causal_lm, load_policy
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
 from p2o_lightning.rollout import HFRolloutEngine, SamplingParams, check_rollout_engine, require_extra
 from p2o_lightning.step.distill import needs_context_logp, reprompt
+from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.logprobs import LogProbSettings, rollout_logprobs
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
-from p2o_lightning.step.sample import sample_rollouts
+from p2o_lightning.step.sample import sample_rows
 from p2o_lightning.step.score import check_group_size, score_groups
-from p2o_lightning.step.stats import p2o_metrics, rank_reduction, train_metrics
+from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
 from p2o_lightning.step.update import LossSettings, OptimizerStep, PPOSettings, PPOUpdate, lr_schedule, total_updates
 from p2o_lightning.tasks import get_task
 
@@ -85,6 +87,10 @@ class P2OModule(L.LightningModule):
             that teaches the plain prompt the templated behaviour (see :mod:`p2o_lightning.step.plan`).
         drop_failed_templated: the failed (reward 0) templated rollouts leave the loss (the reference's
             ``drop_failed_template_rollout``); they still count in their group's advantage.
+        dynamic_sampling: ``off`` | ``filter`` (DAPO, verl's ``filter_groups``: groups whose K rewards are all equal
+            are dropped and more prompts sampled until the batch is full; :mod:`p2o_lightning.step.dynamic`).
+        max_sampling_rounds: sampling rounds per step under ``filter``, the first included; then the batch is
+            filled with dropped groups (zero advantage).
     """
 
     def __init__(
@@ -125,6 +131,8 @@ class P2OModule(L.LightningModule):
         context_mask_scope: str = "policy_gradient",
         plain_rollouts: int = 0,
         drop_failed_templated: bool = False,
+        dynamic_sampling: str = "off",
+        max_sampling_rounds: int = 3,
     ) -> None:
         super().__init__()  # every setting is checked here, before a model is loaded or a rollout sampled
         if dtype not in DTYPES:
@@ -136,6 +144,7 @@ class P2OModule(L.LightningModule):
         check_group_size(num_rollouts)
         if micro_batch_size < 1 or max_new_tokens < 1:
             raise ValueError("micro_batch_size and max_new_tokens must be >= 1")
+        check_dynamic_sampling(dynamic_sampling, max_sampling_rounds)
         if not 0 <= plain_rollouts <= num_rollouts:
             raise ValueError(f"plain_rollouts={plain_rollouts} must be in [0, num_rollouts={num_rollouts}]")
         loss = LossSettings(
@@ -167,16 +176,11 @@ class P2OModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        lm, self.tokenizer = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
-        if hp.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            lm.config.use_cache = False
-        self.policy = PolicyLogProb(lm.train())  # from_pretrained returns eval mode
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, one unit per decoder layer + the rest
-            fully_shard_policy(self.policy, self.device_mesh)
-        ref_lm, _ = load_causal_lm(hp.model, hp.dtype, hp.attn_implementation)
-        self._reference = [PolicyLogProb(ref_lm).eval().requires_grad_(False).to(self.device)]
-        self.engine = HFRolloutEngine(lm, self.tokenizer)
+        self.policy, reference, self.tokenizer = load_policy(
+            hp.model, hp.dtype, hp.attn_implementation, hp.gradient_checkpointing, self.device_mesh
+        )
+        self._reference = [reference.to(self.device)]
+        self.engine = HFRolloutEngine(self.policy.lm, self.tokenizer)
 
     @property
     def reference(self) -> PolicyLogProb:
@@ -196,6 +200,11 @@ class P2OModule(L.LightningModule):
             raise ValueError(f"model.task={self.hparams.task!r} but data.task={dm.task!r}: they must match")
         if stage == "fit":
             self.ppo.settings.check_batch_size(getattr(dm, "batch_size", None))
+            check_dynamic_sampling(self.hparams.dynamic_sampling, self.hparams.max_sampling_rounds, dm)
+            if self.hparams.dynamic_sampling == "filter" and not hasattr(dm, "extra_batch"):
+                raise ValueError(
+                    "dynamic_sampling='filter' draws more prompts: it needs PromptDataModule (extra_batch)"
+                )
         add_val_metrics(self, getattr(dm, "val_split_names", None) or [])
 
     # ------------------------------------------------------------------ optimizer
@@ -228,13 +237,17 @@ class P2OModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
-        prompts, answers = [row["prompt"] for row in batch], [row["answer"] for row in batch]
         times: dict[str, float] = {}
         ops = self.ops
 
         t0 = time.perf_counter()
         sampling = SamplingParams(hp.num_rollouts, hp.temperature, hp.top_p, hp.max_new_tokens)
-        rollouts = sample_rollouts(self.sample, self.plan(prompts), answers, sampling)
+        sample_groups = partial(sample_rows, self.sample, self.plan, sampling)  # data rows -> graded RolloutBatch
+        draw = getattr(self.trainer.datamodule, "extra_batch", None)  # DAPO's further rounds draw more prompts
+        rounds = hp.max_sampling_rounds if hp.dynamic_sampling == "filter" else 1
+        any_rank = partial(self.trainer.strategy.reduce_boolean_decision, all=False)  # ranks take equal rounds
+        pad = self.tokenizer.pad_token_id
+        rollouts, seen, rounds = dynamic_sample(sample_groups, batch, draw, rounds, pad, any_rank)
         times["rollout"] = time.perf_counter() - t0
 
         rollouts = score_groups(rollouts, ops, hp.norm_adv_by_std, hp.drop_failed_templated)
@@ -257,23 +270,9 @@ class P2OModule(L.LightningModule):
         metrics = train_metrics(rollouts, times, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
-        self._log_step(metrics, rollouts.rewards)
-        return {
-            "prompts": prompts,
-            "answers": answers,
-            "rewards": rollouts.rewards.detach().cpu(),  # [B, K]
-            "templated": list(rollouts.plan.templated_groups),  # [B]
-            "plain_rows": ~torch.tensor(rollouts.plan.templated_rows).view(-1, hp.num_rollouts),  # [B, K] plain
-        }
-
-    def _log_step(self, metrics: dict[str, Tensor | float], rewards: Tensor) -> None:
-        for key, value in metrics.items():
-            self.log(key, value, on_step=True, sync_dist=True, reduce_fx=rank_reduction(key))
-        self.collapse.update(rewards)
-        for key, value in self.collapse.compute().items():  # already reduced over ranks by the metric
-            self.log(f"train/{key}", value.item(), on_step=True, prog_bar=key == "collapse_rate")
-        self.collapse.reset()
-        self.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
+        metrics.update(sampling_metrics(seen, rounds))
+        log_step(self, metrics, seen.rewards)  # collapse over every sampled group, the dropped ones too
+        return seen.outputs()  # every group sampled, dropped ones included: the P²O callback's hard samples
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_end(self) -> None:

@@ -89,6 +89,23 @@ class PolicyLogProb(nn.Module):
         return logp[0], (entropy[0] if entropy is not None else None), logp[1].detach()
 
 
+def load_policy(
+    path: str, dtype: str, attn_implementation: str | None, gradient_checkpointing: bool, device_mesh=None
+) -> tuple[PolicyLogProb, PolicyLogProb, Any]:
+    """``(policy, reference, tokenizer)``: the trained policy (train mode; FSDP2-sharded when a device mesh is
+    given) and a frozen copy of the initial weights (eval mode, no grad), both loaded from ``path``.
+    """
+    lm, tokenizer = load_causal_lm(path, dtype, attn_implementation)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    policy = PolicyLogProb(lm.train())  # from_pretrained returns eval mode
+    if device_mesh is not None:  # ModelParallelStrategy: FSDP2, one unit per decoder layer + the rest
+        fully_shard_policy(policy, device_mesh)
+    ref_lm, _ = load_causal_lm(path, dtype, attn_implementation)
+    return policy, PolicyLogProb(ref_lm).eval().requires_grad_(False), tokenizer
+
+
 def fully_shard_policy(policy: PolicyLogProb, device_mesh) -> None:
     """FSDP2: one ``fully_shard`` unit per decoder layer, and one for the rest (embeddings, norm, LM head)."""
     from torch.distributed.fsdp import fully_shard

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from p2o_lightning.step.plan import RolloutPlan
@@ -89,6 +90,19 @@ class RolloutBatch:
         """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ ``gen_ids``)."""
         return any(self.plan.distilled_rows)
 
+    def outputs(self) -> dict:
+        """Per group: ``prompts`` [G], ``answers`` [G], ``rewards`` [G, K] (CPU), ``templated`` [G]: a training step's
+        outputs, from which the P²O callback collects hard samples.
+        """
+        k = self.group_size
+        return {
+            "prompts": self.plan.prompts[::k],
+            "answers": self.answers[::k],
+            "rewards": self.rewards.detach().cpu(),
+            "templated": list(self.plan.templated_groups),
+            "plain_rows": ~torch.tensor(self.plan.templated_rows).view(-1, k),  # [G, K] sampled from the plain prompt
+        }
+
     def with_(self, **changes) -> RolloutBatch:
         """``dataclasses.replace``: what a stage returns."""
         return replace(self, **changes)
@@ -116,3 +130,41 @@ class RolloutBatch:
             if f.name not in changes and isinstance(value, Tensor):
                 changes[f.name] = value[index]
         return replace(self, **changes)
+
+
+def cat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Sampled batches of one step (dynamic sampling's rounds) as one: prompts left-padded and responses
+    right-padded to common widths, groups in order. Only before scoring: later stages run on the whole batch.
+    """
+    if any(b.advantages is not None or b.old_logp is not None for b in batches):
+        raise ValueError("cat_batches joins freshly sampled batches (no advantages or log-probs yet)")
+
+    def cat(name: str, value: int, left: bool) -> Tensor:
+        width = max(getattr(b, name).shape[1] for b in batches)
+        pads = [
+            (width - getattr(b, name).shape[1], 0) if left else (0, width - getattr(b, name).shape[1]) for b in batches
+        ]
+        return torch.cat([F.pad(getattr(b, name), pad, value=value) for b, pad in zip(batches, pads)])
+
+    plans = [b.plan for b in batches]
+    plan = RolloutPlan(
+        prompts=[p for plan in plans for p in plan.prompts],
+        templates=[t for plan in plans for t in plan.templates],
+        sample_prompts=[p for plan in plans for p in plan.sample_prompts],
+        train_prompts=[p for plan in plans for p in plan.train_prompts],
+        templated_groups=[g for plan in plans for g in plan.templated_groups],
+    )
+    return RolloutBatch(
+        plan=plan,
+        answers=[a for b in batches for a in b.answers],
+        gen_ids=cat("gen_ids", pad_id, left=True),
+        gen_mask=cat("gen_mask", 0, left=True),
+        prompt_ids=cat("prompt_ids", pad_id, left=True),
+        prompt_mask=cat("prompt_mask", 0, left=True),
+        response_ids=cat("response_ids", pad_id, left=False),
+        response_mask=cat("response_mask", 0, left=False),
+        texts=[t for b in batches for t in b.texts],
+        rewards=torch.cat([b.rewards for b in batches]),
+        reward_errors=sum(b.reward_errors for b in batches),
+        reward_timeouts=sum(b.reward_timeouts for b in batches),
+    )

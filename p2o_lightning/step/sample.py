@@ -44,3 +44,10 @@ def sample_rollouts(sample: SampleFn, plan: RolloutPlan, answers: list[str], sam
         reward_errors=grade.errors,
         reward_timeouts=grade.timeouts,
     )
+
+
+def sample_rows(
+    sample: SampleFn, plan: Callable[[list[str]], RolloutPlan], sampling: SamplingParams, rows: list[dict]
+) -> RolloutBatch:
+    """The graded rollouts of a batch of data rows (``{"prompt", "answer", ...}``), planned by ``plan(prompts)``."""
+    return sample_rollouts(sample, plan([row["prompt"] for row in rows]), [row["answer"] for row in rows], sampling)

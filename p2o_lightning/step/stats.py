@@ -179,3 +179,20 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
     same = (first == first[:, :1]).all(dim=1).repeat_interleave(K)  # [M]: the group opens with one token
     metrics["p2o/shared_first_token"] = (same & rows).float().sum() / rows.sum() if rows.any() else zero
     return metrics
+
+
+def sampling_metrics(seen: RolloutBatch, rounds: int) -> dict[str, float]:
+    """Dynamic sampling: the rounds run and the groups without reward spread among all sampled (1 and 0 when off)."""
+    informative = (seen.rewards != seen.rewards[:, :1]).any(dim=1)
+    return {"train/sampling_rounds": float(rounds), "train/dropped_groups": float((~informative).sum())}
+
+
+def log_step(module, metrics: Mapping[str, Tensor | float], rewards: Tensor) -> None:
+    """Log a step's metrics on ``module``, each reduced over ranks as declared; the collapse rate of ``rewards``."""
+    for key, value in metrics.items():
+        module.log(key, value, on_step=True, sync_dist=True, reduce_fx=rank_reduction(key))
+    module.collapse.update(rewards)
+    for key, value in module.collapse.compute().items():  # already reduced over ranks by the metric
+        module.log(f"train/{key}", value.item(), on_step=True, prog_bar=key == "collapse_rate")
+    module.collapse.reset()
+    module.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)

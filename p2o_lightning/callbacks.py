@@ -9,7 +9,8 @@ or when the running all-wrong collapse rate passes a threshold) and at least ``m
 - seed candidate: the empty template; Pareto candidate selection; ``parents_per_iteration`` (W) parents per
   iteration, each with a minibatch of 3 train problems; strict-improvement acceptance; no merge; a budget in metric
   calls (evaluated examples);
-- candidates are scored by the *current* policy, greedy, one sample, 0/1 (:class:`~p2o_lightning.prompt.adapter`);
+- candidates are scored by the *current* policy, greedy, one sample, 0/1 (:class:`~p2o_lightning.prompt.adapter`),
+  every rank scoring its share of each evaluation (:class:`~p2o_lightning.prompt.scorer.CollectiveScorer`);
 - the reflection backend writes children (:mod:`~p2o_lightning.prompt.reflection`).
 
 Then the set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
@@ -35,6 +36,7 @@ import json
 import logging
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,10 @@ import lightning as L
 import torch
 
 from p2o_lightning.outputs import run_dir
-from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
+from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter, score_examples
 from p2o_lightning.prompt.assignment import assign_templates, template_cover
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
+from p2o_lightning.prompt.scorer import CollectiveScorer
 from p2o_lightning.rollout import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -141,6 +144,7 @@ class P2OCallback(L.Callback):
         self.searches: list[dict[str, Any]] = []  # one record per search: candidates, dev scores, front, ...
         self.recent_all_wrong: list[float] = []
         self.last_search_step = -(10**9)
+        self.examples_scored = 0  # search examples this rank scored (its share of every evaluation); not saved
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -210,13 +214,19 @@ class P2OCallback(L.Callback):
             if self.clear_pool_after_search and self.trigger == "epoch":
                 self.hard_pool = {}  # the reference collects hard samples per epoch, searched or not
             return
-        record = None
-        if trainer.is_global_zero:
+        max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
+        scorer = CollectiveScorer(partial(score_examples, pl_module, max_new_tokens=max_new))
+
+        def run_search() -> dict[str, Any]:
             try:
-                record = self._run_gepa(trainer, pl_module, step)
+                return self._run_gepa(trainer, pl_module, step, scorer)
             except ReflectionError as err:  # a teacher that went down mid-run costs this search, not the run
                 log.error(f"P²O search at RL step {step} skipped: {err}")
-                record = {"rollout_step": step, "error": str(err), "assignments": {}, "dev_mean": [0.0]}
+                return {"rollout_step": step, "error": str(err), "assignments": {}, "dev_mean": [0.0]}
+
+        # rank 0 runs GEPA; every rank scores its share of each evaluation (under FSDP2 all run the forward)
+        record = scorer.drive(run_search)
+        self.examples_scored += scorer.num_scored
         record = trainer.strategy.broadcast(record, src=0)
         self.searches.append(record)
         if self.template_lifetime == "epoch":
@@ -234,7 +244,7 @@ class P2OCallback(L.Callback):
         ):
             pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
-    def _run_gepa(self, trainer, pl_module, step: int) -> dict[str, Any]:
+    def _run_gepa(self, trainer, pl_module, step: int, scorer: CollectiveScorer) -> dict[str, Any]:
         import gepa
         from gepa.strategies.proposal_sampling import IndependentSampling
 
@@ -246,7 +256,7 @@ class P2OCallback(L.Callback):
         dev = [{"prompt": p, "answer": a} for p, a in hard[:n_dev]]
         train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
         max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
-        adapter = P2OAdapter(pl_module, max_new_tokens=max_new)
+        adapter = P2OAdapter(pl_module, max_new_tokens=max_new, scorer=scorer)
         start = time.perf_counter()
         result = gepa.optimize(
             seed_candidate={COMPONENT: ""},

@@ -9,52 +9,73 @@ the correct answer. As gepa's contract asks, a failing example never raises: it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from gepa import EvaluationBatch
 
+from p2o_lightning.policy import gathered
+from p2o_lightning.prompt.scorer import Scored
 from p2o_lightning.rollout import SamplingParams
 from p2o_lightning.tasks import apply_template
 
 COMPONENT = "template"
 
 
+def score_examples(
+    module, examples: Sequence[Mapping[str, str]], template: str, max_new_tokens: int, batch_size: int = 64
+) -> list[Scored]:
+    """``(response, reward, feedback)`` of each example under ``template``: the module's current policy, greedy.
+
+    Never raises for a failing chunk: it scores 0 and says why. The policy's parameters are gathered once for all
+    chunks (FSDP2), also for an empty list: that all-gather is a collective every rank takes in each evaluation.
+    """
+    scored: list[Scored] = []
+    with gathered(module.policy):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [apply_template(template, ex["prompt"]) for ex in chunk]
+            answers = [ex["answer"] for ex in chunk]
+            try:
+                rollouts, grade = module.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new_tokens))
+                scored += zip(rollouts.texts, map(float, grade.rewards), grade.feedback)
+            except Exception as err:  # a broken batch scores 0 with the reason; the search goes on
+                reason = f"The model could not be run on this problem ({type(err).__name__}: {err})."
+                scored += [("", 0.0, reason)] * len(chunk)
+    return scored
+
+
 class P2OAdapter:
-    """Scores templates with a :class:`~p2o_lightning.module.P2OModule`'s current policy (greedy, 0/1 reward)."""
+    """Scores templates with a :class:`~p2o_lightning.module.P2OModule`'s current policy (greedy, 0/1 reward).
+
+    ``scorer(examples, template)`` scores a batch (default: :func:`score_examples` on this process; the P²O
+    callback passes a :class:`~p2o_lightning.prompt.scorer.CollectiveScorer`, which shares it among the ranks).
+    """
 
     propose_new_texts = None  # proposals come from the reflection backend (gepa's reflection_lm or custom proposer)
 
-    def __init__(self, module, max_new_tokens: int, batch_size: int = 64) -> None:
+    def __init__(self, module, max_new_tokens: int, batch_size: int = 64, scorer: Callable | None = None) -> None:
         self.module = module
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.scorer = scorer or partial(score_examples, module, max_new_tokens=max_new_tokens, batch_size=batch_size)
         self.num_examples = 0  # examples evaluated: the search's cost in metric calls
 
     def evaluate(
         self, batch: list[Mapping[str, str]], candidate: dict[str, str], capture_traces: bool = False
     ) -> EvaluationBatch:
-        template = candidate.get(COMPONENT, "")
-        outputs: list[str] = []
-        scores: list[float] = []
-        traces: list[dict[str, Any]] = []
-        for start in range(0, len(batch), self.batch_size):
-            chunk = batch[start : start + self.batch_size]
-            prompts = [apply_template(template, ex["prompt"]) for ex in chunk]
-            answers = [ex["answer"] for ex in chunk]
-            try:
-                rollouts, grade = self.module.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, self.max_new_tokens))
-                texts, rewards, feedback = rollouts.texts, grade.rewards, grade.feedback
-            except Exception as err:  # a broken batch scores 0 with the reason; the search goes on
-                texts = [""] * len(chunk)
-                rewards = [0.0] * len(chunk)
-                feedback = [f"The model could not be run on this problem ({type(err).__name__}: {err})."] * len(chunk)
-            for ex, text, reward, fb in zip(chunk, texts, rewards, feedback):
-                outputs.append(text)
-                scores.append(float(reward))
-                traces.append({"problem": ex["prompt"], "response": text, "reward": float(reward), "feedback": fb})
+        scored = self.scorer(batch, candidate.get(COMPONENT, ""))
+        traces = [
+            {"problem": ex["prompt"], "response": text, "reward": reward, "feedback": fb}
+            for ex, (text, reward, fb) in zip(batch, scored)
+        ]
         self.num_examples += len(batch)
-        return EvaluationBatch(outputs=outputs, scores=scores, trajectories=traces if capture_traces else None)
+        return EvaluationBatch(
+            outputs=[text for text, _, _ in scored],
+            scores=[reward for _, reward, _ in scored],
+            trajectories=traces if capture_traces else None,
+        )
 
     def make_reflective_dataset(
         self, candidate: dict[str, str], eval_batch: EvaluationBatch, components_to_update: list[str]

@@ -34,6 +34,16 @@ T = TypeVar("T")
 _SCORE, _STOP = "score", "stop"
 
 
+_CONTROL_GROUPS: dict[datetime.timedelta, Any] = {}
+
+
+def _control_group(timeout: datetime.timedelta):
+    """The gloo group of the control messages, made once per timeout (every rank makes it, in the same order)."""
+    if timeout not in _CONTROL_GROUPS:
+        _CONTROL_GROUPS[timeout] = dist.new_group(backend="gloo", timeout=timeout)
+    return _CONTROL_GROUPS[timeout]
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -63,8 +73,8 @@ class CollectiveScorer:
         Returns ``search()``'s result on rank 0 and None elsewhere. Rank 0 sends ``stop`` also when the search
         raises, so the serving ranks are released and the error surfaces where it happened.
         """
-        if self.world > 1 and self.group is None:  # every rank creates the group, in the same order
-            self.group = dist.new_group(backend="gloo", timeout=self.timeout)
+        if self.world > 1 and self.group is None:
+            self.group = _control_group(self.timeout)
         if self.rank != 0:
             self.serve()
             return None

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported (Lightning imports it): set it before any test module loads, so the
+    # kernels run in the interpreter whichever module is collected first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -30,10 +30,16 @@ class ParityReward(P2OModule):  # rewarded 1 for an odd-length prompt: templates
 
 
 class Record(L.Callback):
+    templated = 0  # training groups sampled under templates, after the search
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.templated += sum(outputs["templated"])
+
     def on_fit_end(self, trainer, pl_module):
         p2o = next(c for c in trainer.callbacks if isinstance(c, P2OCallback))
         record = {"assignments": pl_module.template_assignments, "searches": len(p2o.searches),
-                  "examples_scored": p2o.examples_scored, "metric_calls": [s.get("metric_calls") for s in p2o.searches]}
+                  "templated": self.templated, "examples_scored": p2o.examples_scored,
+                  "metric_calls": [s.get("metric_calls") for s in p2o.searches]}
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -42,11 +48,15 @@ module = ParityReward(model=world, num_rollouts=4, max_new_tokens=8, micro_batch
                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
 p2o = P2OCallback(trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
                   parents_per_iteration=2, template_lifetime="forever", clear_pool_after_search=False)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=3, logger=False,
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=4, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
                     default_root_dir=str(out), callbacks=[p2o, Record()])
-trainer.fit(module, datamodule=PromptDataModule(batch_size=2))
+# 8 problems = 2 steps of 2 prompts on each of 2 ranks: the search at step 2 assigns templates to the hard ones,
+# which come round again in steps 3-4 (distilled rows, the context ratio mask, under FSDP2)
+train = out / "train.jsonl"
+train.write_text("".join(json.dumps({"prompt": f"{i}+{i + 3}=", "answer": str(2 * i + 3)}) + "\\n" for i in range(8)))
+trainer.fit(module, datamodule=PromptDataModule(batch_size=2, train_file=str(train), val_files={"dev": str(train)}))
 """
 
 
@@ -60,10 +70,11 @@ def test_p2o_search_under_fsdp2_on_two_ranks(tiny_world, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["searches"] == ranks[1]["searches"] == 1  # at RL step 2
+    assert ranks[0]["searches"] == ranks[1]["searches"] == 2  # at RL steps 2 and 4
     assert ranks[0]["assignments"] == ranks[1]["assignments"]  # the same templates on both ranks
     assert ranks[0]["assignments"]  # the search did assign templates (a template beat the plain prompt)
-    calls = ranks[0]["metric_calls"][0]
+    assert ranks[0]["templated"] + ranks[1]["templated"] > 0  # and steps 3-4 trained on templated groups
+    calls = sum(ranks[0]["metric_calls"])
     assert calls > 0
     # every evaluation was shared: examples i, i + 2, ... on rank 0, the others on rank 1
     assert ranks[0]["examples_scored"] > 0 and ranks[1]["examples_scored"] > 0

@@ -1,17 +1,15 @@
 """``P2OModule``: GRPO with PPO-clip on verifiable rewards, as a LightningModule that wires the RL step's stages.
 
-One ``training_step`` is one RL iteration (the shape of TRL's ``GRPOTrainer`` and verl's ``ray_trainer``), read top
-to bottom as the stages of :mod:`p2o_lightning.step`, one :class:`~p2o_lightning.step.batch.RolloutBatch` flowing
-through them: **plan** → **sample** (engine + grader) → **score** (advantages, loss mask) → **distill**
-(re-prompt templated rows with x) → **logprobs** (π_old, π_ref, context; skipped for a single update) → **update**
-(PPO epochs × mini-batches × micro-batches; manual optimisation, so ``global_step`` counts PPO updates and
-``train/rollout_step`` RL iterations) → **stats**, timed as ``time/rollout_s``, ``time/logprob_s``, ``time/update_s``.
-The module never imports triton (``backend`` chooses the ops). P²O hooks in through two seams, inert without the
-P²O callback: ``template_assignments`` (read by the plan) and the per-step ``outputs`` (hard samples).
+One ``training_step`` is one RL iteration, read top to bottom as the stages of :mod:`p2o_lightning.step`, one
+:class:`~p2o_lightning.step.batch.RolloutBatch` flowing through them: plan → sample → dynamic sampling → score →
+distill → logprobs → update → stats, timed as ``time/rollout_s``, ``time/logprob_s``, ``time/update_s``. Manual
+optimisation: ``global_step`` counts PPO updates, ``train/rollout_step`` RL iterations. The module never imports
+triton. P²O hooks in through ``template_assignments`` (read by the plan) and the per-step ``outputs``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
 from typing import Any
@@ -24,21 +22,22 @@ from torch import nn
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
-from p2o_lightning.policy import DTYPES, PolicyLogProb, gathered, load_causal_lm, load_policy
+from p2o_lightning.policy import PolicyLogProb, gathered, load_causal_lm, load_policy, resolve_model_path
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
-from p2o_lightning.rollout import HFRolloutEngine, SamplingParams, check_rollout_engine, require_extra
+from p2o_lightning.rollout import HFRolloutEngine, SamplingParams
+from p2o_lightning.settings import check_settings
 from p2o_lightning.step.distill import needs_context_logp, reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
-from p2o_lightning.step.logprobs import LogProbSettings, rollout_logprobs
+from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logprobs, rollout_mismatch
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
-from p2o_lightning.step.sample import sample_rows
-from p2o_lightning.step.score import check_group_size, score_groups
+from p2o_lightning.step.sample import make_engine, sample_rows
+from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
 from p2o_lightning.step.update import LossSettings, OptimizerStep, PPOSettings, PPOUpdate, lr_schedule, total_updates
 from p2o_lightning.tasks import get_task
 
-__all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm"]
+__all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm", "resolve_model_path"]
 
 
 class P2OModule(L.LightningModule):
@@ -74,7 +73,12 @@ class P2OModule(L.LightningModule):
         dtype: parameter dtype of policy and reference: ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: HF attention kernel (``sdpa``, ``eager``, ``flash_attention_2`` needs the flash extra).
         gradient_checkpointing: recompute activations in backward to save memory.
-        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (optional extra).
+        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
+        vllm_options: keyword arguments of the vLLM engine (``gpu_memory_utilization``, ``max_model_len``,
+            ``kv_cache_memory_bytes``, ``sleep``; see :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine`).
+        tis_cap: truncated importance sampling: weight each token's policy-gradient term by
+            min(π_old / π_rollout, tis_cap), the trainer's over the engine's probability of the sampled token
+            (verl / TRL; 2.0 is common with vLLM). None: off; the mismatch is still logged.
         seed: seed of validation sampling (kept apart from the training RNG stream).
         distill: P²O context distillation: rollouts sampled from a templated prompt are trained as responses to
             the original prompt (False: the paper's "no distillation" ablation, trained on the templated prompt).
@@ -125,6 +129,8 @@ class P2OModule(L.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
         rollout_engine: str = "hf",
+        vllm_options: dict[str, Any] | None = None,
+        tis_cap: float | None = None,
         seed: int = 0,
         distill: bool = True,
         context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0),
@@ -135,35 +141,24 @@ class P2OModule(L.LightningModule):
         max_sampling_rounds: int = 3,
     ) -> None:
         super().__init__()  # every setting is checked here, before a model is loaded or a rollout sampled
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is unknown; choose one of {tuple(DTYPES)}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule={lr_schedule!r} is unknown; choose 'constant' or 'cosine'")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend={backend!r} is unknown; choose 'auto', 'torch' or 'triton'")
-        check_group_size(num_rollouts)
-        if micro_batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("micro_batch_size and max_new_tokens must be >= 1")
-        check_dynamic_sampling(dynamic_sampling, max_sampling_rounds)
-        if not 0 <= plain_rollouts <= num_rollouts:
-            raise ValueError(f"plain_rollouts={plain_rollouts} must be in [0, num_rollouts={num_rollouts}]")
+        check_settings(
+            dtype=dtype, lr_schedule=lr_schedule, backend=backend, num_rollouts=num_rollouts,
+            micro_batch_size=micro_batch_size, max_new_tokens=max_new_tokens, dynamic_sampling=dynamic_sampling,
+            max_sampling_rounds=max_sampling_rounds, plain_rollouts=plain_rollouts,
+            attn_implementation=attn_implementation, rollout_engine=rollout_engine, tis_cap=tis_cap,
+        )  # fmt: skip
         loss = LossSettings(
             clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, loss_agg, context_ratio_bounds, context_mask_scope
         )
         logprob = LogProbSettings(temperature if temperature > 0 else 1.0, logprob_chunk_size, micro_batch_size)
         self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size), loss, logprob)
-        if attn_implementation == "flash_attention_2":
-            require_extra("flash_attn", "flash", "attn_implementation='flash_attention_2'")
-        check_rollout_engine(rollout_engine)
         self.task = get_task(task)
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
         self.grader = SafeGrader(self.task, timeout=reward_timeout)
-        self.policy: PolicyLogProb | None = None  # loaded in configure_model, after the data is checked
+        self.policy, self.tokenizer, self.engine = None, None, None  # loaded in configure_model, after the data
         self._reference: list[PolicyLogProb] = []  # held outside the module tree: frozen, never checkpointed
-        self.tokenizer = None
-        self.engine: HFRolloutEngine | None = None
         self.collapse = CollapseRate()
         self.rollout_steps = 0  # RL iterations done (checkpointed)
         # P²O: prompt text -> the K templates its rollouts are sampled with (set by P2OCallback, keyed by content)
@@ -171,7 +166,6 @@ class P2OModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict()
         self._optimizer_step = OptimizerStep(self, max_grad_norm)
 
-    # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
         if self.policy is not None:
             return
@@ -180,7 +174,9 @@ class P2OModule(L.LightningModule):
             hp.model, hp.dtype, hp.attn_implementation, hp.gradient_checkpointing, self.device_mesh
         )
         self._reference = [reference.to(self.device)]
-        self.engine = HFRolloutEngine(self.policy.lm, self.tokenizer)
+        vllm = dict(dtype=hp.dtype, seed=hp.seed, **(hp.vllm_options or {}))
+        strategy = getattr(self._trainer, "strategy", None)
+        self.engine = make_engine(hp.rollout_engine, self.policy.lm, self.tokenizer, hp.model, strategy, **vllm)
 
     @property
     def reference(self) -> PolicyLogProb:
@@ -207,7 +203,6 @@ class P2OModule(L.LightningModule):
                 )
         add_val_metrics(self, getattr(dm, "val_split_names", None) or [])
 
-    # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         hp = self.hparams
@@ -221,7 +216,6 @@ class P2OModule(L.LightningModule):
     def _where(self) -> str:
         return f"at global step {self.global_step} (rollout step {self.rollout_steps})"
 
-    # ------------------------------------------------------------------ rollouts
     def plan(self, prompts: list[str]) -> RolloutPlan:
         """The step's rollout plan: which prompt each of the B·K rows is sampled under and trained under."""
         hp = self.hparams
@@ -229,12 +223,12 @@ class P2OModule(L.LightningModule):
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        with gathered(self.policy):  # FSDP2: generate() runs outside the wrapper's forward
+        hf = isinstance(self.engine, HFRolloutEngine)  # FSDP2: HF generate() runs outside the wrapper's forward
+        with gathered(self.policy) if hf else contextlib.nullcontext():
             rollouts = self.engine.generate(prompts, sampling)
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
         return rollouts, grade
 
-    # ------------------------------------------------------------------ training
     def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
         times: dict[str, float] = {}
@@ -255,8 +249,10 @@ class P2OModule(L.LightningModule):
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None
         with_context = needs_context_logp(rollouts, hp.context_ratio_bounds)
-        need_old = not self.ppo.fuses_old_logprobs(rollouts)  # one update: π_old = π_θ detached, from the update
+        # one update: π_old = π_θ detached, from the update's forward (TIS needs π_old before the update)
+        need_old = hp.tis_cap is not None or not self.ppo.fuses_old_logprobs(rollouts)
         rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, self.ppo.logprob, need_old, with_context)
+        rollouts = apply_tis(rollouts, hp.tis_cap)  # truncated importance sampling (with tis_cap)
         times["logprob"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -264,17 +260,18 @@ class P2OModule(L.LightningModule):
         stats, rollouts = self.ppo(
             rollouts, self.policy, ops, self.manual_backward, opt.zero_grad, self._optimizer_step, self._where
         )
+        self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         times["update"] = time.perf_counter() - t0
         self.rollout_steps += 1
 
         metrics = train_metrics(rollouts, times, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
+        stats.update(rollout_mismatch(rollouts, hp.tis_cap)[0])  # π_old vs π_rollout
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
         metrics.update(sampling_metrics(seen, rounds))
         log_step(self, metrics, seen.rewards)  # collapse over every sampled group, the dropped ones too
         return seen.outputs()  # every group sampled, dropped ones included: the P²O callback's hard samples
 
-    # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             log_sanity_check(self)
@@ -285,7 +282,6 @@ class P2OModule(L.LightningModule):
     def test_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         evaluate(self, batch, "test")
 
-    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["p2o_rng"] = capture_rng_state()
         checkpoint["p2o_rollout_steps"] = self.rollout_steps
@@ -294,6 +290,9 @@ class P2OModule(L.LightningModule):
         self.rollout_steps = checkpoint.get("p2o_rollout_steps", 0)
         if checkpoint.get("p2o_rng") is not None:
             restore_rng_state(checkpoint["p2o_rng"])
+
+    def on_train_start(self) -> None:
+        self.engine.sync_weights(self.policy.lm)  # a resumed policy is not the checkpoint the engine was built from
 
     def on_fit_end(self) -> None:
         self.grader.close()

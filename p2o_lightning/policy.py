@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +23,28 @@ from torch import Tensor, nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_model_path(path: str) -> str:
+    """The checkpoint folder of ``model``, or an error naming it.
+
+    ``"embedded"`` builds (or reuses) the embedded world; any other value must be a local HF model folder.
+    """
+    if path == "embedded":
+        from p2o_lightning.tasks.world import build_world
+
+        return str(build_world())
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model={path!r}: no such file or folder (models load from local paths only)")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ValueError(f"model={path!r} is not a HF model folder: it has no config.json (save_pretrained layout)")
+    return str(folder)
+
+
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
     """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if path == "embedded":
-        from p2o_lightning.tasks.world import build_world
-
-        path = str(build_world())
+    path = resolve_model_path(path)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

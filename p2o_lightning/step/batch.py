@@ -38,6 +38,7 @@ class RolloutBatch:
     rewards: Tensor  # [G, K] the grader's rewards
     reward_errors: int = 0  # grader calls that raised (scored 0)
     reward_timeouts: int = 0  # grader calls that timed out (scored 0)
+    sampling_logp: Tensor | None = None  # [M, R] log π_rollout(y): the engine's log-probs of the tokens it sampled
     advantages: Tensor | None = None  # [M] group-normalised rewards
     loss_mask: Tensor | None = None  # [M, R] the tokens the loss is taken over (response × rows in the loss)
     old_logp: Tensor | None = None  # [M, R] log π_old(y | trained prompt)
@@ -167,4 +168,5 @@ def cat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         rewards=torch.cat([b.rewards for b in batches]),
         reward_errors=sum(b.reward_errors for b in batches),
         reward_timeouts=sum(b.reward_timeouts for b in batches),
+        sampling_logp=cat("sampling_logp", 0, left=False) if batches[0].sampling_logp is not None else None,
     )

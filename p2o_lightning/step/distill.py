@@ -28,5 +28,7 @@ def reprompt(batch: RolloutBatch, encode: EncodeFn) -> RolloutBatch:
 
 
 def needs_context_logp(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] | None) -> bool:
-    """The context ratio mask applies: some row is distilled and the mask is on."""
-    return batch.reprompted and context_ratio_bounds is not None
+    """Some row is distilled, and log π(y|t(x)) is needed: for the context ratio mask, or as the π_old that the
+    engine's sampling log-probs are compared with (the row was sampled under t(x)).
+    """
+    return batch.reprompted and (context_ratio_bounds is not None or batch.sampling_logp is not None)

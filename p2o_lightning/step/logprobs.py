@@ -11,11 +11,13 @@ reference, and the context log-probs that a ``tokens``-scope mask needs before t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from p2o_lightning.ops import tis_weights
 from p2o_lightning.step.batch import RolloutBatch
 
 
@@ -93,3 +95,36 @@ def rollout_logprobs(
     if reference is not None:
         changes["ref_logp"] = token_logprobs(reference, batch, ops, settings)[0]
     return batch.with_(**changes)
+
+
+def rollout_mismatch(batch: RolloutBatch, tis_cap: float | None) -> tuple[dict[str, float], Tensor | None]:
+    """On-policy hygiene: π_old against π_rollout over the response tokens, and TIS weights [M, R] with ``tis_cap``.
+
+    π_old of a token is the trainer's under the prompt the row was *sampled* under: ``old_logp`` for a row trained
+    where it was sampled, ``context_logp`` (log π(y|t(x))) for a distilled row. Returns ``rollout_logprob_diff``
+    (mean |Δ|), and with ``tis_cap`` the weights min(π_old / π_rollout, cap) with their mean and capped share.
+    """
+    if batch.sampling_logp is None:
+        if tis_cap is not None:
+            raise ValueError("tis_cap is set but the rollout engine returned no sampling log-probs")
+        return {}, None
+    behaviour = batch.old_logp  # [M, R]
+    if batch.reprompted:
+        distilled = torch.tensor(batch.plan.distilled_rows, device=behaviour.device)[:, None]  # [M, 1]
+        behaviour = torch.where(distilled, batch.context_logp, behaviour)
+    mask = batch.response_mask.float()
+    n = mask.sum().clamp(min=1)
+    stats = {"rollout_logprob_diff": float(((behaviour - batch.sampling_logp).abs() * mask).sum() / n)}
+    if tis_cap is None:
+        return stats, None
+    tis = tis_weights(behaviour, batch.sampling_logp, tis_cap)  # [M, R]
+    stats["tis_weight_mean"] = float((tis * mask).sum() / n)
+    stats["tis_capped_frac"] = float(((behaviour - batch.sampling_logp > math.log(tis_cap)) * mask).sum() / n)
+    return stats, tis
+
+
+def apply_tis(batch: RolloutBatch, tis_cap: float | None) -> RolloutBatch:
+    """With ``tis_cap``, per-token advantages [M, R] weighted by the TIS weights: w·pg equals pg with w·A, as w > 0."""
+    if tis_cap is None:
+        return batch
+    return batch.with_(advantages=batch.advantages[:, None] * rollout_mismatch(batch, tis_cap)[1])

@@ -13,12 +13,28 @@ from dataclasses import replace
 
 import torch
 
+from p2o_lightning.policy import resolve_model_path
 from p2o_lightning.rewards import GradeResult
-from p2o_lightning.rollout import Rollouts, SamplingParams
+from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.plan import RolloutPlan
 
 SampleFn = Callable[[list[str], list[str], SamplingParams], tuple[Rollouts, GradeResult]]
+
+
+def make_engine(name: str, lm, tokenizer, model_path: str, strategy, **vllm_options):
+    """The rollout engine: HF ``generate`` on the policy itself, or a colocated vLLM synced from it."""
+    if name != "vllm":
+        return HFRolloutEngine(lm, tokenizer)
+    from p2o_lightning.rollout.vllm import VLLMRolloutEngine
+
+    if type(strategy).__name__ == "FSDPStrategy":
+        raise ValueError(
+            "rollout_engine='vllm' syncs full tensors from FSDP2 (ModelParallelStrategy) or unsharded "
+            "policies; FSDPStrategy (FSDP1) shards flat parameters it cannot hand over: use "
+            "lightning.pytorch.strategies.ModelParallelStrategy"
+        )
+    return VLLMRolloutEngine(resolve_model_path(model_path), tokenizer, **vllm_options)
 
 
 def sample_rollouts(sample: SampleFn, plan: RolloutPlan, answers: list[str], sampling: SamplingParams) -> RolloutBatch:
@@ -43,6 +59,7 @@ def sample_rollouts(sample: SampleFn, plan: RolloutPlan, answers: list[str], sam
         rewards=rewards,
         reward_errors=grade.errors,
         reward_timeouts=grade.timeouts,
+        sampling_logp=rollouts.sampling_logp,
     )
 
 

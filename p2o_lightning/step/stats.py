@@ -38,6 +38,10 @@ REDUCTIONS: dict[str, str] = {
     "ratio_max": "max",
     "approx_kl_old": "mean",
     "context_masked_frac": "mean",
+    # on-policy hygiene (π_old against the engine's π_rollout)
+    "rollout_logprob_diff": "mean",
+    "tis_weight_mean": "mean",
+    "tis_capped_frac": "mean",
     # per update
     "grad_norm": "mean",
     "skipped_steps": "count",
@@ -168,7 +172,7 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
     }
     first4, rest = zero, zero
     distilled = torch.tensor(plan.distilled_rows, device=device)  # [M]
-    if batch.context_logp is not None and distilled.any():
+    if context_ratio_bounds is not None and batch.context_logp is not None and distilled.any():
         cut = (~context_ratio_mask(batch.old_logp, batch.context_logp, *context_ratio_bounds)).float() * mask
         cut, resp = cut[distilled], mask[distilled]  # [M, R] → the distilled rows
         first4 = cut[:, :4].sum() / resp[:, :4].sum().clamp(min=1)

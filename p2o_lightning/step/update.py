@@ -27,6 +27,7 @@ from torch import Tensor
 
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
+from p2o_lightning.step.distill import needs_context_logp
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
 from p2o_lightning.step.stats import UpdateStats
 
@@ -159,7 +160,7 @@ class PPOUpdate:
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
         fused_old = batch.old_logp is None  # single update: π_old comes from this forward
-        with_context = fused_old and batch.reprompted and bounds is not None
+        with_context = fused_old and needs_context_logp(batch, bounds)
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
             entropy_all = torch.zeros_like(mask)
@@ -170,7 +171,7 @@ class PPOUpdate:
             for group_ids in groups.split(s.mini_batch_groups or G):
                 rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(device)  # [mini·K]
                 kept = mask[rows]  # [mini·K, R] the tokens a token-mean divides by
-                if batch.context_logp is not None and self.loss.context_mask_scope == "tokens":  # cut tokens leave
+                if bounds and batch.context_logp is not None and self.loss.context_mask_scope == "tokens":  # cut
                     kept = kept * ops.context_ratio_mask(batch.old_logp[rows], batch.context_logp[rows], *bounds)
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
@@ -192,7 +193,7 @@ class PPOUpdate:
                         ref_logp=None if batch.ref_logp is None else batch.ref_logp[micro],
                         num_tokens=num_tokens,
                         num_seqs=len(rows),
-                        context_logp=context,
+                        context_logp=context if bounds is not None else None,  # the mask's input
                     )
                     if not torch.isfinite(loss):
                         raise FloatingPointError(

@@ -4,9 +4,9 @@ One pass over the rows in micro-batches. When some row is distilled (trained und
 each micro-batch runs the decoder on both prompts and scores both contexts with **one** ``linear_logprob_multi``
 call, so the LM head weight is streamed once for log π(y|x) and log π(y|t(x)) (both backends; the Triton kernel
 multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The reference model (only when
-``kl_coef > 0``) is a second pass. When the PPO update is a single one (:func:`single_update`), π_old is π_θ at
-that update, detached: the update computes it, and this stage only computes what the update cannot (the
-reference, and the context log-probs that a ``tokens``-scope mask needs before the update's denominators).
+``kl_coef > 0``) is a second pass. When the PPO update is a single one (``PPOUpdate.fuses_old_logprobs``), π_old
+is π_θ at that update, detached: the update's forward gives it and the context, and this stage computes only the
+reference. The engine's sampling log-probs are compared with π_old here too (:func:`rollout_mismatch`, TIS).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def rollout_logprobs(
     need_old: bool = True,
     with_context: bool = False,
 ) -> RolloutBatch:
-    """The batch with ``old_logp`` and ``entropy`` (when ``need_old``), ``context_logp`` (when ``with_context``)
-    and ``ref_logp`` (when ``reference`` is given).
+    """The batch with ``old_logp`` and ``entropy`` (when ``need_old``), ``context_logp`` (when ``need_old`` and
+    ``with_context``) and ``ref_logp`` (when ``reference`` is given). Without ``need_old`` the update's own forward
+    gives π_old and the context (:mod:`p2o_lightning.step.update`).
     """
     changes: dict[str, Tensor | None] = {}
     if need_old:
@@ -89,9 +90,6 @@ def rollout_logprobs(
             policy, batch, ops, settings, return_entropy=True, with_context=with_context
         )
         changes.update(old_logp=old, entropy=entropy, context_logp=context)
-    elif with_context:  # the mask's denominators need the context before the update: score the sampled prompts
-        context = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
-        changes["context_logp"] = token_logprobs(policy, context, ops, settings)[0]
     if reference is not None:
         changes["ref_logp"] = token_logprobs(reference, batch, ops, settings)[0]
     return batch.with_(**changes)

@@ -5,9 +5,18 @@ reads the module's own phase timers (``time/rollout_s``: sampling K responses pe
 grading them; ``time/logprob_s``: old log-probs and entropy of every rollout, no grad; ``time/update_s``: PPO
 forward + loss + backward + optimizer step). The first step is a warm-up and is dropped.
 
-    python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8]
+    python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine hf|vllm] [--model bpe]
+    python benchmarks/bench_step.py --passes [--steps 6]
+    python benchmarks/bench_step.py --compare-engines [--steps 4]       # in .venv-vllm
 
 Prints a table, writes ``benchmarks/results/step_<device>.csv`` and ``.png``, and ends with one JSON line.
+
+``--compare-engines`` (in the venv of ``scripts/make_vllm_venv.sh``) runs HF ``generate`` and vLLM on the embedded
+world and on a BPE + chat-template Qwen3 checkpoint (``--model bpe``: built in a temp folder, random weights, the
+math task on our generated problems; its responses run to ``max_new_tokens``), each in a fresh process so its peak
+RSS is its own, and writes ``step_engines_<device>.csv`` / ``.png``: tokens/s of each phase (response tokens of the
+step over the phase's time) and peak memory. The vLLM rows include the weight sync after each update (in
+``update``); engine start-up is outside the timed steps.
 
 ``--passes`` compares the log-prob passes of a step instead, each variant in a fresh process (peak RSS from
 ``getrusage``), on GRPO rows and on P²O rows (every prompt holds templates: distilled rows and the context ratio
@@ -15,8 +24,6 @@ mask): ``two-pass`` (log π(y|t(x)) and log π(y|x) in two passes, the separate 
 ``one-pass`` (both contexts in one ``linear_logprob_multi`` call per micro-batch, still a separate π_old pass) and
 ``fused`` (the default: with one PPO epoch and one mini-batch, π_old, the entropy and the context come from the
 update's own forward). Writes ``benchmarks/results/step_passes_<device>.csv``.
-
-    python benchmarks/bench_step.py --passes [--steps 6]
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning as L
@@ -42,18 +51,152 @@ from p2o_lightning.data import PromptDataModule  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PHASES = ("rollout", "logprob", "update")
+PHASES = ("generate", "grade", "logprob", "update")  # generate + grade = the module's time/rollout_s
 
 
 class PhaseTimes(Callback):
+    """The module's phase timers, with its rollout time split into the engine's ``generate`` and the grading."""
+
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.generate_s = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        engine_generate = pl_module.engine.generate
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return engine_generate(*args, **kwargs)
+            finally:
+                self.generate_s += time.perf_counter() - t0
+
+        pl_module.engine.generate = timed  # this instance only, for the benchmark
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
-        row = {p: float(m[f"time/{p}_s"]) for p in PHASES}
+        row = {p: float(m[f"time/{p}_s"]) for p in ("logprob", "update")}
+        row["generate"], row["grade"] = self.generate_s, float(m["time/rollout_s"]) - self.generate_s
+        self.generate_s = 0.0
         row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.hparams.num_rollouts
         self.rows.append(row)
+
+
+def build_bpe_model(folder: Path) -> tuple[str, str]:
+    """A BPE + chat-template Qwen3 checkpoint and a math JSONL of ours in ``folder``: (model path, train file)."""
+    from p2o_lightning.tasks.bpe_checkpoint import build_bpe_checkpoint
+    from p2o_lightning.tasks.math_data import math_problems, write_math_jsonl
+
+    rows = math_problems(240)
+    texts = [f"{r['prompt']} The answer is \\boxed{{{r['answer']}}}." for r in rows]
+    model = build_bpe_checkpoint(folder / "qwen3-bpe", texts, hidden_size=128, num_layers=2, num_heads=4)
+    return str(model), str(write_math_jsonl(folder / "math.jsonl", n=240))
+
+
+def run_steps(args, tmp: Path) -> dict:
+    """Fit ``args.steps`` RL steps; the medians of the module's phase timers and this process's peak RSS."""
+    L.seed_everything(0)
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    model, task, data = args.model, "addition", {}
+    if args.model == "bpe":
+        model, train = build_bpe_model(tmp)
+        task, data = "math", {"train_file": train, "val_files": {"dev": train}}
+    module = P2OModule(
+        model=model,
+        task=task,
+        num_rollouts=args.num_rollouts,
+        max_new_tokens=args.max_new_tokens,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+        micro_batch_size=64,
+        rollout_engine=args.engine,
+        vllm_options={"kv_cache_memory_bytes": 256 * 2**20} if args.engine == "vllm" else None,
+    )
+    if getattr(args, "variant", None):
+        setup_variant(module, args.variant)
+    timer = PhaseTimes()
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+        default_root_dir=tmp,
+    )
+    trainer.fit(module, datamodule=PromptDataModule(task=task, batch_size=args.batch_size, **data))
+    rows = timer.rows[1:] or timer.rows
+    med = {p: statistics.median(r[p] for r in rows) * 1e3 for p in PHASES}
+    tokens = statistics.median(r["response_tokens"] for r in rows)
+    env = environment(torch.device("cuda" if accelerator == "gpu" else "cpu"))
+    record = {**env, "model": args.model, "engine": args.engine, "batch_size": args.batch_size}
+    record.update(num_rollouts=args.num_rollouts, max_new_tokens=args.max_new_tokens, steps=len(rows))
+    record.update({f"{p}_ms": round(med[p], 2) for p in PHASES})
+    record["total_ms"] = round(sum(med.values()), 2)
+    record["response_tokens"] = round(tokens, 1)
+    record.update({f"{p}_tokens_per_s": round(tokens / med[p] * 1e3, 1) for p in PHASES})
+    record["response_tokens_per_s"] = round(tokens / sum(med.values()) * 1e3, 1)
+    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    return record
+
+
+def append_csv(path: Path, record: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+def compare_engines(args) -> None:
+    """One fresh process per (model, engine); a table, ``step_engines_<device>.csv`` and a plot."""
+    records = []
+    for model in ("embedded", "bpe"):
+        for engine in ("hf", "vllm"):
+            cmd = [sys.executable, __file__, "--model", model, "--engine", engine, "--json-only"]
+            cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            cmd += ["--num-rollouts", str(args.num_rollouts), "--max-new-tokens", str(args.max_new_tokens)]
+            env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"{model} / {engine} failed:\n{out.stderr[-3000:]}")
+            records.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    head = f"{'model':>9} {'engine':>6} " + " ".join(f"{p + ' tok/s':>15}" for p in PHASES)
+    print(f"\nRL step, {args.batch_size} prompts x K={args.num_rollouts}, {records[0]['device']}")
+    print(head + f" {'step tok/s':>11} {'peak RSS MB':>12}")
+    for r in records:
+        cells = " ".join(f"{r[p + '_tokens_per_s']:>15.0f}" for p in PHASES)
+        print(f"{r['model']:>9} {r['engine']:>6} {cells} {r['response_tokens_per_s']:>11.0f} {r['peak_rss_mb']:>12.0f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"step_engines_{records[0]['device_kind']}"
+    for r in records:
+        append_csv(out.with_suffix(".csv"), r)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    labels = [f"{r['model']}\n{r['engine']}" for r in records]
+    left = [0.0] * len(records)
+    for p in PHASES:
+        axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
+        left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
+    axes[0].set_xlabel("ms per RL step (median)")
+    axes[0].legend(fontsize=7)
+    axes[1].barh(labels, [r["peak_rss_mb"] for r in records], color="gray")
+    axes[1].set_xlabel("peak RSS of the process (MB)")
+    fig.suptitle(
+        f"HF generate vs vLLM, {args.batch_size}x{args.num_rollouts} rollouts, {records[0]['device']}", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(json.dumps(records))
 
 
 def main() -> None:
@@ -61,67 +204,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="RL steps to run (the first is dropped)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     parser.add_argument("--num-rollouts", type=int, default=8, help="K")
-    parser.add_argument("--model", default="embedded", help="model path, or 'embedded'")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
+    parser.add_argument("--model", default="embedded", help="model path, 'embedded', or 'bpe' (built here)")
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
+    parser.add_argument("--compare-engines", action="store_true", help="HF vs vLLM on the embedded and BPE models")
     parser.add_argument("--passes", action="store_true", help="compare the log-prob pass variants (see above)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in its own process (--passes runs it)
+    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare_engines:
+        return compare_engines(args)
     if args.passes:
         return compare_passes(args)
 
-    L.seed_everything(0)
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    module = P2OModule(
-        model=args.model,
-        num_rollouts=args.num_rollouts,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
-        micro_batch_size=64,
-    )
-    if args.variant:
-        setup_variant(module, args.variant)
-    timer = PhaseTimes()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            max_steps=args.steps,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            callbacks=[timer],
-            default_root_dir=tmp,
-        )
-        trainer.fit(module, datamodule=PromptDataModule(batch_size=args.batch_size))
-
-    env = environment(torch.device("cuda" if accelerator == "gpu" else "cpu"))
-    rows = timer.rows[1:] or timer.rows
-    med = {p: statistics.median(r[p] for r in rows) * 1e3 for p in PHASES}
-    if args.variant:  # a child of --passes: report and stop
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(json.dumps({**{f"{p}_ms": med[p] for p in PHASES}, "peak_rss_mb": peak, "steps": len(rows)}))
+        record = run_steps(args, Path(tmp))
+    if args.json_only:
+        print(json.dumps(record))
         return
-    total = sum(med.values())
-    tokens = statistics.median(r["response_tokens"] for r in rows)
-    print(f"\nGRPO step on the embedded world: {args.batch_size} prompts x K={args.num_rollouts}, {env['device']}")
+    med = {p: record[f"{p}_ms"] for p in PHASES}
+    total = record["total_ms"]
+    what = f"{args.batch_size} prompts x K={args.num_rollouts}, {record['device']}"
+    print(f"\nRL step on {args.model} ({args.engine}): {what}")
     print(f"{'phase':>10} {'ms (median)':>12} {'share':>7}")
     for p in PHASES:
         print(f"{p:>10} {med[p]:>12.1f} {med[p] / total:>7.1%}")
-    print(f"{'total':>10} {total:>12.1f}   ({tokens / total * 1e3:.0f} response tokens/s)")
+    print(f"{'total':>10} {total:>12.1f}   ({record['response_tokens_per_s']:.0f} response tokens/s)")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"step_{env['device_kind']}"
-    record = {**env, "batch_size": args.batch_size, "num_rollouts": args.num_rollouts, "steps": len(rows)}
-    record.update({f"{p}_ms": round(med[p], 2) for p in PHASES})
-    record["total_ms"] = round(total, 2)
-    record["response_tokens_per_s"] = round(tokens / total * 1e3, 1)
-    new = not out.with_suffix(".csv").exists()
-    with open(out.with_suffix(".csv"), "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(record))
-        if new:
-            writer.writeheader()
-        writer.writerow(record)
+    out = RESULTS / f"step_{record['device_kind']}"
+    keys = ("date", "device", "device_kind", "torch", "commit", "batch_size", "num_rollouts", "steps")
+    row = {k: record[k] for k in keys} | {f"{p}_ms": med[p] for p in PHASES}
+    row.update(total_ms=total, response_tokens_per_s=record["response_tokens_per_s"])
+    append_csv(out.with_suffix(".csv"), row)
 
     import matplotlib
 
@@ -135,7 +250,7 @@ def main() -> None:
         left += med[p]
     ax.set_yticks([])
     ax.set_xlabel("ms per RL step (median)")
-    ax.set_title(f"GRPO step, {args.batch_size}x{args.num_rollouts} rollouts, {env['device']}", fontsize=8)
+    ax.set_title(f"GRPO step, {args.batch_size}x{args.num_rollouts} rollouts, {record['device']}", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
@@ -173,10 +288,17 @@ def setup_variant(module: P2OModule, variant: str) -> None:
 def compare_passes(args: argparse.Namespace) -> None:
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--json-only"]
         cmd += ["--batch-size", str(args.batch_size), "--num-rollouts", str(args.num_rollouts), "--model", args.model]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        results[variant] = json.loads(out)
+        record = json.loads(out)
+        results[variant] = {
+            "steps": record["steps"],
+            "rollout_ms": record["generate_ms"] + record["grade_ms"],
+            "logprob_ms": record["logprob_ms"],
+            "update_ms": record["update_ms"],
+            "peak_rss_mb": record["peak_rss_mb"],
+        }
     env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"\nlog-prob passes, {args.batch_size} prompts x K={args.num_rollouts}, {env['device']} (median ms per step)")
     print(f"{'variant':>14} {'logprob':>9} {'update':>9} {'lp+update':>10} {'peak RSS MB':>12}")

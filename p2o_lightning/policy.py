@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from p2o_lightning.checks import check_model_dir
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,10 +35,7 @@ def resolve_model_path(path: str) -> str:
 
         return str(build_world())
     folder = Path(path).expanduser()
-    if not folder.exists():
-        raise FileNotFoundError(f"model={path!r}: no such file or folder (models load from local paths only)")
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise ValueError(f"model={path!r} is not a HF model folder: it has no config.json (save_pretrained layout)")
+    check_model_dir(folder)
     return str(folder)
 
 

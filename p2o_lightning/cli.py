@@ -2,35 +2,116 @@
 
 Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
 :class:`~p2o_lightning.data.PromptDataModule` is a config key, documented by its docstring (``--help`` shows it),
-and an unknown key is an error before anything is loaded. ``data.task`` is linked to ``model.task`` so the two
-can never disagree. Two extra sub-commands are not Lightning's: ``world`` (build and measure the embedded world)
-and ``report`` (plots of finished runs).
+and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
+would silently keep the last, e.g. a ``val_files`` split named twice). ``data.task`` is linked to ``model.task``
+so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
+last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress bar is
+:class:`~p2o_lightning.console.RLProgressBar` unless the config names another. Checkpoints are written atomically
+and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not
+Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
+import lightning as L
+from jsonargparse import get_loader, set_loader
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
+from p2o_lightning.console import RLProgressBar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
+from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
+from p2o_lightning.runs import check_run_folder, clear_run
 
 
 class P2OCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start over in a run folder that holds a run (its metrics, checkpoints, policy and P²O "
+            "searches are removed first). Without it such a fit is refused; --ckpt_path last resumes instead.",
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, with :class:`~p2o_lightning.console.RLProgressBar` as its progress bar unless the config
+        names another or turns the bar off (``--trainer.enable_progress_bar false``).
+        """
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, RLProgressBar()])
+        return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; sharded strategies keep their own
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        config = self.config[self.subcommand]
+        folder = run_dir(self.trainer)
+        if config.get("overwrite"):
+            if self.trainer.is_global_zero:
+                removed = clear_run(folder)
+                if removed:
+                    rank_zero_info(f"--overwrite: removed {', '.join(str(p) for p in removed)}")
+            return
+        check_run_folder(folder, config.get("ckpt_path"))
+
+
+def _yaml_load_rejecting_duplicates(stream):
+    """The YAML loader of jsonargparse, but a key given twice in one mapping is an error naming it and its line."""
+    import yaml
+
+    if isinstance(stream, str):
+        try:
+            root = yaml.compose(stream, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            root = None  # not YAML on its own (a plain value): the default loader decides
+        nodes = [root] if root is not None else []
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[str, int] = {}
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode):
+                        if key.value in seen:
+                            raise yaml.constructor.ConstructorError(
+                                problem=f"the key {key.value!r} is given twice in one mapping (lines "
+                                f"{seen[key.value] + 1} and {key.start_mark.line + 1}); YAML would silently keep the last"
+                            )
+                        seen[key.value] = key.start_mark.line
+                    nodes.append(value)
+            elif isinstance(node, yaml.SequenceNode):
+                nodes.extend(node.value)
+    return _DEFAULT_YAML_LOAD(stream)
+
+
+_DEFAULT_YAML_LOAD = get_loader("yaml")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> P2OCLI:
+    quiet_third_party()
+    import yaml
+
+    set_loader("yaml", _yaml_load_rejecting_duplicates, exceptions=(yaml.YAMLError,))
     return P2OCLI(
         P2OModule,
         PromptDataModule,
         args=args,
         run=run,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True},  # the run-folder check (before_fit) guards earlier runs
         # the data module shards prompts across ranks itself (resumable, per-epoch shuffles)
         trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs={"description": "P²O / GRPO trainer (p2o-lightning)"},
@@ -41,15 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     # models and data come from local paths: never let transformers / datasets reach for a hub at run time
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "world":
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "world":
         from p2o_lightning.tasks.world import main as world_main
 
-        world_main(argv[1:])
+        world_main(args[1:])
         return
-    if argv and argv[0] == "report":
+    if args and args[0] == "report":
         from p2o_lightning.report import main as report_main
 
-        report_main(argv[1:])
+        report_main(args[1:])
         return
-    cli_main(argv)
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself (given both, it warns)

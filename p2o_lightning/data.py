@@ -1,16 +1,20 @@
 """Prompts and gold answers for RLVR: the embedded world's splits, or your own JSON / JSONL / Parquet / CSV files.
 
 A batch is a plain ``list[dict]`` of ``{"prompt", "answer", "index", "split"}``: RL batches are prompts, not
-tensors; tokenization happens in the rollout engine. Every row is checked before training starts, and a row
-without a prompt or an answer is an error naming the file and the row.
+tensors; tokenization happens in the rollout engine. Every row is checked before training starts: an empty file,
+a line that is not JSON, a row without a prompt or an answer is an error naming the file and every bad row (up to
+ten, then a count). Answers written as numbers are taken as their text.
 
-The training loader is resumable: it shuffles with a generator seeded by ``(seed, epoch)``, shards across ranks
-itself (so Lightning never wraps it in a ``DistributedSampler``), and saves its position in the checkpoint, so a
-run resumed with ``--ckpt_path last`` sees exactly the batches the uninterrupted run would have seen.
+The training loader is resumable: its batch sampler shuffles with a generator seeded by ``(seed, epoch)``, shards
+across ranks itself (so Lightning never wraps it in a ``DistributedSampler``), and saves its position in the
+checkpoint, so a run resumed with ``--ckpt_path last`` sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Sampler
 
 from p2o_lightning.tasks import Problem, get_task
 
@@ -41,33 +45,97 @@ def _prompt_text(value: Any) -> str | None:
     return None
 
 
+MAX_LISTED_ERRORS = 10  # bad rows listed in one error; the rest are counted
+
+
+def _read_json(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(location, row) pairs of a JSON array or a JSON-lines file; a line that does not parse is a row whose value
+    is the error, so that every bad line is reported at once.
+    """
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return [(f"row {i}", row) for i, row in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            rows.append((f"line {n}", ValueError(f"not valid JSON ({err.msg} at column {err.colno})")))
+    return rows
+
+
+def _read_rows(path: Path, fmt: str) -> list[tuple[str, Any]]:
+    if fmt == "json":
+        return _read_json(path, path.read_text(encoding="utf-8"))
+    if fmt == "csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)  # every value stays text: "007" is not the number 7
+            return [(f"row {i} (line {reader.line_num})", row) for i, row in enumerate(reader)]
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise ValueError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err})") from err
+    return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
 def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_key: str = "answer") -> list[Problem]:
-    """Read a data file with ``datasets`` and check every row; errors name the file, the row and the key."""
+    """Read a data file and check every row; errors name the file, every bad row (up to a limit) and the key.
+
+    JSON (an array, or JSON lines), JSONL, CSV (read as text) and Parquet. An answer written as a number (``42``)
+    is accepted as its text (``"42"``).
+    """
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    import datasets
-
-    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    try:
+        rows = _read_rows(path, fmt)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+    if not rows:
+        raise ValueError(f"{path}: the file is empty (no rows)")
+    columns = {k for _, row in rows if isinstance(row, dict) for k in row}
     for key in (prompt_key, answer_key):
-        if key not in ds.column_names:
-            raise ValueError(f"{path}: no column {key!r} (columns: {ds.column_names})")
-    problems = []
-    for i, row in enumerate(ds):
-        prompt = _prompt_text(row[prompt_key])
-        answer = row[answer_key]
+        if columns and key not in columns:
+            raise ValueError(f"{path}: no column {key!r} (columns: {sorted(columns)})")
+    problems, bad = [], []
+    for where, row in rows:
+        if isinstance(row, Exception):
+            bad.append(f"{where}: {row}")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"{where}: not an object with {prompt_key!r} and {answer_key!r} (got {row!r:.60})")
+            continue
+        prompt = _prompt_text(row.get(prompt_key))
+        answer = row.get(answer_key)
         if isinstance(answer, dict) and "ground_truth" in answer:  # verl's reward_model column
             answer = answer["ground_truth"]
+        problems_here = []
         if not prompt or not prompt.strip():
-            raise ValueError(f"{path}: row {i} has no usable {prompt_key!r} (got {row[prompt_key]!r})")
-        if answer is None or not str(answer).strip():
-            raise ValueError(f"{path}: row {i} has no {answer_key!r} (got {answer!r})")
+            problems_here.append(f"no usable {prompt_key!r} (got {row.get(prompt_key)!r:.60})")
+        if _missing(answer) or isinstance(answer, (dict, list)):
+            problems_here.append(f"no {answer_key!r} (got {answer!r:.60})")
+        if problems_here:
+            bad.append(f"{where}: " + "; ".join(problems_here))
+            continue
         problems.append(Problem(prompt=prompt, answer=str(answer).strip()))
-    if not problems:
-        raise ValueError(f"{path}: no rows")
+    if bad:
+        listed = "\n  ".join(bad[:MAX_LISTED_ERRORS])
+        more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
+        raise ValueError(f"{path}: {len(bad)} of {len(rows)} rows are unusable:\n  {listed}{more}")
     return problems
 
 
@@ -84,29 +152,30 @@ def _private_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-class PromptStream(IterableDataset):
-    """Batches of prompts for one rank: shuffled per epoch, sharded, resumable at a batch boundary."""
+class PromptBatches(Sampler[list[int]]):
+    """The training order of one rank, as batches of row indices: shuffled per epoch, sharded, resumable at a batch
+    boundary. A batch sampler over a list of rows, so Lightning sees a map-style loader with an exact length.
+    """
 
-    def __init__(self, problems: list[Problem], batch_size: int, seed: int, split: str, shuffle: bool = True) -> None:
-        self.problems = problems
+    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.num_rows = num_rows
         self.batch_size = batch_size
         self.seed = seed
-        self.split = split
         self.shuffle = shuffle
         self.epoch = 0  # the epoch being (or last) iterated
         self.yielded = 0  # batches of that epoch handed out so far
 
     def __len__(self) -> int:
         _, world = _rank_and_world()
-        return len(self.problems) // (self.batch_size * world)
+        return self.num_rows // (self.batch_size * world)
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return list(range(len(self.problems)))
+            return list(range(self.num_rows))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.problems), generator=g).tolist()
+        return torch.randperm(self.num_rows, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[list[dict]]:
+    def __iter__(self) -> Iterator[list[int]]:
         rank, world = _rank_and_world()
         n_batches = len(self)
         if self.yielded >= n_batches:  # the last pass was complete: this one is the next epoch
@@ -116,11 +185,7 @@ class PromptStream(IterableDataset):
         per_step = self.batch_size * world
         for b in range(self.yielded, n_batches):
             self.yielded = b + 1
-            rows = order[b * per_step : (b + 1) * per_step][rank::world]
-            yield [
-                {"prompt": self.problems[i].prompt, "answer": self.problems[i].answer, "index": i, "split": self.split}
-                for i in rows
-            ]
+            yield order[b * per_step : (b + 1) * per_step][rank::world]
 
     # Lightning does not prefetch from a loader that has a length, so every batch handed out has been (or is being)
     # trained on when a checkpoint is written: the position to resume from is the number handed out.
@@ -132,17 +197,23 @@ class PromptStream(IterableDataset):
         self.yielded = int(state["consumed"])
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader over a :class:`PromptStream` that Lightning saves and restores with the checkpoint."""
+def problem_rows(problems: list[Problem], split: str) -> list[dict]:
+    """The rows a batch is made of: ``{"prompt", "answer", "index", "split"}``."""
+    return [{"prompt": p.prompt, "answer": p.answer, "index": i, "split": split} for i, p in enumerate(problems)]
 
-    def __init__(self, stream: PromptStream) -> None:
-        super().__init__(stream, batch_size=None, collate_fn=_as_list, num_workers=0, generator=_private_generator())
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over training rows in :class:`PromptBatches` order, saved and restored with the checkpoint."""
+
+    def __init__(self, rows: list[dict], batches: PromptBatches) -> None:
+        generator = _private_generator()
+        super().__init__(rows, batch_sampler=batches, collate_fn=_as_list, num_workers=0, generator=generator)
 
     def state_dict(self) -> dict[str, int]:
-        return self.dataset.state_dict()
+        return self.batch_sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.dataset.load_state_dict(state)
+        self.batch_sampler.load_state_dict(state)
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -183,6 +254,12 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
         if train_file is None and task != "addition":
             raise ValueError(f"task={task!r} has no embedded data: set data.train_file (and data.val_files)")
+        for name in val_files or {}:
+            if not isinstance(name, str) or not name.strip() or "/" in name or name != name.strip():
+                raise ValueError(
+                    f"data.val_files: split name {name!r} cannot name metrics (val/<split>/greedy_acc): use a "
+                    "non-empty name without '/' or surrounding spaces"
+                )
         self.task = task
         self.train_file, self.val_files = train_file, val_files
         self.prompt_key, self.answer_key = prompt_key, answer_key
@@ -192,9 +269,9 @@ class PromptDataModule(L.LightningDataModule):
         self.train_problems: list[Problem] = []
         self.val_problems: dict[str, list[Problem]] = {}
         self.val_subsets: dict[str, list[str]] = {}  # split -> per-problem subset name, reported on its own too
-        self._train_stream: PromptStream | None = None
-        self._extra_stream: PromptStream | None = None  # dynamic sampling's extra rounds (checkpointed)
-        self._extra_iter: Iterator[list[dict]] | None = None
+        self._train_batches: PromptBatches | None = None
+        self._extra_batches: PromptBatches | None = None  # dynamic sampling's extra rounds (checkpointed)
+        self._extra_iter: Iterator[list[int]] | None = None
         self._extra_state: dict[str, int] | None = None
 
     def setup(self, stage: str) -> None:
@@ -232,9 +309,9 @@ class PromptDataModule(L.LightningDataModule):
         return [*self.val_problems, *subsets]
 
     def train_dataloader(self) -> ResumableLoader:
-        if self._train_stream is None:
-            self._train_stream = PromptStream(self.train_problems, self.batch_size, self.seed, "train")
-        return ResumableLoader(self._train_stream)
+        if self._train_batches is None:
+            self._train_batches = PromptBatches(len(self.train_problems), self.batch_size, self.seed)
+        return ResumableLoader(problem_rows(self.train_problems, "train"), self._train_batches)
 
     def extra_batch(self) -> list[dict]:
         """The next batch of this rank's *extra* prompts, for dynamic sampling's further rounds (DAPO).
@@ -243,26 +320,29 @@ class PromptDataModule(L.LightningDataModule):
         prompts never shifts the training loader's order; its position is saved with the checkpoint
         (:meth:`state_dict`), so a resumed run draws the same extra prompts.
         """
-        if self._extra_stream is None:
-            self._extra_stream = PromptStream(self.train_problems, self.batch_size, self.seed + 1, "train")
+        if self._extra_batches is None:
+            self._extra_batches = PromptBatches(len(self.train_problems), self.batch_size, self.seed + 1)
             if self._extra_state is not None:
-                self._extra_stream.load_state_dict(self._extra_state)
+                self._extra_batches.load_state_dict(self._extra_state)
         for _ in range(2):  # a finished epoch starts the next one
             if self._extra_iter is None:
-                self._extra_iter = iter(self._extra_stream)
+                self._extra_iter = iter(self._extra_batches)
             try:
-                return next(self._extra_iter)
+                return [
+                    {"prompt": self.train_problems[i].prompt, "answer": self.train_problems[i].answer, "index": i,
+                     "split": "train"} for i in next(self._extra_iter)
+                ]  # fmt: skip
             except StopIteration:
                 self._extra_iter = None
         raise ValueError(f"the training data cannot fill one batch of batch_size={self.batch_size}")
 
     def state_dict(self) -> dict[str, Any]:
-        stream = self._extra_stream
-        return {"extra_stream": stream.state_dict()} if stream is not None else {}
+        batches = self._extra_batches
+        return {"extra_stream": batches.state_dict()} if batches is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._extra_state = state.get("extra_stream")
-        self._extra_stream, self._extra_iter = None, None
+        self._extra_batches, self._extra_iter = None, None
 
     def _eval_loaders(self) -> list[DataLoader]:
         rank, world = _rank_and_world()

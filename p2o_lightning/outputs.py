@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch.distributed.tensor import DTensor
+
+from p2o_lightning.checks import check_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<path>.tmp``, fsync, then ``os.replace`` onto ``<path>``."""
+    """``torch.save`` to ``<path>.tmp``, fsync, then ``os.replace`` onto ``<path>``; loads are checked.
+
+    A kill or a full disk mid-save leaves the previous file at ``<path>`` whole, and a failed write is an ``OSError``
+    naming the path. A file that does not load (truncated, corrupt, not torch) or is not this project's checkpoint
+    is a ``ValueError`` naming it (:func:`~p2o_lightning.checks.check_checkpoint`).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
@@ -35,8 +44,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            kept = "the previous checkpoint there is untouched" if path.is_file() else "no checkpoint was written"
+            raise OSError(f"writing checkpoint {path} failed ({err}); {kept}") from err
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        except Exception as err:  # the unpickler raises many types for a file that is not a whole torch file
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"{path} is not a checkpoint of p2o-lightning: it does not load (truncated, corrupt or not a torch "
+                f"file: {type(err).__name__}: {reason})"
+            ) from err
+        check_checkpoint(checkpoint, path)
+        return checkpoint
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -65,7 +91,7 @@ class ExportPolicy(L.Callback):
         if trainer.interrupted:
             return
         lm = pl_module.policy.lm
-        state = None
+        state, error = None, None
         if any(isinstance(v, DTensor) for v in lm.state_dict().values()):  # FSDP2: gather on every rank
             state = {k: _full(v) for k, v in lm.state_dict().items()}
         if trainer.is_global_zero:
@@ -75,10 +101,33 @@ class ExportPolicy(L.Callback):
                 plain.load_state_dict(state, assign=True)
                 plain.generation_config = lm.generation_config
                 lm = plain
-            lm.save_pretrained(out)
-            pl_module.tokenizer.save_pretrained(out)
-            rank_zero_info(f"policy exported to {out}")
+            error = _export(lm, pl_module.tokenizer, out)
         trainer.strategy.barrier("export_policy")
+        if trainer.is_global_zero and error is not None:
+            raise error
+
+
+def _export(lm, tokenizer, out: Path) -> OSError | None:
+    """``save_pretrained`` into a temporary folder beside ``out``, then swap it in: a failed export (a full disk)
+    leaves an earlier export whole and returns an error naming ``out``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as err:  # safetensors reports a failed write as SafetensorError, not OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        return OSError(f"exporting the policy to {out} failed ({err}); checkpoints are untouched")
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    rank_zero_debug(f"policy exported to {out}")
+    return None
 
 
 PLOT_PANELS = (
@@ -138,4 +187,4 @@ class MetricsPlot(L.Callback):
         csv_path = run_dir(trainer) / "metrics.csv"
         if csv_path.is_file():
             out = plot_metrics(csv_path, csv_path.with_name("metrics.png"), title=str(run_dir(trainer)))
-            rank_zero_info(f"metrics: {csv_path}\nplot: {out}")
+            rank_zero_debug(f"metrics: {csv_path}\nplot: {out}")

@@ -1,61 +1,21 @@
 """End-to-end: the real trainer on the embedded world — fit, resume equality, DDP on gloo, the CLI, bad input."""
 
-import csv
 import dataclasses
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from helpers import REPO, KillAt, read_csv, small_data, small_module, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.cli import cli_main
-from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-
-
-def small_module(world, **kw):
-    args = dict(model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8, val_num_samples=2)
-    args.update(kw)
-    return P2OModule(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **args)
-
-
-def small_data(**kw):
-    args = dict(batch_size=4, val_batch_size=16, max_val_samples=8)
-    args.update(kw)
-    return PromptDataModule(**args)
-
-
-def trainer(tmp_path, max_steps, callbacks=(), **kw):
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=CSVLogger(tmp_path, name="run", version=""),
-        callbacks=list(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        **kw,
-    )
-
-
-def read_csv(path):
-    rows = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            rows.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v not in ("", None)})
-    return rows
 
 
 def test_fit_updates_policy_and_logs(tiny_world, tmp_path):
@@ -81,17 +41,6 @@ def test_fit_updates_policy_and_logs(tiny_world, tmp_path):
     assert train and all(math.isfinite(float(r["train/loss"])) for r in train)
     assert all(float(r["train/kl"]) >= 0 for r in train)
     assert any("val/in_dist/greedy_acc" in r for r in rows.values()), rows
-
-
-class KillAt(Callback):
-    """Simulate a crash just before RL step ``n`` starts."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.rollout_steps == self.n:
-            raise RuntimeError("simulated kill")
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_world, tmp_path):
@@ -191,7 +140,7 @@ def test_data_row_without_answer_fails_before_training(tiny_world, tmp_path):
     bad.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "4+4="}\n')
     module = small_module(tiny_world)
     data = small_data(train_file=str(bad), val_files={"dev": str(bad)})
-    with pytest.raises(ValueError, match=r"train.jsonl: row 1 has no 'answer'"):
+    with pytest.raises(ValueError, match=r"train.jsonl: 1 of 2 rows are unusable:\n  line 2: no .answer."):
         trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
     assert module.policy is None  # failed before the model was loaded
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from p2o_lightning.data import PromptStream, load_problems
+from p2o_lightning.data import PromptBatches, load_problems
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rollout import response_mask_from_eos
@@ -87,10 +87,10 @@ def test_load_problems_names_file_and_row(tmp_path):
     _write_jsonl(
         good, [{"prompt": "1+1=", "answer": "2"}, {"prompt": [{"role": "user", "content": "2+2="}], "answer": 4}]
     )
-    assert load_problems(good) == [Problem("1+1=", "2"), Problem("2+2=", "4")]
+    assert load_problems(good) == [Problem("1+1=", "2"), Problem("2+2=", "4")]  # a number answer is its text
     bad = tmp_path / "bad.jsonl"
     _write_jsonl(bad, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": ""}])
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 1 has no 'answer'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: 1 of 2 rows are unusable:\n  line 2: no 'answer' \(got ''\)"):
         load_problems(bad)
     with pytest.raises(ValueError, match="no column 'solution'"):
         load_problems(good, answer_key="solution")
@@ -98,25 +98,66 @@ def test_load_problems_names_file_and_row(tmp_path):
         load_problems(tmp_path / "missing.jsonl")
 
 
-def _take(stream, n):
-    it = iter(stream)
+@pytest.mark.parametrize("name", ["empty.jsonl", "empty.json", "empty.csv"])
+def test_empty_data_file_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("prompt,answer\n" if name.endswith(".csv") else "\n")
+    with pytest.raises(ValueError, match=rf"{name}: the file is empty \(no rows\)"):
+        load_problems(path)
+
+
+def test_every_bad_row_is_listed_up_to_a_limit(tmp_path):
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(30)]
+    lines[3] = '{"prompt": "3+1=", "answer": '  # cut off
+    lines[5] = json.dumps({"prompt": "", "answer": "6"})
+    lines[7] = json.dumps(["not", "an", "object"])
+    for i in range(10, 22):
+        lines[i] = json.dumps({"prompt": f"{i}+1="})
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as err:
+        load_problems(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: 15 of 30 rows are unusable:")
+    assert "line 4: not valid JSON" in message and "line 6: no usable 'prompt'" in message
+    assert "line 8: not an object" in message and "line 11: no 'answer' (got None)" in message
+    assert message.count("\n  line ") == 10 and message.endswith("... and 5 more")
+
+
+def test_csv_and_parquet_answers_stay_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv_path = tmp_path / "data.csv"
+    csv_path.write_text("prompt,answer\n1+6=,007\n2+2=,4\n")
+    assert load_problems(csv_path) == [Problem("1+6=", "007"), Problem("2+2=", "4")]
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2="], "answer": [2, None]}), parquet)
+    with pytest.raises(ValueError, match=r"data.parquet: 1 of 2 rows are unusable:\n  row 1: no 'answer'"):
+        load_problems(parquet)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"fake.parquet: cannot be read as Parquet"):
+        load_problems(tmp_path / "fake.parquet")
+
+
+def _take(batches, n):
+    it = iter(batches)
     return [next(it) for _ in range(n)]
 
 
-def test_prompt_stream_reshuffles_per_epoch_and_resumes():
-    problems = [Problem(f"{i}+0=", str(i)) for i in range(12)]
-    stream = PromptStream(problems, batch_size=3, seed=1, split="train")
-    epoch0 = list(stream)
-    epoch1 = list(stream)
-    assert len(epoch0) == 4 and sorted(r["index"] for b in epoch0 for r in b) == list(range(12))
-    assert [r["index"] for r in epoch0[0]] != [r["index"] for r in epoch1[0]] or epoch0 != epoch1
+def test_prompt_batches_reshuffle_per_epoch_and_resume():
+    batches = PromptBatches(12, batch_size=3, seed=1)
+    epoch0 = list(batches)
+    epoch1 = list(batches)
+    assert len(epoch0) == len(batches) == 4 and sorted(i for b in epoch0 for i in b) == list(range(12))
+    assert epoch0 != epoch1
 
     # a run stopped after 2 batches of epoch 0 resumes at the third; the next pass is epoch 1
-    fresh = PromptStream(problems, batch_size=3, seed=1, split="train")
+    fresh = PromptBatches(12, batch_size=3, seed=1)
     _take(fresh, 2)
     state = fresh.state_dict()
     assert state == {"epoch": 0, "consumed": 2}
-    resumed = PromptStream(problems, batch_size=3, seed=1, split="train")
+    resumed = PromptBatches(12, batch_size=3, seed=1)
     resumed.load_state_dict(state)
     assert list(resumed) == epoch0[2:]
     assert list(resumed) == epoch1

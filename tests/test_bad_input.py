@@ -1,0 +1,85 @@
+"""Bad input is a clear error naming the thing, before any rollout: model folders, checkpoints, configs, data."""
+
+import shutil
+
+import pytest
+import torch
+from helpers import REPO, small_data, small_module, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from p2o_lightning.cli import cli_main
+from p2o_lightning.data import PromptDataModule
+from p2o_lightning.module import P2OModule
+
+
+def test_model_path_missing_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"model path {tmp_path / 'nope'} does not exist \(model must be"):
+        P2OModule(model=str(tmp_path / "nope"))
+
+
+def test_folder_without_a_model_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(ValueError, match=rf"model path {tmp_path} holds no model: no config.json"):
+        P2OModule(model=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"has a config.json but no weights"):
+        P2OModule(model=str(tmp_path))
+
+
+def test_tokenizer_missing_from_a_model_folder_is_named(tiny_world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=rf"model path {model} holds a model but no tokenizer"):
+        P2OModule(model=str(model))
+
+
+def _fit_from(world, tmp_path, ckpt_path):
+    module = small_module(world)
+    with pytest.raises(ValueError) as err:
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, datamodule=small_data(), ckpt_path=ckpt_path)
+    assert module.rollout_steps == 0  # failed while restoring, before any rollout
+    return str(err.value)
+
+
+def test_truncated_checkpoint_is_named(tiny_world, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer(tmp_path / "first", max_steps=1, callbacks=[ckpt], limit_val_batches=0).fit(
+        small_module(tiny_world), datamodule=small_data()
+    )
+    good = tmp_path / "ckpt" / "last.ckpt"
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    message = _fit_from(tiny_world, tmp_path / "second", str(cut))
+    assert message.startswith(f"{cut} is not a checkpoint of p2o-lightning: it does not load (truncated, corrupt")
+    assert "file an issue" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"weight": torch.zeros(2)}, "not a Lightning training checkpoint"),
+        ({"state_dict": {"layer.weight": torch.zeros(2)}, "loops": {}}, "a Lightning checkpoint of another module"),
+    ],
+    ids=["state-dict", "other-module"],
+)
+def test_foreign_checkpoint_is_named(tiny_world, tmp_path, content, expected):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(content, foreign)
+    message = _fit_from(tiny_world, tmp_path / "run", str(foreign))
+    assert message.startswith(f"{foreign} is not a checkpoint of p2o-lightning: {expected}")
+
+
+def test_val_files_naming_a_split_twice_is_an_error(tmp_path, capsys):
+    config = tmp_path / "data.yaml"
+    config.write_text("data:\n  val_files:\n    dev: a.jsonl\n    dev: b.jsonl\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--config", str(config), "--print_config"])
+    assert "the key 'dev' is given twice in one mapping (lines 3 and 4)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["", "in/dist", " dev"])
+def test_val_split_names_that_cannot_name_metrics(name):
+    with pytest.raises(ValueError, match=r"data.val_files: split name .* cannot name metrics"):
+        PromptDataModule(val_files={name: "dev.jsonl"}, train_file="train.jsonl")

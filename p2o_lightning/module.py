@@ -232,8 +232,25 @@ class P2OModule(L.LightningModule):
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
         return rollouts, grade
 
+    def _check_finite_weights(self) -> None:
+        """NaN / inf in the policy's weights (a bad kernel, a bit flip) stops the run before the step's rollouts and
+        optimizer step, naming the step; one reduction over all parameters (local shards under FSDP2) per step.
+        """
+        params = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.policy.named_parameters()]
+        ok = bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all())
+        if self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
+        if not ok:
+            bad = [n for n, p in params if not torch.isfinite(p).all()][:3]
+            raise FloatingPointError(
+                f"non-finite policy weights at global step {self.global_step} (rollout step {self.rollout_steps})"
+                f"{': ' + ', '.join(bad) if bad else ' on another rank'}; stopping before the rollout and the optimizer"
+                " step, so no checkpoint holds them"
+            )
+
     def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
+        self._check_finite_weights()
         times: dict[str, float] = {}
         ops = self.ops
 

@@ -88,7 +88,7 @@ def _yaml_load_rejecting_duplicates(stream):
                         if key.value in seen:
                             raise yaml.constructor.ConstructorError(
                                 problem=f"the key {key.value!r} is given twice in one mapping (lines "
-                                f"{seen[key.value] + 1} and {key.start_mark.line + 1}); YAML would silently keep the last"
+                                f"{seen[key.value] + 1} and {key.start_mark.line + 1}); YAML would keep only the last"
                             )
                         seen[key.value] = key.start_mark.line
                     nodes.append(value)

@@ -1,7 +1,8 @@
 """Grading rollouts safely: a reward function that raises or hangs must not stop training.
 
-Every response is scored by ``task.score(response, answer)`` in a worker thread with a timeout. An exception is
-logged (once per message), scores 0 and is counted; a call that outlives ``timeout`` scores 0 and is counted too
+Every response is scored by ``task.score(response, answer)`` in a worker thread with a timeout. An exception, a
+reward that is not a number or not finite, or a return value that is not a ``Score`` scores 0, is counted and is
+logged once per kind (exception type); a call that outlives ``timeout`` scores 0 and is counted too
 (its thread is abandoned: Python cannot kill a thread, so a grader that hangs forever leaks one worker).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 from dataclasses import dataclass, field
 
 from p2o_lightning.tasks.base import Score, Task
@@ -54,9 +56,9 @@ class SafeGrader:
                 score = fut.result(timeout=self.timeout)
                 if not isinstance(score, Score):
                     raise TypeError(f"task.score returned {type(score).__name__}, expected Score")
-                reward = float(score.reward)
-                if reward != reward:  # NaN
-                    raise ValueError("task.score returned a NaN reward")
+                reward = float(score.reward)  # a non-number raises here
+                if not math.isfinite(reward):
+                    raise ValueError(f"task.score returned a non-finite reward ({reward})")
                 result.rewards.append(reward)
                 result.feedback.append(score.feedback)
             except cf.TimeoutError:
@@ -64,21 +66,25 @@ class SafeGrader:
                 result.timeouts += 1
                 result.rewards.append(0.0)
                 result.feedback.append(f"The grader timed out after {self.timeout}s.")
-                self._warn(f"reward function {self.task.name!r} timed out after {self.timeout}s on response {i}")
+                self._warn(
+                    "timeout", f"reward function {self.task.name!r} timed out after {self.timeout}s on response {i}"
+                )
             except Exception as err:  # a buggy grader must not kill the run: score 0, count, log once
                 result.errors += 1
                 result.rewards.append(0.0)
                 result.feedback.append("The grader failed on this response.")
-                self._warn(f"reward function {self.task.name!r} raised {type(err).__name__}: {err}")
+                self._warn(type(err).__name__, f"reward function {self.task.name!r} raised {type(err).__name__}: {err}")
         if hung:  # do not queue new work behind hung threads
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         return result
 
-    def _warn(self, message: str) -> None:
-        if message not in self._seen_errors:
-            self._seen_errors.add(message)
-            log.warning(message)
+    def _warn(self, kind: str, message: str) -> None:
+        """Log the first failure of each kind (a timeout, an exception type); later ones are only counted."""
+        if kind not in self._seen_errors:
+            self._seen_errors.add(kind)
+            log.warning(f"{message} (scored 0; further failures of this kind are counted in train/reward_errors or "
+                        f"train/reward_timeouts, not logged)")  # fmt: skip
 
     def close(self) -> None:
         if self._pool is not None:

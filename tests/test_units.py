@@ -66,6 +66,33 @@ def test_safe_grader_survives_raise_and_hang():
         SafeGrader(_Grader(), timeout=0)
 
 
+class _BadRewards:
+    name = "bad"
+
+    def score(self, response, answer):
+        if response == "raise":
+            return 1 / 0
+        return {"nan": Score(float("nan"), "fb"), "inf": Score(float("inf"), "fb"), "text": Score("high", "fb")}.get(
+            response, None if response == "none" else Score(1.0, "fb")
+        )
+
+
+def test_safe_grader_scores_nan_non_numbers_and_errors_zero_counted_and_logged_once(caplog):
+    grader = SafeGrader(_BadRewards(), timeout=5)
+    responses = ["ok", "nan", "inf", "text", "none", "raise"]
+    with caplog.at_level("WARNING", logger="p2o_lightning.rewards"):
+        first = grader.grade(responses, ["x"] * 6)
+        second = grader.grade(responses, ["x"] * 6)
+    for out in (first, second):
+        assert out.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0] and out.errors == 5 and out.timeouts == 0
+    messages = [r.getMessage() for r in caplog.records]
+    # one line per kind over both batches: ValueError (NaN, inf, "high"), TypeError (None), ZeroDivisionError
+    assert len(messages) == 3, messages
+    assert any("non-finite reward (nan)" in m for m in messages) and any("ZeroDivisionError" in m for m in messages)
+    assert all("further failures of this kind are counted" in m for m in messages)
+    grader.close()
+
+
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="task='nope' is unknown"):
         get_task("nope")

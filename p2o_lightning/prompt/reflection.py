@@ -17,6 +17,7 @@ template out of the reply); the offline one as gepa's ``custom_candidate_propose
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 COMPONENT = "template"
+log = logging.getLogger(__name__)
 
 
 class ReflectionError(RuntimeError):
@@ -44,6 +46,8 @@ class TeacherReflection:
         max_retries: further attempts after a timeout, a connection error or a 5xx / 429 reply.
         temperature: sampling temperature of the reflection.
         max_tokens: reply length limit.
+        max_consecutive_failures: a search stops early (keeping what it found) after this many failed reflections in
+            a row; a single failure only skips its proposal. Failures are counted in ``failures``.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class TeacherReflection:
         max_retries: int = 2,
         temperature: float = 1.0,
         max_tokens: int = 4096,
+        max_consecutive_failures: int = 3,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"reflection base_url must start with http:// or https://, got {base_url!r}")
@@ -65,9 +70,17 @@ class TeacherReflection:
         self.max_retries = max_retries
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.max_consecutive_failures = max_consecutive_failures
+        self.failures = 0  # reflections that failed (garbage, HTTP errors, timeouts after the retries)
+        self.failures_in_a_row = 0
 
     def gepa_kwargs(self) -> dict[str, Any]:
-        return {"reflection_lm": self}
+        self.failures_in_a_row = 0  # called once per search: each search gives the teacher a fresh chance
+        return {"reflection_lm": self, "stop_callbacks": self.is_down}
+
+    def is_down(self, gepa_state: Any = None) -> bool:
+        """The stop condition handed to gepa: the last ``max_consecutive_failures`` reflections all failed."""
+        return self.failures_in_a_row >= self.max_consecutive_failures
 
     def bind(self, module) -> None:
         """Nothing to bind: the teacher is outside the trainer."""
@@ -77,8 +90,20 @@ class TeacherReflection:
         self.chat([{"role": "user", "content": "Reply with the word ok."}], max_tokens=4)
 
     def __call__(self, prompt: str | list[dict[str, Any]]) -> str:
+        """One reflection. A failure is counted, logged the first time, and raised: gepa skips that proposal."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.chat(messages)
+        try:
+            reply = self.chat(messages)
+        except ReflectionError as err:
+            self.failures += 1
+            self.failures_in_a_row += 1
+            if self.failures == 1:
+                log.warning(f"{err}; this proposal is skipped, the search goes on (further failures only counted)")
+            if self.failures_in_a_row == self.max_consecutive_failures:
+                log.warning(f"{self.failures_in_a_row} reflections in a row failed: this search stops with what it has")
+            raise
+        self.failures_in_a_row = 0
+        return reply
 
     def chat(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> str:
         body = json.dumps(

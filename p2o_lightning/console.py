@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -23,6 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from p2o_lightning.outputs import read_metrics
+from p2o_lightning.plots import search_steps
 
 COLLAPSE_WINDOW = 10  # collapse "at the start / end" = mean over the first / last this many RL steps
 
@@ -148,7 +148,7 @@ def summary_lines(
             f"  (validation: plain prompt, first and last evaluation; training: mean of the first / last "
             f"{COLLAPSE_WINDOW} RL steps)"
         )
-    searches = search_steps(folder)
+    searches = search_steps(folder, series)
     if searches:
         at = ", ".join(str(s) for s in searches)
         lines.append(f"  P²O searches: {len(searches)} (at RL step {at})")
@@ -160,17 +160,6 @@ def summary_lines(
         lines.append("outputs:")
         lines += [f"  {name:{width}}  {path}" for name, path in present.items()]
     return lines
-
-
-def search_steps(folder: str | Path) -> list[int]:
-    """The RL steps at which P²O searches ran, from the run folder's ``p2o/search_*.json``."""
-    steps = []
-    for path in sorted((Path(folder) / "p2o").glob("search_*.json")):
-        try:
-            steps.append(int(json.loads(path.read_text())["rollout_step"]))
-        except (ValueError, KeyError, TypeError, OSError):
-            continue  # a record being written, or of another format: not a step to mark
-    return steps
 
 
 def _duration(seconds: float) -> str:

@@ -130,13 +130,6 @@ def _export(lm, tokenizer, out: Path) -> OSError | None:
     return None
 
 
-PLOT_PANELS = (
-    ("reward", ["train/reward"]),
-    ("accuracy", ["val/in_dist/greedy_acc", "val/ood/greedy_acc", "val/in_dist/mean@", "val/ood/mean@"]),
-    ("collapse", ["train/collapse_rate", "train/collapse_all_wrong", "train/collapse_all_right"]),
-)
-
-
 def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """``metrics.csv`` → {metric: [(step, value)]}, the last value per step kept (a resumed run re-logs steps)."""
     series: dict[str, dict[int, float]] = {}
@@ -150,33 +143,6 @@ def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
-def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
-    """Draw reward, accuracy (in-dist / OOD) and collapse rate against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = read_metrics(metrics_csv)
-    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(5 * len(PLOT_PANELS), 3.6))
-    for ax, (name, prefixes) in zip(axes, PLOT_PANELS):
-        for prefix in prefixes:
-            for key in sorted(k for k in series if k.startswith(prefix)):
-                steps, values = zip(*series[key])
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=key)
-        ax.set_title(name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
-
-
 class MetricsPlot(L.Callback):
     """At the end of fit, plot the CSV logger's ``metrics.csv`` into ``metrics.png`` beside it."""
 
@@ -186,5 +152,7 @@ class MetricsPlot(L.Callback):
             logger.save()
         csv_path = run_dir(trainer) / "metrics.csv"
         if csv_path.is_file():
+            from p2o_lightning.plots import plot_metrics  # plots reads metrics with read_metrics from here
+
             out = plot_metrics(csv_path, csv_path.with_name("metrics.png"), title=str(run_dir(trainer)))
             rank_zero_debug(f"metrics: {csv_path}\nplot: {out}")

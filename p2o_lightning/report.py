@@ -2,6 +2,8 @@
 
 For each run folder (a ``metrics.csv`` from the CSV logger, and ``p2o/search_*.json`` when P²O ran) it draws:
 
+- ``runs.png``: every run's panels (reward, validation accuracy, collapse, P²O) in its own column, rows on the same
+  axes;
 - ``collapse.png``: the all-wrong collapse rate against the step, one line per run;
 - ``accuracy.png``: in-distribution and OOD validation accuracy (greedy) against the step, one line per run;
 - ``search.png``: every search's candidates' mean dev score in the order GEPA found them;
@@ -16,7 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from p2o_lightning.outputs import plot_metrics, read_metrics
+from p2o_lightning.outputs import read_metrics
+from p2o_lightning.plots import _draw_panel, draw_curve, legend, mark_searches, panels, plot_metrics, search_steps
 
 
 def _plt():
@@ -32,28 +35,59 @@ def _label(run: Path) -> str:
     return run.name or str(run)
 
 
-def plot_curves(runs: list[Path], keys: list[str], title: str, out: Path, smooth: int = 1) -> Path:
-    """One panel per key, one line per run."""
+def plot_curves(runs: list[Path], keys: list[str], title: str, out: Path) -> Path:
+    """One panel per key, one line per run (EMA of per-step series, marked validation points), searches marked in
+    each run's colour; every panel on the same axes.
+    """
     plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False, sharex=True, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes[0], keys):
-        for run in runs:
-            series = read_metrics(run / "metrics.csv").get(key)
-            if not series:
+        for i, run in enumerate(runs):
+            series = read_metrics(run / "metrics.csv")
+            if not series.get(key):
                 continue
-            steps, values = zip(*series)
-            if smooth > 1:
-                values = [sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1])
-                          for i in range(len(values))]  # fmt: skip
-            ax.plot(steps, values, label=_label(run), marker="o" if len(steps) < 15 else None, ms=3)
+            colour = colours[i % len(colours)]
+            draw_curve(ax, series[key], _label(run), colour, smooth=not key.startswith("val/"))
+            mark_searches(ax, search_steps(run, series), colour, label=None)
         ax.set_title(key)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("RL step")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title + " (dotted: P²O searches)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_runs(runs: list[Path], out: Path) -> Path:
+    """Every run's panels in its own column, rows sharing their axes, so runs compare at a glance."""
+    plt = _plt()
+    all_series = [read_metrics(run / "metrics.csv") for run in runs]
+    titles: dict[str, None] = {}
+    for series in all_series:
+        titles.update({title: None for title, _ in panels(series)})
+    rows = list(titles)
+    fig, axes = plt.subplots(
+        len(rows), len(runs), figsize=(4.6 * len(runs), 3.0 * len(rows)), squeeze=False, sharex=True, sharey="row"
+    )
+    for c, (run, series) in enumerate(zip(runs, all_series)):
+        layout = dict(panels(series))
+        for r, title in enumerate(rows):
+            ax = axes[r][c]
+            right = _draw_panel(ax, title, layout.get(title, []), series)
+            mark_searches(ax, search_steps(run, series))
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            legend(ax, right)
+            if r == 0:
+                ax.set_title(f"{_label(run)}\n{title}", fontsize=10)
+            if r == len(rows) - 1:
+                ax.set_xlabel("RL step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
@@ -108,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for run in args.run_dirs:
         print(plot_metrics(run / "metrics.csv", run / "metrics.png", title=str(run)))
+    print(plot_runs(args.run_dirs, out / "runs.png"))
     print(plot_curves(args.run_dirs, ["train/collapse_all_wrong"], "collapse (all-wrong groups)", out / "collapse.png"))
     keys = sorted({k for run in args.run_dirs for k in read_metrics(run / "metrics.csv") if k.endswith("/greedy_acc")})
     if keys:

@@ -188,3 +188,19 @@ def test_prompt_batches_reshuffle_per_epoch_and_resume():
     resumed.load_state_dict(state)
     assert list(resumed) == epoch0[2:]
     assert list(resumed) == epoch1
+
+
+def test_ema_and_search_steps_for_plots(tmp_path):
+    from p2o_lightning.plots import ema, plot_metrics, search_steps
+
+    # s0 = 1; s1 = 0.5 * 0 + 0.5 * 1 = 0.5; s2 = 0.5 * 1 + 0.5 * 0.5 = 0.75
+    assert ema([1.0, 0.0, 1.0], alpha=0.5) == [1.0, 0.5, 0.75]
+    (tmp_path / "p2o").mkdir()
+    (tmp_path / "p2o" / "search_000.json").write_text('{"rollout_step": 24}')
+    (tmp_path / "p2o" / "search_001.json").write_text('{"rollout_st')  # being written: skipped
+    assert search_steps(tmp_path) == [24]
+    assert search_steps(tmp_path / "none", {"p2o/searches": [(0, 0.0), (5, 1.0), (6, 1.0), (9, 2.0)]}) == [5, 9]
+    rows = ["epoch,step,train/reward,train/collapse_all_wrong,val/dev/greedy_acc"]
+    rows += [f"0,{s},{s / 10},{1 - s / 10},{'0.5' if s % 4 == 0 else ''}" for s in range(10)]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert plot_metrics(tmp_path / "metrics.csv", tmp_path / "metrics.png").stat().st_size > 10_000

@@ -112,7 +112,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: 
         edit(config, args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "p2o_lightning", "fit", "--config", str(run / "experiment.yaml")]
+    # a run without policy/ did not finish: start it over (a fit into a folder holding a run is refused otherwise)
+    cmd = [sys.executable, "-m", "p2o_lightning", "fit", "--config", str(run / "experiment.yaml"), "--overwrite=true"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"[{time.strftime('%H:%M:%S')}] {name} (lr {lr:g})", flush=True)

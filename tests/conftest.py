@@ -7,11 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; ne
 import pytest
 import torch
 
-# Without CUDA the kernels run in Triton's interpreter, which must be chosen before triton is first imported, and
-# importing lightning imports triton: set it here, before any test module (test_kernels.py) is collected.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported (Lightning imports it): set it before any test module loads, so the

@@ -31,7 +31,7 @@ def small_data(**kw):
     return PromptDataModule(**args)
 
 
-def trainer(tmp_path, max_steps, callbacks=(), **kw):
+def trainer(tmp_path, max_steps, callbacks=(), plugins=(), **kw):
     """A quiet CPU trainer whose run folder is ``tmp_path/run`` (metrics.csv kept across resumes by RunFolder)."""
     return L.Trainer(
         accelerator="cpu",
@@ -39,7 +39,7 @@ def trainer(tmp_path, max_steps, callbacks=(), **kw):
         max_steps=max_steps,
         logger=RunCSVLogger(tmp_path, name="run"),
         callbacks=[RunFolder(), *callbacks],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *plugins],
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,

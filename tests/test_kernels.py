@@ -219,14 +219,17 @@ def test_linear_logprob_multi_equals_single_calls(n_ctx, dtype, small_tiles):
     singles = [
         kernels.linear_logprob(hidden[c], weight, targets, temperature=0.8, return_entropy=True) for c in range(n_ctx)
     ]
-    torch.testing.assert_close(logp, torch.stack([s[0] for s in singles]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(entropy, torch.stack([s[1] for s in singles]), rtol=0, atol=1e-6)
+    # C stacked contexts sum in another order than one context alone (numpy's BLAS under the interpreter, the tile
+    # schedule on a GPU): equal to a few float32 ulps of values up to log V ≈ 6, 10x tighter than against float64
+    close = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp, torch.stack([s[0] for s in singles]), **close)
+    torch.testing.assert_close(entropy, torch.stack([s[1] for s in singles]), **close)
     # backward: the C contexts' grads equal the single calls' (grad_weight summed over contexts)
     g = torch.randn(2, n_ctx, n, generator=gen).to(DEVICE)
     got = torch.autograd.grad([logp, entropy], [hidden, weight], [g[0], g[1]])
     outs = [o for c, s in enumerate(singles) for o in s]
     expected = torch.autograd.grad(outs, [hidden, weight], [g[i, c] for c in range(n_ctx) for i in range(2)])
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got[0], expected[0], **tol)
     torch.testing.assert_close(got[1].float(), expected[1].float(), **tol)
 

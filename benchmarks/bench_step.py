@@ -8,6 +8,7 @@ forward + loss + backward + optimizer step). The first step is a warm-up and is 
     python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine hf|vllm] [--model bpe]
     python benchmarks/bench_step.py --passes [--steps 6]
     python benchmarks/bench_step.py --compare-engines [--steps 4]       # in .venv-vllm
+    python benchmarks/bench_step.py --compare-processes [--steps 6]
 
 Prints a table, writes ``benchmarks/results/step_<device>.csv`` and ``.png``, and ends with one JSON line.
 
@@ -24,6 +25,12 @@ mask): ``two-pass`` (log π(y|t(x)) and log π(y|x) in two passes, the separate 
 ``one-pass`` (both contexts in one ``linear_logprob_multi`` call per micro-batch, still a separate π_old pass) and
 ``fused`` (the default: with one PPO epoch and one mini-batch, π_old, the entropy and the context come from the
 update's own forward). Writes ``benchmarks/results/step_passes_<device>.csv``.
+
+``--compare-processes`` runs the same global batch (``--batch-size`` prompts per step) on one process and on two
+(gloo on CPU, NCCL on GPUs), with DDP and with FSDP2 (``ModelParallelStrategy``): each process gets
+``batch-size / processes`` prompts and ``threads / processes`` CPU threads (``--threads``, default: every core). A
+phase's time is the slowest rank's median, its tokens those of all ranks; peak memory is per process (the largest)
+and summed. Writes ``benchmarks/results/step_processes_<device>.csv`` / ``.png``.
 """
 
 from __future__ import annotations
@@ -93,10 +100,30 @@ def build_bpe_model(folder: Path) -> tuple[str, str]:
     return str(model), str(write_math_jsonl(folder / "math.jsonl", n=240))
 
 
+def make_strategy(name: str):
+    """``single`` (one process), ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``: the module shards itself)."""
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy()
+    return "ddp" if name == "ddp" else "auto"
+
+
+def reduce_over_ranks(trainer, values: dict[str, float], op: str) -> dict[str, float]:
+    """``values`` reduced over the ranks (``sum`` or ``max``); unchanged on one process."""
+    if trainer.world_size == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+    t = trainer.strategy.reduce(t, reduce_op=op)
+    return dict(zip(values, t.tolist()))
+
+
 def run_steps(args, tmp: Path) -> dict:
-    """Fit ``args.steps`` RL steps; the medians of the module's phase timers and this process's peak RSS."""
+    """Fit ``args.steps`` RL steps; the medians of the module's phase timers (the slowest rank's), the response
+    tokens of all ranks and the processes' peak RSS."""
     L.seed_everything(0)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    devices = getattr(args, "devices", 1)
     model, task, data = args.model, "addition", {}
     if args.model == "bpe":
         model, train = build_bpe_model(tmp)
@@ -116,7 +143,8 @@ def run_steps(args, tmp: Path) -> dict:
     timer = PhaseTimes()
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
+        strategy=make_strategy(getattr(args, "strategy", "single")),
         max_steps=args.steps,
         limit_val_batches=0,
         logger=False,
@@ -127,19 +155,27 @@ def run_steps(args, tmp: Path) -> dict:
         callbacks=[timer],
         default_root_dir=tmp,
     )
-    trainer.fit(module, datamodule=PromptDataModule(task=task, batch_size=args.batch_size, **data))
+    per_rank = args.batch_size // devices
+    trainer.fit(module, datamodule=PromptDataModule(task=task, batch_size=per_rank, **data))
     rows = timer.rows[1:] or timer.rows
-    med = {p: statistics.median(r[p] for r in rows) * 1e3 for p in PHASES}
-    tokens = statistics.median(r["response_tokens"] for r in rows)
+    med = reduce_over_ranks(trainer, {p: statistics.median(r[p] for r in rows) * 1e3 for p in PHASES}, "max")
+    tokens = reduce_over_ranks(trainer, {"t": statistics.median(r["response_tokens"] for r in rows)}, "sum")["t"]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    rss = {"max": reduce_over_ranks(trainer, {"r": rss_mb}, "max")["r"]}
+    rss["sum"] = reduce_over_ranks(trainer, {"r": rss_mb}, "sum")["r"]
     env = environment(torch.device("cuda" if accelerator == "gpu" else "cpu"))
     record = {**env, "model": args.model, "engine": args.engine, "batch_size": args.batch_size}
+    record.update(processes=trainer.world_size, strategy=getattr(args, "strategy", "single"))
+    record["threads_per_process"] = torch.get_num_threads()
     record.update(num_rollouts=args.num_rollouts, max_new_tokens=args.max_new_tokens, steps=len(rows))
     record.update({f"{p}_ms": round(med[p], 2) for p in PHASES})
     record["total_ms"] = round(sum(med.values()), 2)
     record["response_tokens"] = round(tokens, 1)
     record.update({f"{p}_tokens_per_s": round(tokens / med[p] * 1e3, 1) for p in PHASES})
     record["response_tokens_per_s"] = round(tokens / sum(med.values()) * 1e3, 1)
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    record["peak_rss_mb"] = round(rss["max"], 1)
+    record["peak_rss_all_mb"] = round(rss["sum"], 1)
+    record["rank"] = trainer.global_rank
     return record
 
 
@@ -199,6 +235,62 @@ def compare_engines(args) -> None:
     print(json.dumps(records))
 
 
+PROCESS_SETUPS = (("single", 1), ("ddp", 2), ("fsdp2", 2))
+
+
+def compare_processes(args) -> None:
+    """The same global batch on 1 process and on 2 (DDP, FSDP2), each setup in fresh processes."""
+    threads = args.threads or os.cpu_count() or 1
+    records = []
+    for strategy, devices in PROCESS_SETUPS:
+        cmd = [sys.executable, __file__, "--strategy", strategy, "--devices", str(devices), "--json-only"]
+        cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--model", args.model]
+        cmd += ["--num-rollouts", str(args.num_rollouts), "--max-new-tokens", str(args.max_new_tokens)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // devices))}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"{strategy} x {devices} failed:\n{out.stderr[-3000:]}")
+        lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+        records.append(next(r for r in lines if r["rank"] == 0))
+    print(f"\nRL step, {args.batch_size} prompts x K={args.num_rollouts} in all, {records[0]['device']}")
+    cols = " ".join(f"{p + ' ms':>11}" for p in PHASES)
+    rss = f"{'RSS/proc MB':>11} {'RSS all MB':>10}"
+    print(f"{'strategy':>9} {'procs':>5} {'threads':>7} {cols} {'step tok/s':>10} {rss}")
+    for r in records:
+        cells = " ".join(f"{r[p + '_ms']:>11.0f}" for p in PHASES)
+        print(
+            f"{r['strategy']:>9} {r['processes']:>5} {r['threads_per_process']:>7} {cells} "
+            f"{r['response_tokens_per_s']:>10.0f} {r['peak_rss_mb']:>11.0f} {r['peak_rss_all_mb']:>10.0f}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"step_processes_{records[0]['device_kind']}"
+    for r in records:
+        append_csv(out.with_suffix(".csv"), {k: v for k, v in r.items() if k != "rank"})
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
+    labels = [f"{r['strategy']} x{r['processes']}" for r in records]
+    left = [0.0] * len(records)
+    for p in PHASES:
+        axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
+        left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
+    axes[0].set_xlabel("ms per RL step (median, slowest rank)")
+    axes[0].legend(fontsize=7)
+    axes[1].barh(labels, [r["peak_rss_all_mb"] for r in records], color="lightgray", label="all processes")
+    axes[1].barh(labels, [r["peak_rss_mb"] for r in records], color="gray", label="largest process")
+    axes[1].set_xlabel("peak RSS (MB)")
+    axes[1].legend(fontsize=7)
+    what = f"{args.batch_size}x{args.num_rollouts} rollouts in all"
+    fig.suptitle(f"1 vs 2 processes, {what}, {records[0]['device']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(json.dumps(records))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="RL steps to run (the first is dropped)")
@@ -209,6 +301,10 @@ def main() -> None:
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
     parser.add_argument("--compare-engines", action="store_true", help="HF vs vLLM on the embedded and BPE models")
     parser.add_argument("--passes", action="store_true", help="compare the log-prob pass variants (see above)")
+    parser.add_argument("--compare-processes", action="store_true", help="1 vs 2 processes (DDP, FSDP2)")
+    parser.add_argument("--threads", type=int, help="CPU threads in all for --compare-processes (default: every core)")
+    parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp2"], help=argparse.SUPPRESS)
+    parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in its own process (--passes runs it)
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,11 +312,15 @@ def main() -> None:
         return compare_engines(args)
     if args.passes:
         return compare_passes(args)
+    if args.compare_processes:
+        return compare_processes(args)
+    if args.batch_size % args.devices:
+        parser.error(f"--batch-size {args.batch_size} does not split over --devices {args.devices}")
 
     with tempfile.TemporaryDirectory() as tmp:
         record = run_steps(args, Path(tmp))
     if args.json_only:
-        print(json.dumps(record))
+        print(json.dumps(record), flush=True)
         return
     med = {p: record[f"{p}_ms"] for p in PHASES}
     total = record["total_ms"]

@@ -82,6 +82,7 @@ class VLLMRolloutEngine:
         self.eos_token_ids = eos_token_ids(generation_config, tokenizer)
         self.prompts = PromptEncoder(tokenizer, self.eos_token_ids)
         self.on_cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
         self.sleeps = sleep and self.on_cuda
         kwargs = dict(
             model=str(model_path),
@@ -111,7 +112,7 @@ class VLLMRolloutEngine:
 
     def sync_weights(self, model: nn.Module) -> None:
         """Load ``model``'s current weights (full tensors, on every rank) into the engine; drop its prefix cache."""
-        weights = [(name, t.to("cpu" if not self.on_cuda else t.device)) for name, t in full_state_items(model)]
+        weights = [(name, t if self.on_cuda else t.to("cpu")) for name, t in full_state_items(model)]
         with self._awake(tags=["weights"]):
             self.llm.collective_rpc(_reload_worker_weights, args=(weights,))
             self.llm.reset_prefix_cache()
@@ -124,7 +125,7 @@ class VLLMRolloutEngine:
     def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
         import vllm
 
-        device = torch.device("cuda") if self.on_cuda else torch.device("cpu")
+        device = self.device
         prompt_ids, prompt_mask = self.encode_prompts(prompts, torch.device("cpu"))
         requests = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompt_ids, prompt_mask)]
         greedy = sampling.temperature <= 0

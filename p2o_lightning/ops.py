@@ -270,7 +270,8 @@ def linear_logprob_multi(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    chunk_size: int = 1024,
+    logits_budget: int = LOGITS_BUDGET,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and entropies) of the same ``targets`` under C contexts, in one call: shape (C, ...) float32.
 
@@ -289,6 +290,7 @@ def linear_logprob_multi(
         temperature=temperature,
         return_entropy=return_entropy,
         ignore_index=ignore_index,
+        logits_budget=logits_budget,
         chunk_size=chunk_size,
     )
     out_shape = hidden.shape[:-1]

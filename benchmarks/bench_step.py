@@ -188,6 +188,23 @@ def append_csv(path: Path, record: dict) -> None:
         writer.writerow(record)
 
 
+def phase_bars(records: list[dict], labels: list[str], xlabel: str, height: float):
+    """A figure of two panels: each record's phases as stacked bars (left); the right one is the caller's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, height))
+    left = [0.0] * len(records)
+    for p in PHASES:
+        axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
+        left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
+    axes[0].set_xlabel(xlabel)
+    axes[0].legend(fontsize=7)
+    return fig, axes
+
+
 def compare_engines(args) -> None:
     """One fresh process per (model, engine); a table, ``step_engines_<device>.csv`` and a plot."""
     records = []
@@ -212,19 +229,8 @@ def compare_engines(args) -> None:
     for r in records:
         append_csv(out.with_suffix(".csv"), r)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     labels = [f"{r['model']}\n{r['engine']}" for r in records]
-    left = [0.0] * len(records)
-    for p in PHASES:
-        axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
-        left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
-    axes[0].set_xlabel("ms per RL step (median)")
-    axes[0].legend(fontsize=7)
+    fig, axes = phase_bars(records, labels, "ms per RL step (median)", height=3)
     axes[1].barh(labels, [r["peak_rss_mb"] for r in records], color="gray")
     axes[1].set_xlabel("peak RSS of the process (MB)")
     fig.suptitle(
@@ -267,19 +273,8 @@ def compare_processes(args) -> None:
     for r in records:
         append_csv(out.with_suffix(".csv"), {k: v for k, v in r.items() if k != "rank"})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
     labels = [f"{r['strategy']} x{r['processes']}" for r in records]
-    left = [0.0] * len(records)
-    for p in PHASES:
-        axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
-        left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
-    axes[0].set_xlabel("ms per RL step (median, slowest rank)")
-    axes[0].legend(fontsize=7)
+    fig, axes = phase_bars(records, labels, "ms per RL step (median, slowest rank)", height=2.6)
     axes[1].barh(labels, [r["peak_rss_all_mb"] for r in records], color="lightgray", label="all processes")
     axes[1].barh(labels, [r["peak_rss_mb"] for r in records], color="gray", label="largest process")
     axes[1].set_xlabel("peak RSS (MB)")

@@ -230,6 +230,17 @@ def verdict(summary: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
+def measured_on() -> dict[str, str]:
+    """The embedded world the runs trained (its folder and weights' hash: another machine may build another) and
+    the commit."""
+    from p2o_lightning.tasks.world import build_world, world_fingerprint
+
+    path = build_world(log=lambda _: None)
+    git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "unknown"
+    return {"world": path.name, "weights": world_fingerprint(path), "commit": commit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -267,11 +278,14 @@ def main() -> None:
         f"| {s} | {len(runs[s])} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |"
         for s, v in summary.items()
     ]
-    table = "\n".join(lines + [""] + verdict(summary))
+    world = measured_on()
+    head = f"World {world['world']} (weights {world['weights']}), commit {world['commit']}, lr {args.lr:g}, "
+    head += f"{args.max_steps} steps, K={args.k}, {args.threads} thread(s) per run.\n"
+    table = "\n".join([head, *lines, "", *verdict(summary)])
     print(table)
     (args.out / "summary.md").write_text(table + "\n")
     (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "per_seed": summary}, indent=1))  # fmt: skip
+                                                       **world, "per_seed": summary}, indent=1))  # fmt: skip
     with open(args.out / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["setting", *(f"{c}_{x}" for c in columns for x in ("mean", "std"))])

@@ -22,7 +22,15 @@ from p2o_lightning.tasks.addition import (
     world_splits,
 )
 from p2o_lightning.tasks.base import Problem, Task, apply_template
-from p2o_lightning.tasks.world import MAX_NEW_TOKENS, TEST_RECIPE, WorldRecipe, build_tokenizer, build_world, measure
+from p2o_lightning.tasks.world import (
+    MAX_NEW_TOKENS,
+    TEST_RECIPE,
+    WorldRecipe,
+    build_tokenizer,
+    build_world,
+    measure,
+    world_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +171,8 @@ def test_build_is_deterministic_and_force_rebuilds(tmp_path: Path, test_world: P
     first = AutoModelForCausalLM.from_pretrained(test_world).state_dict()
     second = AutoModelForCausalLM.from_pretrained(again).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
+    assert world_fingerprint(again) == world_fingerprint(test_world)  # the weights' hash names the world
+    assert json.loads((again / "build.json").read_text())["cpu"]  # the machine that built it, recorded
     stamp = (again / "build.json").stat().st_mtime_ns
     assert build_world(TEST_RECIPE, cache_dir=tmp_path, force=True, log=lambda _: None) == again
     assert (again / "build.json").stat().st_mtime_ns != stamp

@@ -92,6 +92,8 @@ class P2OModule(L.LightningModule):
             that teaches the plain prompt the templated behaviour (see :mod:`p2o_lightning.step.plan`).
         drop_failed_templated: the failed (reward 0) templated rollouts leave the loss (the reference's
             ``drop_failed_template_rollout``); they still count in their group's advantage.
+        anchor_weight: P²O's skill anchor (not in the paper; 0: off): a distilled row is also trained under the
+            prompt it was sampled from, with this weight (:mod:`p2o_lightning.step.distill`).
         dynamic_sampling: ``off`` | ``filter`` (DAPO, verl's ``filter_groups``: groups whose K rewards are all equal
             are dropped and more prompts sampled until the batch is full; :mod:`p2o_lightning.step.dynamic`).
         max_sampling_rounds: sampling rounds per step under ``filter``, the first included; then the batch is
@@ -138,6 +140,7 @@ class P2OModule(L.LightningModule):
         context_mask_scope: str = "policy_gradient",
         plain_rollouts: int = 0,
         drop_failed_templated: bool = False,
+        anchor_weight: float = 0.0,
         dynamic_sampling: str = "off",
         max_sampling_rounds: int = 3,
     ) -> None:
@@ -152,7 +155,7 @@ class P2OModule(L.LightningModule):
             clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, loss_agg, context_ratio_bounds, context_mask_scope
         )
         logprob = LogProbSettings(temperature if temperature > 0 else 1.0, logprob_chunk_size, micro_batch_size)
-        self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size), loss, logprob)
+        self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight), loss, logprob)
         self.task = get_task(task)
         if model != "embedded":
             check_model_dir(model)  # a missing folder / config / weights / tokenizer, named before anything loads
@@ -268,7 +271,7 @@ class P2OModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None
-        with_context = needs_context_logp(rollouts, hp.context_ratio_bounds)
+        with_context = needs_context_logp(rollouts, hp.context_ratio_bounds, hp.anchor_weight)
         # one update: π_old = π_θ detached, from the update's forward (TIS needs π_old before the update)
         need_old = hp.tis_cap is not None or not self.ppo.fuses_old_logprobs(rollouts)
         rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, self.ppo.logprob, need_old, with_context)

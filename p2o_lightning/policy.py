@@ -86,9 +86,11 @@ class PolicyLogProb(nn.Module):
         chunk_size: int = 1024,
         context_ids: Tensor | None = None,  # [M, Pc + R] the same responses behind another prompt (t(x))
         context_mask: Tensor | None = None,  # [M, Pc + R]
+        context_grad: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` (no grad) is log π of
-        the same tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``.
+        """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` is log π of the same
+        tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``; it carries a
+        gradient only with ``context_grad`` (P²O's skill anchor trains the row there too).
         """
         response_len = targets.shape[1]
         hidden = self._response_hidden(input_ids, attention_mask, response_len)  # [M, R, H]
@@ -97,10 +99,10 @@ class PolicyLogProb(nn.Module):
         if context_ids is None:
             logp, entropy = ops.linear_logprob(hidden, weight, targets, **kwargs)
             return logp, entropy, None
-        with torch.no_grad():  # the context's log-probs feed the ratio mask only
+        with torch.set_grad_enabled(context_grad and torch.is_grad_enabled()):  # else it feeds the ratio mask only
             context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
         logp, entropy = ops.linear_logprob_multi(torch.stack([hidden, context_hidden]), weight, targets, **kwargs)
-        return logp[0], (entropy[0] if entropy is not None else None), logp[1].detach()
+        return logp[0], (entropy[0] if entropy is not None else None), (logp[1] if context_grad else logp[1].detach())
 
 
 def load_policy(

@@ -14,6 +14,7 @@ import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 from test_trainer import small_data, small_module, trainer  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from p2o_lightning.module import P2OModule  # noqa: E402
 from p2o_lightning.ops import get_ops  # noqa: E402
@@ -73,7 +74,7 @@ class ParityReward(P2OModule):
         return rollouts, dataclasses.replace(grade, rewards=[float(len(t) % 2) for t in rollouts.texts])
 
 
-def _one_step(world, root, fuse: bool, **kw):
+def _one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), **kw):
     """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
     L.seed_everything(0)
     module = ParityReward(
@@ -83,7 +84,7 @@ def _one_step(world, root, fuse: bool, **kw):
     if not fuse:  # force the separate no-grad π_old pass that a single update otherwise skips
         module.ppo.fuses_old_logprobs = lambda batch: False
     # every training prompt holds templates: distilled rows, the context ratio mask, and plain rows ("")
-    module.template_assignments = {p.prompt: ["Add.", "", "Carry.", "Add."] for p in world_splits()["train"]}
+    module.template_assignments = {p.prompt: list(templates) for p in world_splits()["train"]}
     seen = {}
 
     class Record(L.Callback):
@@ -108,6 +109,30 @@ def test_single_update_skips_old_pass_with_equal_losses_and_gradients(tiny_world
     assert a["train/loss"] != 0.0  # the step did learn something: parity rewards spread within groups
     for p, q in zip(fused.policy.parameters(), separate.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_skill_anchor_adds_the_templated_prompts_loss(tiny_world, tmp_path, fuse):
+    # every row templated (no plain rows), so with SGD and one update the step is linear in the loss:
+    # L_anchor = L_PPO(y | x; ratio mask) + w · L_PPO(y | t(x)) = L_distill + w · L_no-distill
+    templates = ("Add.", "Carry.", "Add.", "Carry.")
+    runs = {
+        name: _one_step(tiny_world, tmp_path / name, fuse, templates=templates, **kw)
+        for name, kw in {"distill": {}, "no_distill": {"distill": False}, "anchor": {"anchor_weight": 0.5}}.items()
+    }
+    rewards = {name: seen["train/reward"] for name, (_, seen) in runs.items()}
+    assert len(set(rewards.values())) == 1  # the same rollouts in all three
+    start = dict(AutoModelForCausalLM.from_pretrained(str(tiny_world)).named_parameters())
+    moved = {name: dict(m.policy.lm.named_parameters()) for name, (m, _) in runs.items()}
+    changed = 0
+    for key, p0 in start.items():
+        d, n, a = (moved[r][key].detach() - p0.detach() for r in ("distill", "no_distill", "anchor"))
+        torch.testing.assert_close(a, d + 0.5 * n, rtol=1e-4, atol=1e-6)
+        changed += int(not torch.allclose(a, d, atol=1e-6))
+    assert changed > 0  # the anchor did move the weights beyond distillation
+    assert runs["anchor"][1]["train/anchor_loss"] != 0.0
+    with pytest.raises(ValueError, match="anchor_weight"):
+        small_module(tiny_world, anchor_weight=-1.0)
 
 
 def test_update_stats_reduce_as_declared():

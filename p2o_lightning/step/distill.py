@@ -5,6 +5,15 @@ P²O trains a response sampled from template(x) as a response to x (paper Eq. 4)
 ``prompt_ids`` (what it is trained under), re-encoded here from the plan's trained prompts. A batch without
 distilled rows comes back unchanged. The ratio mask itself is applied inside the loss
 (:func:`p2o_lightning.ops.policy_loss`, ``context_logp``), from the log-probs of :mod:`.logprobs`.
+
+**Skill anchor** (``anchor_weight`` = w > 0; not in the paper, off by default): each distilled row is also trained
+where it was sampled. Its loss gets w × the PPO loss of the same response under t(x), with the same advantage, no
+ratio mask (that term is on-policy) and the mini-batch's token-mean denominator:
+L = L_PPO(y | x; mask) + w · L_PPO(y | t(x)). Distillation alone moves the weights that the templated skill runs on
+with gradients taken in another context; measured on the embedded world, it wore the skill down (templated success
+on hard problems 0.88 → 0.34) and each later search then found weaker templates. The anchor is GRPO on the
+templated prompt (the paper's no-distillation ablation) added to the distillation loss: one more backward through
+the context forward the ratio mask runs anyway.
 """
 
 from __future__ import annotations
@@ -27,8 +36,17 @@ def reprompt(batch: RolloutBatch, encode: EncodeFn) -> RolloutBatch:
     return batch.with_(prompt_ids=prompt_ids, prompt_mask=prompt_mask)
 
 
-def needs_context_logp(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] | None) -> bool:
-    """Some row is distilled, and log π(y|t(x)) is needed: for the context ratio mask, or as the π_old that the
-    engine's sampling log-probs are compared with (the row was sampled under t(x)).
+def needs_context_logp(
+    batch: RolloutBatch, context_ratio_bounds: tuple[float, float] | None, anchor_weight: float = 0.0
+) -> bool:
+    """Some row is distilled, and log π(y|t(x)) is needed: for the context ratio mask, as the π_old that the
+    engine's sampling log-probs are compared with (the row was sampled under t(x)), or for the skill anchor.
     """
-    return batch.reprompted and (context_ratio_bounds is not None or batch.sampling_logp is not None)
+    needed = context_ratio_bounds is not None or batch.sampling_logp is not None or anchor_weight > 0
+    return batch.reprompted and needed
+
+
+def anchor_mask(batch: RolloutBatch, rows: Tensor) -> Tensor:
+    """[len(rows), R] the tokens of the skill anchor's loss: those in the loss, of distilled rows only."""
+    distilled = torch.tensor(batch.plan.distilled_rows, device=batch.loss_mask.device)[rows]  # [m]
+    return batch.loss_mask[rows] * distilled[:, None].float()

@@ -29,9 +29,18 @@ class LogProbSettings:
 
 
 def forward_rows(
-    model, batch: RolloutBatch, rows: Tensor, ops, settings: LogProbSettings, return_entropy: bool, with_context: bool
+    model,
+    batch: RolloutBatch,
+    rows: Tensor,
+    ops,
+    settings: LogProbSettings,
+    return_entropy: bool,
+    with_context: bool,
+    context_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None."""
+    """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None
+    (``context_logp`` with a gradient when ``context_grad``).
+    """
     response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
     context = None, None
     if with_context:
@@ -46,6 +55,7 @@ def forward_rows(
         chunk_size=settings.chunk_size,
         context_ids=context[0],  # [m, Pg + R]
         context_mask=context[1],
+        context_grad=context_grad,
     )
 
 

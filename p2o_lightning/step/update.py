@@ -27,7 +27,7 @@ from torch import Tensor
 
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.distill import needs_context_logp
+from p2o_lightning.step.distill import anchor_mask, needs_context_logp
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
 from p2o_lightning.step.stats import UpdateStats
 
@@ -73,12 +73,15 @@ class LossSettings:
 class PPOSettings:
     ppo_epochs: int  # passes over one rollout batch
     mini_batch_groups: int | None  # groups (prompts) per optimizer step; None: the whole batch
+    anchor_weight: float = 0.0  # P²O's skill anchor (step/distill.py): w · L_PPO(y | t(x)) on distilled rows
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs={self.ppo_epochs} must be >= 1")
         if self.mini_batch_groups is not None and self.mini_batch_groups < 1:
             raise ValueError(f"ppo_mini_batch_size={self.mini_batch_groups} must be >= 1 (or None: the whole batch)")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise ValueError(f"anchor_weight={self.anchor_weight} must be a finite number >= 0 (0: no skill anchor)")
 
     def check_batch_size(self, batch_size: int | None) -> None:
         """Every PPO update must see the same number of prompts: the mini-batch divides the data's batch."""
@@ -160,7 +163,8 @@ class PPOUpdate:
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
         fused_old = batch.old_logp is None  # single update: π_old comes from this forward
-        with_context = fused_old and needs_context_logp(batch, bounds)
+        anchored = s.anchor_weight > 0 and batch.reprompted  # the skill anchor needs log π(y|t(x)) with grad
+        with_context = (fused_old and needs_context_logp(batch, bounds)) or anchored
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
             entropy_all = torch.zeros_like(mask)
@@ -176,11 +180,14 @@ class PPOUpdate:
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
                 for micro in rows.split(lp.micro_batch_size):
-                    logp, entropy, context = forward_rows(policy, batch, micro, ops, lp, fused_old, with_context)
+                    logp, entropy, live_context = forward_rows(
+                        policy, batch, micro, ops, lp, fused_old, with_context, context_grad=anchored
+                    )
                     if fused_old:
                         old = logp.detach()
                         old_all[micro], entropy_all[micro] = old, entropy.detach()
-                        if context is not None:
+                        context = None if live_context is None else live_context.detach()  # π_old(y | t(x))
+                        if context is not None and context_all is not None:
                             context_all[micro] = context
                     else:
                         old = batch.old_logp[micro]
@@ -195,6 +202,13 @@ class PPOUpdate:
                         num_seqs=len(rows),
                         context_logp=context if bounds is not None else None,  # the mask's input
                     )
+                    if anchored:  # w · L_PPO(y | t(x)): on-policy, no ratio mask
+                        anchor, _ = loss_fn(  # kl_coef=0: π_ref is scored on x
+                            live_context, context, batch.advantages[micro], anchor_mask(batch, micro),
+                            num_tokens=num_tokens, num_seqs=len(rows), kl_coef=0.0,
+                        )  # fmt: skip
+                        loss = loss + s.anchor_weight * anchor
+                        loss_stats["anchor_loss"] = anchor.detach()
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"non-finite loss ({loss.item()}) {where()}; stopping before the optimizer step, "

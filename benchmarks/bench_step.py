@@ -201,7 +201,7 @@ def phase_bars(records: list[dict], labels: list[str], xlabel: str, height: floa
         axes[0].barh(labels, [r[f"{p}_ms"] for r in records], left=left, label=p)
         left = [a + r[f"{p}_ms"] for a, r in zip(left, records)]
     axes[0].set_xlabel(xlabel)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=len(PHASES), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return fig, axes
 
 
@@ -272,6 +272,7 @@ def compare_processes(args) -> None:
     out = RESULTS / f"step_processes_{records[0]['device_kind']}"
     for r in records:
         append_csv(out.with_suffix(".csv"), {k: v for k, v in r.items() if k != "rank"})
+    out = out.with_name(f"{out.name}_{args.model}")  # the plot: one per model
 
     labels = [f"{r['strategy']} x{r['processes']}" for r in records]
     fig, axes = phase_bars(records, labels, "ms per RL step (median, slowest rank)", height=2.6)
@@ -279,8 +280,8 @@ def compare_processes(args) -> None:
     axes[1].barh(labels, [r["peak_rss_mb"] for r in records], color="gray", label="largest process")
     axes[1].set_xlabel("peak RSS (MB)")
     axes[1].legend(fontsize=7)
-    what = f"{args.batch_size}x{args.num_rollouts} rollouts in all"
-    fig.suptitle(f"1 vs 2 processes, {what}, {records[0]['device']}", fontsize=8)
+    what = f"{args.model} model, {args.batch_size}x{args.num_rollouts} rollouts in all"
+    fig.suptitle(f"1 vs 2 processes, {what}, {records[0]['device'].split(' (')[0]}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     print(json.dumps(records))

@@ -15,6 +15,7 @@ of optimizer steps, data, learning rate and validation; only the method differs:
 | p2o_forever          | configs/p2o-toy.yaml | ``template_lifetime: forever`` (templates never expire)      |
 | p2o_drop_failed      | configs/p2o-toy.yaml | ``model.drop_failed_templated=true``                         |
 | p2o_anchor           | configs/p2o-toy.yaml | ``model.anchor_weight=1.0`` (the skill anchor, not the paper) |
+| p2o_anchor_no_mask   | configs/p2o-toy.yaml | the skill anchor and ``model.context_ratio_bounds=null``     |
 | dapo                 | configs/toy.yaml     | DAPO's dynamic sampling: ``model.dynamic_sampling=filter``   |
 
     python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--lr 6e-5] [--max-steps 240]
@@ -81,10 +82,14 @@ SETTINGS = {
     "p2o_forever": ("p2o-toy.yaml", [_callback_arg("template_lifetime", "forever")]),
     "p2o_drop_failed": ("p2o-toy.yaml", [_set("model.drop_failed_templated", True)]),
     "p2o_anchor": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0)]),
+    "p2o_anchor_no_mask": (
+        "p2o-toy.yaml",
+        [_set("model.anchor_weight", 1.0), _set("model.context_ratio_bounds", None)],
+    ),
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
     "dapo": ("toy.yaml", [_set("model.dynamic_sampling", "filter"), _set("model.max_sampling_rounds", 3)]),
 }
-DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "p2o_anchor", "dapo")]
+DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "p2o_anchor", "p2o_anchor_no_mask", "dapo")]
 SPLITS = ("in_dist", "hard", "ood")
 
 

@@ -87,6 +87,10 @@ class RolloutBatch:
         return self.response_mask.bool().all(dim=1)
 
     @property
+    def distilled(self) -> Tensor:  # [M] bool: the row is trained under another prompt than it was sampled under
+        return torch.tensor(self.plan.distilled_rows, device=self.response_ids.device)
+
+    @property
     def reprompted(self) -> bool:
         """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ ``gen_ids``)."""
         return any(self.plan.distilled_rows)

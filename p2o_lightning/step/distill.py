@@ -46,7 +46,6 @@ def needs_context_logp(
     return batch.reprompted and needed
 
 
-def anchor_mask(batch: RolloutBatch, rows: Tensor) -> Tensor:
-    """[len(rows), R] the tokens of the skill anchor's loss: those in the loss, of distilled rows only."""
-    distilled = torch.tensor(batch.plan.distilled_rows, device=batch.loss_mask.device)[rows]  # [m]
-    return batch.loss_mask[rows] * distilled[:, None].float()
+def anchor_mask(batch: RolloutBatch) -> Tensor:
+    """[M, R] the tokens of the skill anchor's loss: those in the loss, of distilled rows only."""
+    return batch.loss_mask * batch.distilled[:, None].float()

@@ -118,8 +118,7 @@ def rollout_mismatch(batch: RolloutBatch, tis_cap: float | None) -> tuple[dict[s
         return {}, None
     behaviour = batch.old_logp  # [M, R]
     if batch.reprompted:
-        distilled = torch.tensor(batch.plan.distilled_rows, device=behaviour.device)[:, None]  # [M, 1]
-        behaviour = torch.where(distilled, batch.context_logp, behaviour)
+        behaviour = torch.where(batch.distilled[:, None], batch.context_logp, behaviour)  # [M, R]
     mask = batch.response_mask.float()
     n = mask.sum().clamp(min=1)
     stats = {"rollout_logprob_diff": float(((behaviour - batch.sampling_logp).abs() * mask).sum() / n)}

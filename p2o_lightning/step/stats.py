@@ -172,7 +172,7 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
         "train/reward_plain": rewards[~groups].mean() if (~groups).any() else zero,
     }
     first4, rest = zero, zero
-    distilled = torch.tensor(plan.distilled_rows, device=device)  # [M]
+    distilled = batch.distilled  # [M]
     if context_ratio_bounds is not None and batch.context_logp is not None and distilled.any():
         cut = (~context_ratio_mask(batch.old_logp, batch.context_logp, *context_ratio_bounds)).float() * mask
         cut, resp = cut[distilled], mask[distilled]  # [M, R] → the distilled rows

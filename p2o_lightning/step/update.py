@@ -165,6 +165,7 @@ class PPOUpdate:
         fused_old = batch.old_logp is None  # single update: π_old comes from this forward
         anchored = s.anchor_weight > 0 and batch.reprompted  # the skill anchor needs log π(y|t(x)) with grad
         with_context = (fused_old and needs_context_logp(batch, bounds)) or anchored
+        anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
             entropy_all = torch.zeros_like(mask)
@@ -204,7 +205,7 @@ class PPOUpdate:
                     )
                     if anchored:  # w · L_PPO(y | t(x)): on-policy, no ratio mask
                         anchor, _ = loss_fn(  # kl_coef=0: π_ref is scored on x
-                            live_context, context, batch.advantages[micro], anchor_mask(batch, micro),
+                            live_context, context, batch.advantages[micro], anchor_tokens[micro],
                             num_tokens=num_tokens, num_seqs=len(rows), kl_coef=0.0,
                         )  # fmt: skip
                         loss = loss + s.anchor_weight * anchor

@@ -9,8 +9,8 @@ states (N, H) and the LM head (V, H) into one log-prob per token. Implementation
 - ``chunked-tokens``: the same op chunked by a token count alone (``--chunk-size``, default 1024 rows, no budget):
   what the op did before its chunks were sized by a logits budget, for ``--vocab-sweep``;
 - ``compiled``: ``torch.compile`` of the chunked op (runs on CPU too; the compile is not timed);
-- ``triton``: :func:`p2o_lightning.kernels.linear_logprob`, the fused kernel (CUDA only: the interpreter that runs
-  it on CPU is a correctness tool, not a benchmark);
+- ``triton``: :func:`p2o_lightning.kernels.functional.linear_logprob`, the fused kernel (CUDA only: the interpreter
+  that runs it on CPU is a correctness tool, not a benchmark);
 - ``liger``: Liger-Kernel's fused linear cross-entropy, ``reduction="none"`` (its per-token loss is −log-prob);
 - ``cce``: Apple's cut-cross-entropy ``linear_cross_entropy``, ``reduction="none"``.
 The last two run where installed and on CUDA; otherwise the table says why they were skipped.
@@ -119,7 +119,7 @@ def logprob_fn(
     if impl == "compiled":
         return torch.compile(lambda hd, w: linear_logprob(hd, w, targets, **chunking)[0], dynamic=False)
     if impl == "triton":
-        from p2o_lightning.kernels import linear_logprob as fused
+        from p2o_lightning.kernels.functional import linear_logprob as fused
 
         return lambda hd, w: fused(hd, w, targets, **chunking)[0]
     if impl == "liger":

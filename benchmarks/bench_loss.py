@@ -98,7 +98,7 @@ def setup_loss(b: int, t: int, config: str, mode: str, impl: str, device: torch.
     if options.pop("context", False):
         options["context_logp"] = old_logp + torch.randn(b, t, device=device, generator=gen)
     if impl == "triton":
-        from p2o_lightning.kernels import policy_loss as loss_fn
+        from p2o_lightning.kernels.functional import policy_loss as loss_fn
     else:
         loss_fn = ops.policy_loss
     if mode == "fwd":

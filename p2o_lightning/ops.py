@@ -593,7 +593,7 @@ class Ops:
 def _kernel_ops() -> dict[str, Callable]:
     """Return the ops ``p2o_lightning.kernels`` provides, by name (empty when it provides none or cannot import)."""
     try:
-        kernels = importlib.import_module("p2o_lightning.kernels")
+        kernels = importlib.import_module("p2o_lightning.kernels.functional")
     except ImportError:
         return {}
     return {name: getattr(kernels, name) for name in _DISPATCHED if callable(getattr(kernels, name, None))}

@@ -33,7 +33,8 @@ pytest.importorskip("triton")
 from test_ops import _LargestOutput, naive_logprob  # noqa: E402
 from test_trainer import read_csv, small_data, trainer  # noqa: E402
 
-from p2o_lightning import kernels, ops  # noqa: E402
+from p2o_lightning import ops  # noqa: E402
+from p2o_lightning.kernels import functional as kernels  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,18 +491,21 @@ def test_get_ops_triton_returns_the_kernels():
 
 _PROBE = """
 import importlib.util, json, sys
-first = sys.argv[1] == "kernels-first"
-if first:
-    import p2o_lightning.kernels
-    from p2o_lightning.kernels import advantage, logprob, loss  # the kernel modules (and triton) too
+if sys.argv[1] == "kernels-first":
+    from p2o_lightning.kernels import advantage, functional, logprob, loss  # the kernel modules (and triton) too
 import transformers
 from transformers.utils import is_kernels_available
 spec = importlib.util.find_spec("kernels")
+hub = None
+if is_kernels_available():
+    import transformers.integrations.hub_kernels  # what transformers does while loading any model
+    hub = transformers.integrations.hub_kernels.__name__
 print(json.dumps({
     "available": is_kernels_available(),
+    "hub_kernels": hub,
     "kernels_origin": spec.origin if spec else None,
-    "ours_as_kernels": getattr(sys.modules.get("kernels"), "__file__", None),
-    "ours": sys.modules["p2o_lightning.kernels"].__file__ if first else None,
+    "kernels_file": getattr(sys.modules.get("kernels"), "__file__", None),
+    "ours": getattr(sys.modules.get("p2o_lightning.kernels.functional"), "__file__", None),
 }))
 """
 
@@ -514,20 +518,22 @@ def _probe(order: str, cwd: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_import_name_does_not_shadow_pypi_kernels(tmp_path):
-    """`p2o_lightning.kernels` never becomes the top-level `kernels` that transformers probes for hub kernels."""
-    plain = _probe("transformers-only", tmp_path)
-    ours = _probe("kernels-first", tmp_path)
-    assert ours["ours"] == str(REPO / "kernels" / "__init__.py")  # the package under test is this checkout's
+@pytest.mark.parametrize("cwd", ["repo-root", "tests", "elsewhere"])
+def test_import_kernels_is_never_ours(cwd, tmp_path):
+    """`import kernels` is the PyPI package (or nothing), never our folder: from the repository root (first on
+    sys.path), from tests/ and from elsewhere, before and after our kernels are imported; transformers imports it."""
+    where = {"repo-root": REPO, "tests": REPO / "tests", "elsewhere": tmp_path}[cwd]
+    plain, ours = _probe("transformers-only", where), _probe("kernels-first", where)
+    assert ours["ours"] == str(REPO / "p2o_lightning" / "kernels" / "functional.py")  # this checkout's kernels
     assert ours["available"] == plain["available"]  # transformers' answer does not change
-    for probe in (plain, ours):  # `import kernels` is the PyPI package or nothing, never our folder
-        assert probe["kernels_origin"] is None or not probe["kernels_origin"].startswith(str(REPO))
-        assert probe["ours_as_kernels"] is None or not probe["ours_as_kernels"].startswith(str(REPO))
-    # Run from the repository root, Python puts the checkout on sys.path and `kernels/` *is* importable as
-    # `kernels` (transformers then imports it while probing); that must not change transformers' answer either:
-    # the package has no __version__ and no side effects.
-    at_root = _probe("kernels-first", REPO)
-    assert at_root["available"] == plain["available"]
+    for probe in (plain, ours):
+        for path in (probe["kernels_origin"], probe["kernels_file"]):  # (the venv may live inside the checkout)
+            assert path is None or Path(path).resolve() != REPO / "kernels" / "__init__.py", probe
+            assert path is None or Path(path).resolve().parent != REPO / "kernels", probe
+        if probe["available"]:  # the PyPI package (a dependency of transformers >= 5.25): transformers imports it
+            assert probe["hub_kernels"] == "transformers.integrations.hub_kernels"
+    with pytest.raises(subprocess.CalledProcessError):  # our modules are not importable under the top-level name
+        subprocess.run([sys.executable, "-c", "import kernels.logprob"], cwd=REPO, capture_output=True, check=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ print(json.dumps({"keys": fwd.keys, "top_k": fwd.configs_top_k, "n_configs": len
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
+
     from p2o_lightning.kernels.logprob import FORWARD_CONFIGS, TOP_K
 
     configs = FORWARD_CONFIGS[torch.bfloat16]

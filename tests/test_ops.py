@@ -570,7 +570,8 @@ def test_policy_loss_errors(kwargs, error):
 
 def test_dispatch_today_is_torch(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setitem(sys.modules, "p2o_lightning.kernels", types.ModuleType("p2o_lightning.kernels"))  # no ops
+    name = "p2o_lightning.kernels.functional"
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # no ops
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "torch"  # CUDA, but no kernels yet
     assert resolve_backend("torch", "cuda") == "torch"
@@ -587,9 +588,9 @@ def test_dispatch_today_is_torch(monkeypatch):
 
 def test_dispatch_uses_kernels_when_they_exist(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fake = types.ModuleType("p2o_lightning.kernels")
+    fake = types.ModuleType("p2o_lightning.kernels.functional")
     fake.linear_logprob = lambda *a, **k: "kernel"  # the first kernel landed; the other ops stay the reference
-    monkeypatch.setitem(sys.modules, "p2o_lightning.kernels", fake)
+    monkeypatch.setitem(sys.modules, "p2o_lightning.kernels.functional", fake)
     assert resolve_backend("auto", "cpu") == "torch"  # "auto" never picks the interpreter
     fns = get_ops("auto", torch.device("cuda"))
     assert fns.backend == "triton" and fns.linear_logprob is fake.linear_logprob

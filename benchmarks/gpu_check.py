@@ -16,6 +16,14 @@ default; a step that would start with too little time left is skipped and says s
    Liger-Kernel's fused linear cross-entropy and cut-cross-entropy; time and peak memory, forward and forward +
    backward.
 4. ``bench_loss``: group advantage and the PPO-clip + KL + ratio-mask loss, Triton vs the torch reference, GB/s.
+5. ``train_grpo`` / ``train_p2o``: the real trainer on this GPU with ``backend: triton`` — 40 RL steps of
+   ``configs/toy.yaml`` (GRPO on the embedded world), then 40 of ``configs/p2o-toy.yaml`` with the skill anchor (its
+   search at the end of the first epoch, with a smaller budget so that it fits): steps done, seconds per step
+   (rollout, log-prob, update), validation accuracy before and after, from each run's ``metrics.csv``.
+
+``--dry-run`` runs on a CPU what can run there, to prove the command lines before a GPU is spent on them: the tests
+collected (not run), the benchmarks' ``--help``, and each training run for 2 steps on CPU with ``backend: torch``;
+it writes into a temporary folder and reports no measurement.
 
 Writes ``<out>/gpu_check.csv`` (one row per step: status, seconds, what it measured) and ``<out>/gpu_check.md``
 (device, driver, versions, commit, date, the test counts and the benchmark tables), plus each benchmark's own CSV
@@ -43,7 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
 BASELINES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}  # module → wheel
 # seconds: the longest each step may take (the check's budget is shared; see plan_steps)
-STEP_LIMITS = {"tests": 120, "baselines": 60, "bench_logprob": 240, "bench_loss": 60}
+STEP_LIMITS = {"tests": 100, "baselines": 15, "bench_logprob": 180, "bench_loss": 45, "train_grpo": 60,
+               "train_p2o": 80}  # fmt: skip
+TRAIN_STEPS = 40  # RL steps of each training run
 
 
 class NoCuda(SystemExit):
@@ -164,14 +174,68 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
+    """``python -m p2o_lightning fit`` of the embedded world, its run folder under ``<out>/runs/<name>``.
+
+    ``train_p2o`` is ``configs/p2o-toy.yaml`` with the skill anchor at lr 6e-5 (the setting that beat GRPO, README)
+    and a search budget of 300 greedy evaluations, written to ``<out>/p2o-gpu-check.yaml``.
+    """
+    config = REPO / "configs" / ("toy.yaml" if name == "train_grpo" else "p2o-toy.yaml")
+    if name == "train_p2o":
+        import yaml
+
+        cfg = yaml.safe_load(config.read_text())
+        for callback in cfg["trainer"]["callbacks"]:
+            if callback["class_path"].endswith("P2OCallback"):
+                callback["init_args"]["max_metric_calls"] = 300
+        cfg["model"]["anchor_weight"] = 1.0
+        cfg["model"]["optimizer"]["init_args"]["lr"] = 6e-5
+        config = out / "p2o-gpu-check.yaml"
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    steps = 2 if dry_run else TRAIN_STEPS
+    return [
+        sys.executable, "-m", "p2o_lightning", "fit", "--config", str(config),
+        "--trainer.accelerator", "cpu" if dry_run else "gpu", "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps), "--model.backend", "torch" if dry_run else "triton",
+        "--trainer.default_root_dir", str(out / "runs" / name), "--trainer.logger.init_args.save_dir",
+        str(out / "runs"), "--trainer.logger.init_args.name", name,
+    ]  # fmt: skip
+
+
+def train_summary(run: Path) -> str:
+    """Steps, median seconds per phase and validation accuracy first → last, from a run's ``metrics.csv``."""
+    rows = read_rows(run / "metrics.csv")
+    if not rows:
+        return "no metrics.csv"
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] if values else float("nan")
+
+    steps = column("train/rollout_step") or column("step")
+    parts = [f"{len(column('train/loss'))} steps (last {int(max(steps)) + 1 if steps else 0})"]
+    parts += [f"{phase} {median(column(f'time/{phase}_s')):.3f} s" for phase in ("rollout", "logprob", "update")]
+    for split in ("in_dist", "hard"):
+        acc = column(f"val/{split}/greedy_acc")
+        if acc:
+            parts.append(f"val/{split}/greedy_acc {acc[0]:.3f} -> {acc[-1]:.3f}")
+    return ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/gpu_check/<device kind>")
     parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check")
     parser.add_argument("--no-install", action="store_true", help="skip missing baselines instead of installing them")
     parser.add_argument("--steps", nargs="+", choices=list(STEP_LIMITS), default=list(STEP_LIMITS))
+    parser.add_argument("--dry-run", action="store_true", help="prove the command lines on a CPU; measures nothing")
     args = parser.parse_args()
 
+    if args.dry_run:
+        dry_run(args.steps)
+        return
     device = require_cuda()  # before anything else: no GPU, no numbers
     start = time.perf_counter()
     out = args.out or RESULTS / device["device_kind"]
@@ -207,10 +271,13 @@ def main() -> None:
             cmd = [sys.executable, "benchmarks/bench_logprob.py", "--out", str(out)]
             step = run_step(name, cmd, limit, out, env)
             step["measured"] = f"{len(read_rows(out / ('bench_logprob_' + device['device_kind'] + '.csv')))} rows"
-        else:
+        elif name == "bench_loss":
             cmd = [sys.executable, "benchmarks/bench_loss.py", "--out", str(out)]
             step = run_step(name, cmd, limit, out, env)
             step["measured"] = f"{len(read_rows(out / ('bench_loss_' + device['device_kind'] + '.csv')))} rows"
+        else:
+            step = run_step(name, train_command(name, out, dry_run=False), limit, out, env)
+            step["measured"] = train_summary(out / "runs" / name)
         step.pop("output", None)
         steps.append(step)
         print(f"{step['step']}: {step['status']} ({step['seconds']} s) {step.get('measured', '')}", flush=True)
@@ -252,6 +319,34 @@ def main() -> None:
     failed = [s["step"] for s in steps if s["status"] not in ("ok",) and not s["status"].startswith("skipped")]
     print(json.dumps({"bench": "gpu_check", **meta, "seconds": total, "tests": tests, "failed_steps": failed}))
     sys.exit(1 if failed or tests.get("failed") or tests.get("errors") else 0)
+
+
+def dry_run(names: list[str]) -> None:
+    """Each step's command on this CPU, cut to what proves it (see the module docstring); exits 1 if one fails."""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="gpu_check_dry_"))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    commands = {
+        "tests": [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                  "tests/test_kernels.py"],
+        "bench_logprob": [sys.executable, "benchmarks/bench_logprob.py", "--help"],
+        "bench_loss": [sys.executable, "benchmarks/bench_loss.py", "--help"],
+    }  # fmt: skip
+    failed = []
+    for name in names:
+        if name == "baselines":
+            print(f"{name}: would import or install {', '.join(BASELINES.values())}")
+            continue
+        cmd = commands.get(name) or train_command(name, out, dry_run=True)
+        step = run_step(name, cmd, 600, out, env)
+        summary = train_summary(out / "runs" / name) if name.startswith("train") else ""
+        print(f"{name}: {step['status']} ({step['seconds']} s) {summary}\n  $ {' '.join(cmd)}", flush=True)
+        if step["status"] != "ok":
+            print(step["output"][-3000:])
+            failed.append(name)
+    print(f"dry run (CPU, nothing measured): {len(names) - len(failed)} of {len(names)} steps ok; logs in {out}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

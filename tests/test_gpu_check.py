@@ -48,5 +48,12 @@ def test_gpu_check_reads_junit_counts_and_writes_tables(tmp_path):
     assert gpu_check.pytest_counts(tmp_path / "absent.xml")["passed"] == 0
     table = gpu_check.markdown_table([{"a": 1, "b": "x"}], ["a", "b"])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | x |"]
-    assert set(gpu_check.STEP_LIMITS) == {"tests", "baselines", "bench_logprob", "bench_loss"}
+    assert set(gpu_check.STEP_LIMITS) == {
+        "tests",
+        "baselines",
+        "bench_logprob",
+        "bench_loss",
+        "train_grpo",
+        "train_p2o",
+    }
     assert sum(gpu_check.STEP_LIMITS.values()) <= 8 * 60  # the steps fit the 8 minutes

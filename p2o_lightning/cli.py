@@ -5,10 +5,11 @@ Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
 and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
 would silently keep the last, e.g. a ``val_files`` split named twice). ``data.task`` is linked to ``model.task``
 so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
-last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress bar is
-:class:`~p2o_lightning.console.RLProgressBar` unless the config names another. Checkpoints are written atomically
-and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not
-Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress is
+:func:`~p2o_lightning.console.progress_bar`'s (a live bar on a terminal, plain lines in a log) unless the config
+names another. Checkpoints are written atomically and checked when loaded
+(:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not Lightning's: ``world`` (build
+and measure the embedded world) and ``report`` (plots of finished runs).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from p2o_lightning.console import RLProgressBar, quiet_third_party
+from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
@@ -43,13 +44,14 @@ class P2OCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The trainer, with :class:`~p2o_lightning.console.RLProgressBar` as its progress bar unless the config
-        names another or turns the bar off (``--trainer.enable_progress_bar false``).
+        """The trainer, with :func:`~p2o_lightning.console.progress_bar` as its progress bar (a live bar on a
+        terminal, plain lines otherwise) unless the config names another or turns the bar off
+        (``--trainer.enable_progress_bar false``).
         """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, RLProgressBar()])
+            kwargs.setdefault("callbacks", [*callbacks, progress_bar()])
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:

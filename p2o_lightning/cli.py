@@ -5,11 +5,11 @@ Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
 and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
 would silently keep the last, e.g. a ``val_files`` split named twice). ``data.task`` is linked to ``model.task``
 so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
-last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress is
-:func:`~p2o_lightning.console.progress_bar`'s (a live bar on a terminal, plain lines in a log) unless the config
-names another. Checkpoints are written atomically and checked when loaded
-(:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not Lightning's: ``world`` (build
-and measure the embedded world) and ``report`` (plots of finished runs).
+last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
+file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
+(a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
+atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
+not Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
-from p2o_lightning.runs import check_run_folder, clear_run
+from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
 
 
 class P2OCLI(LightningCLI):
@@ -60,6 +60,7 @@ class P2OCLI(LightningCLI):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
+        check_run_paths(self.trainer)
         config = self.config[self.subcommand]
         folder = run_dir(self.trainer)
         if config.get("overwrite"):
@@ -69,6 +70,12 @@ class P2OCLI(LightningCLI):
                     rank_zero_info(f"--overwrite: removed {', '.join(str(p) for p in removed)}")
             return
         check_run_folder(folder, config.get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        check_run_paths(self.trainer)
+
+    def before_test(self) -> None:
+        check_run_paths(self.trainer)
 
 
 def _yaml_load_rejecting_duplicates(stream):

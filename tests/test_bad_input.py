@@ -83,3 +83,21 @@ def test_val_files_naming_a_split_twice_is_an_error(tmp_path, capsys):
 def test_val_split_names_that_cannot_name_metrics(name):
     with pytest.raises(ValueError, match=r"data.val_files: split name .* cannot name metrics"):
         PromptDataModule(val_files={name: "dev.jsonl"}, train_file="train.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("--trainer.default_root_dir=some_file/run", "trainer.default_root_dir some_file/run"),
+        ("--trainer.logger.init_args.save_dir=some_file/runs", "run folder some_file/runs/toy"),
+    ],
+    ids=["default_root_dir", "logger-save_dir"],
+)
+def test_run_folder_through_a_file_is_named(tiny_world, tmp_path, monkeypatch, flag, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some_file").write_text("notes")
+    args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}", flag]
+    with pytest.raises(NotADirectoryError) as err:
+        cli_main(args)
+    assert str(err.value).startswith(f"{expected} cannot be created: some_file is a file, not a folder. Choose")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some_file"]  # before anything was written

@@ -10,7 +10,7 @@ from helpers import REPO, csv_rows
 
 from p2o_lightning.cli import cli_main
 from p2o_lightning.console import RLProgressBar, RLProgressLog, log_interval, progress_bar
-from p2o_lightning.runs import RunFolderError, check_run_folder, clear_run, holds_run
+from p2o_lightning.runs import RunFolderError, check_folder_path, check_run_folder, clear_run, holds_run
 
 # 64 prompts per step over the 384-problem pool: epoch 0 ends after RL step 6, so the kill at step 7 resumes from
 # the checkpoint at the epoch's end and the killed run's first row of epoch 1 is replaced
@@ -119,6 +119,9 @@ def test_run_folder_rules(tmp_path):
     removed = clear_run(folder)
     assert {p.name for p in removed} == {"config.yaml", "metrics.csv", "checkpoints"}
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # what we did not write stays
+    check_folder_path(folder / "new" / "deeper", "run folder")  # made at setup
+    with pytest.raises(NotADirectoryError, match=r"run folder .*notes.txt cannot be created: it is a file, not a"):
+        check_folder_path(folder / "notes.txt", "run folder")
 
 
 def test_overwrite_starts_over(tiny_world, tmp_path, monkeypatch):

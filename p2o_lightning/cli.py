@@ -10,6 +10,10 @@ file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`
 (a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
 atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
 not Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+
+A ``--ckpt_path`` file is checked as soon as the command line is parsed: LightningCLI reads its hyperparameters
+before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to load it with
+``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from p2o_lightning.checks import check_checkpoint_file
 from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
@@ -42,6 +47,16 @@ class P2OCLI(LightningCLI):
             help="fit: start over in a run folder that holds a run (its metrics, checkpoints, policy and P²O "
             "searches are removed first). Without it such a fit is refused; --ckpt_path last resumes instead.",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``--ckpt_path`` (:func:`~p2o_lightning.checks.check_checkpoint_file`) before
+        LightningCLI reads the checkpoint's hyperparameters: a truncated or foreign file is an error naming it.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint_file(ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with :func:`~p2o_lightning.console.progress_bar` as its progress bar (a live bar on a

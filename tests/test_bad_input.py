@@ -1,12 +1,16 @@
 """Bad input is a clear error naming the thing, before any rollout: model folders, checkpoints, configs, data."""
 
+import argparse
+import pickle
 import shutil
+import traceback
 
 import pytest
 import torch
 from helpers import REPO, small_data, small_module, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from p2o_lightning.checks import check_checkpoint_file
 from p2o_lightning.cli import cli_main
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
@@ -49,6 +53,7 @@ def test_truncated_checkpoint_is_named(tiny_world, tmp_path):
         small_module(tiny_world), datamodule=small_data()
     )
     good = tmp_path / "ckpt" / "last.ckpt"
+    check_checkpoint_file(good)  # a checkpoint of this project passes the --ckpt_path check
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     message = _fit_from(tiny_world, tmp_path / "second", str(cut))
@@ -101,3 +106,44 @@ def test_run_folder_through_a_file_is_named(tiny_world, tmp_path, monkeypatch, f
         cli_main(args)
     assert str(err.value).startswith(f"{expected} cannot be created: some_file is a file, not a folder. Choose")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["some_file"]  # before anything was written
+
+
+def _write_truncated(path):
+    torch.save({"state_dict": {"policy.w": torch.zeros(64)}, "loops": {}}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("write", "expected"),
+    [
+        (_write_truncated, "it does not load (truncated, corrupt or not a torch file: not the zip archive that"),
+        (lambda p: p.write_text("hello\n"), "it does not load (truncated, corrupt or not a torch file: not the zip"),
+        (lambda p: p.write_bytes(pickle.dumps(argparse.Namespace(lr=1))), "it does not load"),
+        (
+            lambda p: torch.save({"args": argparse.Namespace(lr=1)}, p),
+            "it does not load (truncated, corrupt or not a torch file: it holds a Python object of type "
+            "argparse.Namespace, which no checkpoint of this project holds)",
+        ),
+        (lambda p: torch.save({"weight": torch.zeros(2)}, p), "not a Lightning training checkpoint"),
+    ],
+    ids=["truncated", "text", "pickle", "foreign-object", "state-dict"],
+)
+def test_ckpt_path_that_is_not_a_checkpoint_is_named_before_lightning_reads_it(
+    tiny_world, tmp_path, monkeypatch, write, expected
+):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "model.ckpt"
+    write(ckpt)
+    args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}", f"--ckpt_path={ckpt}"]
+    with pytest.raises(ValueError) as err:
+        cli_main(args)
+    assert str(err.value).startswith(f"{ckpt} is not a checkpoint of p2o-lightning: {expected}")
+    shown = "".join(traceback.format_exception(err.value))  # what the user sees, chained causes included
+    assert "weights_only" not in shown and "arbitrary code" not in shown and "file an issue" not in shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]  # before anything was written
+
+
+def test_ckpt_path_missing_is_named(tiny_world, tmp_path):
+    args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}"]
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint not found: {tmp_path / 'nope.ckpt'} \(--ckpt_path"):
+        cli_main([*args, f"--ckpt_path={tmp_path / 'nope.ckpt'}"])

@@ -3,11 +3,18 @@
 Nothing is downloaded here, so a model path that does not exist would otherwise reach the hub client and come back
 as "Repo id must be in the form 'repo_name'…", and a truncated checkpoint as torch's unpickler asking to "file an
 issue". These checks name the path and say what is missing, before any model is loaded or rollout sampled.
+
+A checkpoint that does not load is never answered with torch's own message: for a file its safe (weights-only)
+unpickler refuses, that message advises retrying with ``weights_only=False``, which runs whatever code the file
+holds. :func:`unreadable_checkpoint` says why in one line of its own instead.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +55,54 @@ def check_checkpoint(checkpoint: Any, path: str | os.PathLike) -> None:
             f"{path} is not a checkpoint of p2o-lightning: a Lightning checkpoint of another module (weights "
             f"{sorted(state)[:3]}…, none under 'policy.')"
         )
+
+
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself, not file names
+
+
+def unreadable_checkpoint(path: str | os.PathLike, err: BaseException | str) -> ValueError:
+    """The error of a checkpoint file that does not load: the file and the cause (``err``, or why torch's loader
+    failed) in one line, without torch's advice to load it unsafely (raise it ``from None``: the chained message
+    would carry that advice).
+    """
+    text = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        reason = f"it holds a Python object of type {refused.group(1)}, which no checkpoint of this project holds"
+    elif isinstance(err, str):
+        reason = err
+    elif isinstance(err, pickle.UnpicklingError):
+        reason = "it holds pickled data other than tensors and plain values"
+    else:
+        first = text.splitlines()[0].split(". ")[0][:200] if text else ""
+        reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return ValueError(
+        f"{path} is not a checkpoint of p2o-lightning: it does not load (truncated, corrupt or not a torch file: "
+        f"{reason}); resume from a run folder's checkpoints/last.ckpt"
+    )
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """``--ckpt_path``, checked before LightningCLI or the trainer reads it: a torch archive that torch's safe
+    (weights-only) unpickler loads, holding this project's checkpoint (:func:`check_checkpoint`).
+
+    Lightning's keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote URLs are left to Lightning. The
+    tensors are memory-mapped, not read, so a checkpoint of any size is checked in about the time of its unpickling.
+    """
+    import torch
+
+    text = str(path)
+    if text in CKPT_PATH_KEYWORDS or text.startswith("registry") or "://" in text:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (--ckpt_path; `--ckpt_path last` resumes a run folder)")
+    if path.is_dir():
+        raise IsADirectoryError(f"--ckpt_path {path} is a folder, not a checkpoint file; give its last.ckpt")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated copy has lost the archive's directory
+        raise unreadable_checkpoint(path, "not the zip archive that torch.save writes")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # the unpickler raises many types for a file that is not a whole torch file
+        raise unreadable_checkpoint(path, err) from None
+    check_checkpoint(checkpoint, path)

@@ -5,10 +5,15 @@ Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
 and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
 would silently keep the last, e.g. a ``val_files`` split named twice). ``data.task`` is linked to ``model.task``
 so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
-last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress bar is
-:class:`~p2o_lightning.console.RLProgressBar` unless the config names another. Checkpoints are written atomically
-and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not
-Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
+file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
+(a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
+atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
+not Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+
+A ``--ckpt_path`` file is checked as soon as the command line is parsed: LightningCLI reads its hyperparameters
+before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to load it with
+``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from p2o_lightning.console import RLProgressBar, quiet_third_party
+from p2o_lightning.checks import check_checkpoint_file
+from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
-from p2o_lightning.runs import check_run_folder, clear_run
+from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
 
 
 class P2OCLI(LightningCLI):
@@ -42,14 +48,25 @@ class P2OCLI(LightningCLI):
             "searches are removed first). Without it such a fit is refused; --ckpt_path last resumes instead.",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``--ckpt_path`` (:func:`~p2o_lightning.checks.check_checkpoint_file`) before
+        LightningCLI reads the checkpoint's hyperparameters: a truncated or foreign file is an error naming it.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint_file(ckpt_path)
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The trainer, with :class:`~p2o_lightning.console.RLProgressBar` as its progress bar unless the config
-        names another or turns the bar off (``--trainer.enable_progress_bar false``).
+        """The trainer, with :func:`~p2o_lightning.console.progress_bar` as its progress bar (a live bar on a
+        terminal, plain lines otherwise) unless the config names another or turns the bar off
+        (``--trainer.enable_progress_bar false``).
         """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, RLProgressBar()])
+            kwargs.setdefault("callbacks", [*callbacks, progress_bar()])
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -58,6 +75,7 @@ class P2OCLI(LightningCLI):
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
+        check_run_paths(self.trainer)
         config = self.config[self.subcommand]
         folder = run_dir(self.trainer)
         if config.get("overwrite"):
@@ -67,6 +85,12 @@ class P2OCLI(LightningCLI):
                     rank_zero_info(f"--overwrite: removed {', '.join(str(p) for p in removed)}")
             return
         check_run_folder(folder, config.get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        check_run_paths(self.trainer)
+
+    def before_test(self) -> None:
+        check_run_paths(self.trainer)
 
 
 def _yaml_load_rejecting_duplicates(stream):

@@ -2,7 +2,10 @@
 
 - :class:`RLProgressBar` is Lightning's ``TQDMProgressBar`` with one bar over the run (RL step / total, not one
   bar per epoch), showing the latest reward, collapse rate, rollout tokens/s and validation accuracies from
-  ``trainer.callback_metrics``.
+  ``trainer.callback_metrics`` (:func:`bar_fields`).
+- :class:`RLProgressLog` is the same progress for a console that is not a terminal (CI, a log file, ``nohup``):
+  one plain line every N RL steps with the same fields, N chosen so that a run writes about 20 lines, instead of
+  thousands of carriage-return frames. :func:`progress_bar` picks one of the two from ``sys.stdout``.
 - :func:`summary_lines` is the end-of-run table (each validation split's plain-prompt accuracy at the start and the
   end, collapse at the start and the end, P²O searches, wall time) and the paths of the run's outputs;
   :class:`~p2o_lightning.runs.RunFolder` prints it and saves it as ``summary.txt``.
@@ -14,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from tqdm import tqdm
 
 from p2o_lightning.outputs import read_metrics
 from p2o_lightning.plots import search_steps
@@ -67,6 +73,24 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.3g}"
 
 
+def bar_fields(trainer: L.Trainer) -> dict[str, str]:
+    """The progress fields, from ``trainer.callback_metrics``: training metrics of the last step, then the latest
+    greedy accuracy of every validation split (``val/<split>/greedy_acc`` → ``<split>``).
+    """
+    metrics = trainer.callback_metrics
+    shown = {}
+    for name, key in (
+        ("reward", "train/reward"),
+        ("collapse", "train/collapse_rate"),
+        ("tok/s", "time/rollout_tokens_per_s"),
+    ):
+        if key in metrics:
+            shown[name] = f"{float(metrics[key]):.0f}" if name == "tok/s" else _fmt(float(metrics[key]))
+    for key in sorted(k for k in metrics if k.startswith("val/") and k.endswith("/greedy_acc")):
+        shown[key.split("/")[1]] = _fmt(float(metrics[key]))
+    return shown
+
+
 class RLProgressBar(TQDMProgressBar):
     """One bar over the whole run: ``RL step 17/120 [00:12<01:30, reward=0.312, collapse=0.62, tok/s=5.1e+03,
     in_dist=0.359, ood=0.031]``; a resumed run starts it where its checkpoint left off.
@@ -92,21 +116,83 @@ class RLProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, str]:
-        """The bar's fields, from ``trainer.callback_metrics``: training metrics of the last step, then the latest
-        greedy accuracy of every validation split (``val/<split>/greedy_acc`` → ``<split>``).
-        """
-        metrics = trainer.callback_metrics
-        shown = {}
-        for name, key in (
-            ("reward", "train/reward"),
-            ("collapse", "train/collapse_rate"),
-            ("tok/s", "time/rollout_tokens_per_s"),
-        ):
-            if key in metrics:
-                shown[name] = f"{float(metrics[key]):.0f}" if name == "tok/s" else _fmt(float(metrics[key]))
-        for key in sorted(k for k in metrics if k.startswith("val/") and k.endswith("/greedy_acc")):
-            shown[key.split("/")[1]] = _fmt(float(metrics[key]))
-        return shown
+        return bar_fields(trainer)
+
+
+LOG_LINES = 20  # lines a run's progress log writes (about): a 240-step run writes one every 12 RL steps
+LOG_EVERY_UNKNOWN = 10  # RL steps between lines when the run's length is unknown (an iterable without a length)
+
+
+def log_interval(total: int | None, lines: int = LOG_LINES) -> int:
+    """RL steps between two lines of the progress log, so that a run of ``total`` steps writes about ``lines``."""
+    if not total:
+        return LOG_EVERY_UNKNOWN
+    return max(1, round(total / max(1, lines)))
+
+
+class RLProgressLog(ProgressBar):
+    """The run's progress as plain lines, for a console that is not a terminal (CI, a log file, ``nohup``): one
+    every N RL steps (:func:`log_interval`: about ``lines`` over the run) and one at the last step, with the fields
+    of :class:`RLProgressBar`.
+
+    ::
+
+        RL step 12/240 [00:34<10:46, 2.83 s/step] reward=0.312 collapse=0.625 tok/s=5100 in_dist=0.359 ood=0.031
+
+    Validation and the sanity check write nothing: their accuracies appear in the next line. Like every progress
+    bar it is silent on ranks other than 0 (Lightning disables it there).
+
+    Args:
+        lines: about how many lines a run writes.
+    """
+
+    def __init__(self, lines: int = LOG_LINES) -> None:
+        super().__init__()
+        self.lines = lines
+        self._enabled = True
+        self._total: int | None = None
+        self._every = LOG_EVERY_UNKNOWN
+        self._first = 0  # RL steps done before this session (a resumed run)
+        self._start = time.monotonic()
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total = total_rl_steps(trainer, pl_module)
+        self._every = log_interval(self._total, self.lines)
+        self._first = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        n = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        if self.is_enabled and (n % self._every == 0 or n == self._total):
+            print(self.line(n, bar_fields(trainer)), flush=True)
+
+    def line(self, n: int, fields: dict[str, str]) -> str:
+        """``RL step n/total [elapsed<remaining, s/step] name=value …``, timed over this session's steps."""
+        elapsed = time.monotonic() - self._start
+        per_step = elapsed / max(1, n - self._first)
+        timing = tqdm.format_interval(elapsed)
+        if self._total:
+            timing += f"<{tqdm.format_interval(per_step * max(0, self._total - n))}"
+        total = f"/{self._total}" if self._total else ""
+        values = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"RL step {n}{total} [{timing}, {per_step:.2f} s/step] {values}".rstrip()
+
+
+def progress_bar() -> ProgressBar:
+    """The run's progress: a live bar (:class:`RLProgressBar`) on a terminal, plain lines (:class:`RLProgressLog`)
+    anywhere else, where a bar's carriage-return frames would fill the log.
+    """
+    return RLProgressBar() if sys.stdout.isatty() else RLProgressLog()
 
 
 def _mean(values: list[float]) -> float | None:

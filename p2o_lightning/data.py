@@ -3,7 +3,9 @@
 A batch is a plain ``list[dict]`` of ``{"prompt", "answer", "index", "split"}``: RL batches are prompts, not
 tensors; tokenization happens in the rollout engine. Every row is checked before training starts: an empty file,
 a line that is not JSON, a row without a prompt or an answer is an error naming the file and every bad row (up to
-ten, then a count). Answers written as numbers are taken as their text.
+ten, then a count). Answers written as numbers are taken as their text. Once the model is known, every prompt is
+checked against its context (:meth:`PromptDataModule.fit_to_context`, :mod:`p2o_lightning.context`): too long is an
+error naming the file and rows, or, with ``filter_overlong_prompts``, the rows are dropped and counted.
 
 The training loader is resumable: its batch sampler shuffles with a generator seeded by ``(seed, epoch)``, shards
 across ranks itself (so Lightning never wraps it in a ``DistributedSampler``), and saves its position in the
@@ -16,7 +18,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from p2o_lightning.context import fit_split, prompt_limit
 from p2o_lightning.tasks import Problem, get_task
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -95,6 +98,13 @@ def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_ke
     JSON (an array, or JSON lines), JSONL, CSV (read as text) and Parquet. An answer written as a number (``42``)
     is accepted as its text (``"42"``).
     """
+    return load_problem_rows(path, prompt_key, answer_key)[0]
+
+
+def load_problem_rows(
+    path: str | os.PathLike, prompt_key: str = "prompt", answer_key: str = "answer"
+) -> tuple[list[Problem], list[str]]:
+    """:func:`load_problems`, and where each problem is in the file (``line 3``, ``row 2 (line 4)``)."""
     path = Path(path)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -111,7 +121,7 @@ def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_ke
     for key in (prompt_key, answer_key):
         if columns and key not in columns:
             raise ValueError(f"{path}: no column {key!r} (columns: {sorted(columns)})")
-    problems, bad = [], []
+    problems, where_each, bad = [], [], []
     for where, row in rows:
         if isinstance(row, Exception):
             bad.append(f"{where}: {row}")
@@ -132,11 +142,16 @@ def load_problems(path: str | os.PathLike, prompt_key: str = "prompt", answer_ke
             bad.append(f"{where}: " + "; ".join(problems_here))
             continue
         problems.append(Problem(prompt=prompt, answer=str(answer).strip()))
+        where_each.append(where)
     if bad:
         listed = "\n  ".join(bad[:MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
         raise ValueError(f"{path}: {len(bad)} of {len(rows)} rows are unusable:\n  {listed}{more}")
-    return problems
+    return problems, where_each
+
+
+def _numbered(problems: list[Problem]) -> list[str]:
+    return [f"problem {i}" for i in range(len(problems))]
 
 
 def _as_list(batch: list[dict]) -> list[dict]:
@@ -233,6 +248,12 @@ class PromptDataModule(L.LightningDataModule):
         max_val_samples: keep at most this many problems of each validation split (None: all).
         seed: seed of the training order (shuffled anew each epoch).
         world_seed: seed of the embedded world's splits.
+        max_prompt_length: the most tokens a prompt may have (as the rollout engine encodes it: chat template and
+            special tokens included). None: the model's context (``max_position_embeddings``, or vLLM's
+            ``max_model_len``) minus ``model.max_new_tokens`` (``val_max_new_tokens`` for validation splits), which
+            also caps a larger value. Checked for every split when the model is set up.
+        filter_overlong_prompts: drop the prompts longer than that, with a warning counting them per file (verl's
+            ``filter_overlong_prompts``). False: such a prompt is an error naming its file and row.
     """
 
     def __init__(
@@ -247,11 +268,15 @@ class PromptDataModule(L.LightningDataModule):
         max_val_samples: int | None = None,
         seed: int = 0,
         world_seed: int = 0,
+        max_prompt_length: int | None = None,
+        filter_overlong_prompts: bool = False,
     ) -> None:
         super().__init__()
         get_task(task)  # fail on an unknown task before anything else
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1 (or null: the model's context): {max_prompt_length}")
         if train_file is None and task != "addition":
             raise ValueError(f"task={task!r} has no embedded data: set data.train_file (and data.val_files)")
         for name in val_files or {}:
@@ -266,6 +291,10 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.max_val_samples = max_val_samples
         self.seed, self.world_seed = seed, world_seed
+        self.max_prompt_length, self.filter_overlong_prompts = max_prompt_length, filter_overlong_prompts
+        self.rows: dict[str, tuple[str, list[str]]] = {}  # split -> (its file, where each problem is in it)
+        self.dropped_prompts: dict[str, int] = {}  # split -> overlong prompts dropped (filter_overlong_prompts)
+        self._fitted_to_context: set[str] = set()  # splits checked by fit_to_context
         self.train_problems: list[Problem] = []
         self.val_problems: dict[str, list[Problem]] = {}
         self.val_subsets: dict[str, list[str]] = {}  # split -> per-problem subset name, reported on its own too
@@ -283,24 +312,73 @@ class PromptDataModule(L.LightningDataModule):
             splits = world_splits(self.world_seed)
         if self.train_file is None:
             self.train_problems = splits["train"]
+            self.rows["train"] = ("the embedded world's training split", _numbered(self.train_problems))
         else:
-            self.train_problems = load_problems(self.train_file, self.prompt_key, self.answer_key)
+            self.train_problems, where = load_problem_rows(self.train_file, self.prompt_key, self.answer_key)
+            self.rows["train"] = (str(self.train_file), where)
         if self.val_files is None:
             self.val_problems = {"in_dist": splits["easy"] + splits["hard"], "ood": splits["ood"]}
             self.val_subsets = {"in_dist": ["easy"] * len(splits["easy"]) + ["hard"] * len(splits["hard"])}
+            for name, problems in self.val_problems.items():
+                self.rows[name] = (f"the embedded world's {name} split", _numbered(problems))
         else:
-            self.val_problems = {
-                name: load_problems(path, self.prompt_key, self.answer_key) for name, path in self.val_files.items()
-            }
+            for name, path in self.val_files.items():
+                self.val_problems[name], where = load_problem_rows(path, self.prompt_key, self.answer_key)
+                self.rows[name] = (str(path), where)
         if self.max_val_samples is not None:
             self.val_problems = {k: v[: self.max_val_samples] for k, v in self.val_problems.items()}
             self.val_subsets = {k: v[: self.max_val_samples] for k, v in self.val_subsets.items()}
+        self._check_enough_training_problems()
+
+    def _check_enough_training_problems(self) -> None:
         _, world = _rank_and_world()
         if len(self.train_problems) < self.batch_size * world:
+            dropped = self.dropped_prompts.get("train")
+            why = f" ({dropped} overlong prompts were dropped)" if dropped else ""
             raise ValueError(
-                f"{len(self.train_problems)} training problems cannot fill one step of batch_size={self.batch_size}"
-                f" on {world} device(s)"
+                f"{len(self.train_problems)} training problems{why} cannot fill one step of "
+                f"batch_size={self.batch_size} on {world} device(s)"
             )
+
+    def fit_to_context(
+        self,
+        prompt_lengths: Callable[[list[str]], list[int]],
+        context: int | None,
+        response_tokens: int,
+        val_response_tokens: int,
+        train: bool = True,
+    ) -> None:
+        """Check the prompts of every split against the model (:mod:`p2o_lightning.context`), each split once,
+        after :meth:`setup`; the training split only when ``train`` (a fit).
+
+        ``prompt_lengths`` counts prompts as the rollout engine encodes them; ``context`` is the model's positions
+        (None: unknown); the response budgets are ``max_new_tokens`` for training and validation. A prompt over its
+        split's limit is an error naming its file and row, or, with ``filter_overlong_prompts``, dropped and counted.
+        """
+        splits = {"train": self.train_problems} if train else {}
+        splits.update(self.val_problems)
+        for split, problems in splits.items():
+            if split in self._fitted_to_context:
+                continue
+            self._fitted_to_context.add(split)
+            budget = response_tokens if split == "train" else val_response_tokens
+            limit, why = prompt_limit(context, budget, self.max_prompt_length)
+            if limit is None:
+                continue
+            source, where = self.rows[split][0], self.rows[split][1][: len(problems)]  # max_val_samples: the first
+            lengths = prompt_lengths([p.prompt for p in problems])
+            keep = fit_split(source, where, lengths, limit, why, self.filter_overlong_prompts)
+            if len(keep) == len(problems):
+                continue
+            self.dropped_prompts[split] = len(problems) - len(keep)
+            self.rows[split] = (source, [where[i] for i in keep])
+            if split == "train":
+                self.train_problems = [problems[i] for i in keep]
+                continue
+            self.val_problems[split] = [problems[i] for i in keep]
+            if split in self.val_subsets:
+                self.val_subsets[split] = [self.val_subsets[split][i] for i in keep]
+        self._check_enough_training_problems()
 
     @property
     def val_split_names(self) -> list[str]:

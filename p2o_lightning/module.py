@@ -23,10 +23,18 @@ from p2o_lightning.checks import check_model_dir
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
-from p2o_lightning.policy import PolicyLogProb, gathered, load_causal_lm, load_policy, resolve_model_path
+from p2o_lightning.policy import (
+    PolicyLogProb,
+    context_length,
+    gathered,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    resolve_model_path,
+)
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
-from p2o_lightning.rollout import HFRolloutEngine, SamplingParams
+from p2o_lightning.rollout import HFRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
 from p2o_lightning.step.distill import needs_context_logp, reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
@@ -207,7 +215,22 @@ class P2OModule(L.LightningModule):
                 raise ValueError(
                     "dynamic_sampling='filter' draws more prompts: it needs PromptDataModule (extra_batch)"
                 )
+        if hasattr(dm, "fit_to_context"):  # prompts against the model's context, before any weights load
+            self._fit_prompts_to_context(dm, train=stage == "fit")
         add_val_metrics(self, getattr(dm, "val_split_names", None) or [])
+
+    def _fit_prompts_to_context(self, dm, train: bool) -> None:
+        """The data's prompts against the model's context: ``max_position_embeddings`` (vLLM's ``max_model_len`` when
+        smaller) minus the response budget, counted by the tokenizer as the rollout engine encodes prompts.
+        """
+        hp = self.hparams
+        context = context_length(hp.model)
+        engine_len = (hp.vllm_options or {}).get("max_model_len") if hp.rollout_engine == "vllm" else None
+        if engine_len:
+            context = min(context, engine_len) if context else engine_len
+        prompts = PromptEncoder(load_tokenizer(hp.model), eos_token_ids=[])
+        val_budget = hp.val_max_new_tokens or hp.max_new_tokens
+        dm.fit_to_context(prompts.prompt_lengths, context, hp.max_new_tokens, val_budget, train=train)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch.distributed.tensor import DTensor
 
-from p2o_lightning.checks import check_checkpoint
+from p2o_lightning.checks import check_checkpoint, unreadable_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,7 +31,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A kill or a full disk mid-save leaves the previous file at ``<path>`` whole, and a failed write is an ``OSError``
     naming the path. A file that does not load (truncated, corrupt, not torch) or is not this project's checkpoint
-    is a ``ValueError`` naming it (:func:`~p2o_lightning.checks.check_checkpoint`).
+    is a ``ValueError`` naming it (:func:`~p2o_lightning.checks.check_checkpoint`), never torch's advice to load it
+    with ``weights_only=False``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -56,11 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             checkpoint = super().load_checkpoint(path, *args, **kwargs)
         except Exception as err:  # the unpickler raises many types for a file that is not a whole torch file
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"{path} is not a checkpoint of p2o-lightning: it does not load (truncated, corrupt or not a torch "
-                f"file: {type(err).__name__}: {reason})"
-            ) from err
+            raise unreadable_checkpoint(path, err) from None  # torch's message advises loading it unsafely
         check_checkpoint(checkpoint, path)
         return checkpoint
 

@@ -41,17 +41,32 @@ def resolve_model_path(path: str) -> str:
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
     """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(path)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of the model at ``path`` (``"embedded"`` built first), with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def context_length(path: str) -> int | None:
+    """The model's positions (``max_position_embeddings`` of its text config), read from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(path))
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 class PolicyLogProb(nn.Module):

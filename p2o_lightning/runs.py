@@ -12,6 +12,10 @@ rules keep its history whole:
   folder and the two ways on: ``--ckpt_path last`` (resume) or ``--overwrite`` (start over: :func:`clear_run`
   removes the outputs this project writes, and nothing else).
 - **Lightning's own warning** ("previous log files will be deleted") never fires: the folder check replaces it.
+
+Before anything loads, :func:`check_run_paths` makes sure every folder the run writes into can be one: a path that
+goes through a file (``--trainer.default_root_dir notes.txt/run``) or into a folder without write permission is an
+error naming the path and its culprit, instead of a bare ``NotADirectoryError`` from deep inside setup.
 """
 
 from __future__ import annotations
@@ -76,6 +80,40 @@ def check_run_folder(folder: str | os.PathLike, ckpt_path: str | None, overwrite
         raise refusal(folder)
     if ckpt_path == "last" and not any((folder / "checkpoints").glob("last*.ckpt")):
         raise refusal(folder, f" but no checkpoint to resume from ({folder / 'checkpoints'} holds no last.ckpt)")
+
+
+def check_folder_path(path: str | os.PathLike, what: str) -> None:
+    """``path`` is a folder, or can be made one: its nearest existing ancestor is a writable folder, not a file.
+
+    ``what`` says where the path comes from (``run folder``, ``trainer.default_root_dir``); the error names it, the
+    path, and the part of the path that is wrong.
+    """
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)  # a path through a file does not exist
+    if existing is None:
+        return
+    if not existing.is_dir():
+        culprit = "it is a file" if existing == path else f"{existing} is a file"
+        raise NotADirectoryError(
+            f"{what} {path} cannot be created: {culprit}, not a folder. Choose another folder "
+            "(--trainer.default_root_dir, or the logger's save_dir / name). Nothing was written."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{what} {path} cannot be created: {existing} is not writable by this user. Nothing was written."
+        )
+
+
+def check_run_paths(trainer: L.Trainer) -> None:
+    """Every folder the run writes into, checked with :func:`check_folder_path` before anything loads: the run
+    folder, ``trainer.default_root_dir``, and each callback's explicit ``dirpath`` (checkpoints, the exported policy).
+    """
+    paths = {"run folder": run_dir(trainer), "trainer.default_root_dir": Path(trainer.default_root_dir)}
+    for callback in trainer.callbacks:
+        if getattr(callback, "dirpath", None):
+            paths[f"{type(callback).__name__}.dirpath"] = Path(callback.dirpath)
+    for what, path in paths.items():
+        check_folder_path(path, what)
 
 
 def clear_run(folder: str | os.PathLike) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Run folders through the real command: a quiet console, kill -9 + resume equal row for row, reruns refused."""
+"""Run folders through the real command: a quiet console (a bar on a terminal, plain lines in a log, one summary),
+kill -9 + resume equal row for row, reruns refused."""
 
 import os
 import subprocess
@@ -8,7 +9,8 @@ import pytest
 from helpers import REPO, csv_rows
 
 from p2o_lightning.cli import cli_main
-from p2o_lightning.runs import RunFolderError, check_run_folder, clear_run, holds_run
+from p2o_lightning.console import RLProgressBar, RLProgressLog, log_interval, progress_bar
+from p2o_lightning.runs import RunFolderError, check_folder_path, check_run_folder, clear_run, holds_run
 
 # 64 prompts per step over the 384-problem pool: epoch 0 ends after RL step 6, so the kill at step 7 resumes from
 # the checkpoint at the epoch's end and the killed run's first row of epoch 1 is replaced
@@ -117,6 +119,9 @@ def test_run_folder_rules(tmp_path):
     removed = clear_run(folder)
     assert {p.name for p in removed} == {"config.yaml", "metrics.csv", "checkpoints"}
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # what we did not write stays
+    check_folder_path(folder / "new" / "deeper", "run folder")  # made at setup
+    with pytest.raises(NotADirectoryError, match=r"run folder .*notes.txt cannot be created: it is a file, not a"):
+        check_folder_path(folder / "notes.txt", "run folder")
 
 
 def test_overwrite_starts_over(tiny_world, tmp_path, monkeypatch):
@@ -133,3 +138,34 @@ def test_overwrite_starts_over(tiny_world, tmp_path, monkeypatch):
     cli_main(args + small + ["--overwrite=true"])
     rows = csv_rows(folder / "metrics.csv")
     assert [r["step"] for r in rows] == ["0"] and not (folder / "p2o").exists()
+
+
+def test_console_in_a_log_file(tiny_world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}"]
+    args += ["--trainer.max_steps=40", "--trainer.val_check_interval=20", "--data.batch_size=2"]
+    args += ["--data.max_val_samples=4", "--model.num_rollouts=2", "--model.max_new_tokens=4"]
+    args += ["--model.val_num_samples=0"]
+    cli_main(args)  # stdout is pytest's capture, not a terminal: the progress is plain lines
+    captured = capsys.readouterr()
+    console = captured.out + captured.err
+    assert "\r" not in console  # no bar frames
+    lines = [line for line in console.splitlines() if line.startswith("RL step")]
+    # 40 steps, about 20 lines: one every round(40 / 20) = 2 steps, the last step included
+    assert [line.split()[2] for line in lines] == [f"{n}/40" for n in range(2, 41, 2)]
+    for line in lines:
+        assert "s/step] reward=" in line and " collapse=" in line and " tok/s=" in line, line
+    assert "in_dist=" in lines[-1] and "ood=" in lines[-1]  # validated at step 20: its accuracies from then on
+    assert "in_dist=" not in lines[0]
+    # the end summary, once, after the last progress line
+    assert console.count("run summary:") == 1
+    assert console.index("run summary: runs/toy (40 RL steps") > console.index(lines[-1])
+
+
+def test_progress_bar_follows_the_console(monkeypatch):
+    assert log_interval(240) == 12  # a 240-step run writes 20 lines
+    assert log_interval(120) == 6 and log_interval(9) == 1 and log_interval(None) == 10
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert isinstance(progress_bar(), RLProgressBar)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert isinstance(progress_bar(), RLProgressLog)

@@ -109,6 +109,11 @@ class PromptEncoder:
             for p in prompts
         ]
 
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt as :meth:`encode_prompts` encodes it (chat template and special tokens included)."""
+        enc = self.tokenizer(self.render(prompts), add_special_tokens=not self.use_chat_template)
+        return [len(ids) for ids in enc["input_ids"]]
+
     def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask, [len(prompts), P]."""
         side = self.tokenizer.padding_side

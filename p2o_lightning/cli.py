@@ -8,7 +8,7 @@ so the two can never disagree. ``fit`` refuses a run folder that holds another r
 last`` (resume) or ``--overwrite`` (start over) (:mod:`p2o_lightning.runs`). The progress bar is
 :class:`~p2o_lightning.console.RLProgressBar` unless the config names another. Checkpoints are written atomically
 and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are not
-Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+Lightning's: ``world`` (check, measure or rebuild the shipped embedded world) and ``report`` (plots of finished runs).
 """
 
 from __future__ import annotations

@@ -575,8 +575,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     recipe = DEFAULT_RECIPE
     if args.rebuild:
-        path = build_world(recipe, cache_dir=args.cache_dir, force=args.force)
+        logged: list[str] = []
+        build_log = lambda line: (print(line), logged.append(line))  # noqa: E731
+        path = build_world(recipe, cache_dir=args.cache_dir, force=args.force, log=build_log)
         print(_describe(path))
+        if not logged:
+            print("(the cached build of this recipe, not built again: --force builds it anew)")
         try:
             reference = shipped.shipped_world(recipe)
         except shipped.ShippedWorldError as error:

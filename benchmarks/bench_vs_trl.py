@@ -40,12 +40,13 @@ def qwen3_151k_path() -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from p2o_lightning.tasks.world import default_cache_dir, world_path
+    from p2o_lightning.tasks.shipped_world import shipped_world
+    from p2o_lightning.tasks.world import default_cache_dir
 
     path = default_cache_dir() / "bench_vs_trl" / "qwen3-151k-v1"
     if (path / "config.json").exists():
         return path
-    tok = AutoTokenizer.from_pretrained(world_path())
+    tok = AutoTokenizer.from_pretrained(shipped_world())
     config = Qwen3Config(
         vocab_size=QWEN_VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=True,
@@ -60,9 +61,9 @@ def qwen3_151k_path() -> Path:
 
 
 def model_path(setting: str) -> str:
-    from p2o_lightning.tasks.world import world_path
+    from p2o_lightning.tasks.shipped_world import shipped_world
 
-    return str(world_path() if setting == "embedded" else qwen3_151k_path())
+    return str(shipped_world() if setting == "embedded" else qwen3_151k_path())
 
 
 def peak_rss_mb() -> float:

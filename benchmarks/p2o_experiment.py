@@ -238,11 +238,11 @@ def verdict(summary: dict[str, dict[str, list[float]]]) -> list[str]:
 
 
 def measured_on() -> dict[str, str]:
-    """The embedded world the runs trained (its folder and weights' hash: another machine may build another) and
-    the commit."""
-    from p2o_lightning.tasks.world import build_world, world_fingerprint
+    """The embedded world the runs trained (the shipped one: its folder and weights' hash) and the commit."""
+    from p2o_lightning.tasks.shipped_world import shipped_world
+    from p2o_lightning.tasks.world import world_fingerprint
 
-    path = build_world(log=lambda _: None)
+    path = shipped_world()
     git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "unknown"
     return {"world": path.name, "weights": world_fingerprint(path), "commit": commit}

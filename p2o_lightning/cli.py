@@ -9,7 +9,8 @@ last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a 
 file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
 (a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
 atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
-not Lightning's: ``world`` (build and measure the embedded world) and ``report`` (plots of finished runs).
+not Lightning's: ``world`` (check, measure or rebuild the shipped embedded world) and ``report`` (plots of finished
+runs).
 
 A ``--ckpt_path`` file is checked as soon as the command line is parsed: LightningCLI reads its hyperparameters
 before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to load it with

@@ -19,7 +19,6 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from p2o_lightning.checks import check_model_dir
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
@@ -53,7 +52,7 @@ class P2OModule(L.LightningModule):
     """GRPO policy optimisation on verifiable rewards, with seams for P²O's prompt evolution and distillation.
 
     Args:
-        model: local path of a HF causal LM (``save_pretrained`` layout), or ``embedded`` for the embedded world.
+        model: local path of a HF causal LM (``save_pretrained`` layout), or ``embedded`` (the shipped embedded world).
         task: the verifiable task's name (must match the data's).
         optimizer: the optimizer, called with the policy's parameters (LightningCLI ``class_path`` / ``init_args``).
         warmup_steps: linear warm-up, in PPO updates; a value in (0, 1) is a share of all updates.
@@ -165,8 +164,9 @@ class P2OModule(L.LightningModule):
         logprob = LogProbSettings(temperature if temperature > 0 else 1.0, logprob_chunk_size, micro_batch_size)
         self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight), loss, logprob)
         self.task = get_task(task)
-        if model != "embedded":
-            check_model_dir(model)  # a missing folder / config / weights / tokenizer, named before anything loads
+        # a missing folder / config / weights / tokenizer, or a shipped world that fails its checks, named before
+        # anything loads
+        resolve_model_path(model)
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.automatic_optimization = False

@@ -28,19 +28,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(path: str) -> str:
     """The checkpoint folder of ``model``, or an error naming it.
 
-    ``"embedded"`` builds (or reuses) the embedded world; any other value must be a local HF model folder.
+    ``"embedded"`` is the shipped embedded world, checked against its manifest (never built here); any other value
+    must be a local HF model folder.
     """
     if path == "embedded":
-        from p2o_lightning.tasks.world import build_world
+        from p2o_lightning.tasks.shipped_world import shipped_world
 
-        return str(build_world())
+        return str(shipped_world())
     folder = Path(path).expanduser()
     check_model_dir(folder)
     return str(folder)
 
 
 def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str | None = None):
-    """Load (model, tokenizer) from a local path; ``"embedded"`` builds (or reuses) the embedded world first."""
+    """Load (model, tokenizer) from a local path, or the shipped embedded world for ``"embedded"``."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(path)
@@ -52,7 +53,7 @@ def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str |
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of the model at ``path`` (``"embedded"`` built first), with a pad token (EOS when it has none)."""
+    """The tokenizer of the model at ``path`` (``"embedded"``: the shipped world), with a pad token (EOS if none)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))

@@ -96,10 +96,10 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
 
 @pytest.fixture(scope="session")
 def default_world():
-    """The embedded world of the default run (built once, cached by its recipe's hash, like `fit` does)."""
-    from p2o_lightning.tasks.world import build_world
+    """The embedded world of the default run: the shipped one, like `fit` loads."""
+    from p2o_lightning.tasks.shipped_world import shipped_world
 
-    return build_world(log=lambda msg: None)
+    return shipped_world()
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
-"""The embedded world: the addition task, its splits, the character tokenizer, the cached warm-up build, the report."""
+"""The embedded world: the addition task, its splits, the character tokenizer, the cached warm-up build, the report,
+and the shipped copy with its checks."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
+import shutil
 import threading
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from p2o_lightning.tasks import addition, world
+from p2o_lightning.policy import resolve_model_path
+from p2o_lightning.tasks import addition, shipped_world, world
 from p2o_lightning.tasks.addition import (
     INSTRUCTION_VOCABULARY,
     TAUGHT_TEMPLATES,
@@ -23,6 +27,7 @@ from p2o_lightning.tasks.addition import (
 )
 from p2o_lightning.tasks.base import Problem, Task, apply_template
 from p2o_lightning.tasks.world import (
+    DEFAULT_RECIPE,
     MAX_NEW_TOKENS,
     TEST_RECIPE,
     WorldRecipe,
@@ -202,9 +207,98 @@ def test_measure(test_world: Path) -> None:
     assert measure(test_world, problems, k=4, max_new_tokens=8) == measure(test_world, problems, k=4, max_new_tokens=8)
 
 
-def test_cli_builds_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+def test_cli_rebuilds_ships_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(world, "DEFAULT_RECIPE", TEST_RECIPE)
-    world.main(["--cache-dir", str(tmp_path), "--report", "--k", "2", "--n", "2"])
+    monkeypatch.setattr(shipped_world, "SHIPPED_ROOT", tmp_path / "shipped")
+    cache = str(tmp_path / "cache")
+    world.main(["--rebuild", "--cache-dir", cache, "--report", "--k", "2", "--n", "2"])
     out = capsys.readouterr().out
-    assert f"world: {tmp_path}" in out and "build time" in out
+    assert f"world: {tmp_path / 'cache'}" in out and "build time" in out
+    assert "not compared with a shipped world: no shipped world" in out  # nothing shipped yet
     assert "| plain" in out and "taught" in out and out.count("\n| ") >= len(world.report_rows())
+
+    world.main(["--rebuild", "--cache-dir", cache, "--ship", "--save-report", "--k", "2", "--n", "2"])
+    out = capsys.readouterr().out
+    shipped = tmp_path / "shipped" / f"{TEST_RECIPE.name}-{TEST_RECIPE.hash()}"
+    assert f"shipped: {shipped}" in out and (shipped / "report.md").read_text().count("\n| ") >= 3
+
+    world.main(["--rebuild", "--cache-dir", cache])  # the same machine builds the shipped world again
+    assert "same weights as the shipped world" in capsys.readouterr().out
+    world.main([])  # no build: the shipped world, checked
+    out = capsys.readouterr().out
+    assert f"world: {shipped}" in out and f"shipped, checked: recipe hash {TEST_RECIPE.hash()}" in out
+    with pytest.raises(SystemExit):
+        world.main(["--ship"])  # replacing the shipped world needs a build
+
+
+# -------------------------------------------------------------------------------------------- the shipped world
+def test_the_shipped_world_loads_and_passes_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = shipped_world.shipped_world()
+    manifest = shipped_world.read_manifest(path)
+    assert path.parent == shipped_world.SHIPPED_ROOT and path.name == f"addition-{DEFAULT_RECIPE.hash()}"
+    assert manifest["recipe_hash"] == DEFAULT_RECIPE.hash() == json.loads((path / "build.json").read_text())["hash"]
+    assert manifest["weights_sha256"] == shipped_world.sha256_file(path / "model.safetensors")
+    assert manifest["fingerprint"] == world_fingerprint(path) == manifest["weights_sha256"][:12]
+    assert json.loads((path / "recipe.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(DEFAULT_RECIPE)))
+    report = (path / "report.md").read_text()
+    assert report.startswith(f"# World report: {path.name}, weights {world_fingerprint(path)}")
+    # `model: embedded` loads it and never builds
+    monkeypatch.setattr(world, "build_world", lambda *a, **k: pytest.fail("model: embedded must not build"))
+    assert resolve_model_path("embedded") == str(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == "qwen3" and 360_000 < model.num_parameters() < 380_000
+    text = apply_template(TAUGHT_TEMPLATES[0], "4821+77=")
+    assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
+
+
+def _copy_of_the_shipped_world(tmp_path: Path) -> Path:
+    shipped = shipped_world.shipped_world()
+    return Path(shutil.copytree(shipped, tmp_path / "worlds" / shipped.name))
+
+
+def test_a_corrupted_copy_is_refused_naming_both_hashes(tmp_path: Path) -> None:
+    copy = _copy_of_the_shipped_world(tmp_path)
+    expected = shipped_world.read_manifest(copy)["weights_sha256"]
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0x01  # one bit of one parameter
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    found = hashlib.sha256(weights).hexdigest()
+    with pytest.raises(shipped_world.ShippedWorldError) as error:
+        shipped_world.shipped_world(root=copy.parent)
+    message = str(error.value)
+    assert f"model.safetensors has SHA-256 {found}, its manifest expects {expected}" in message
+    assert str(copy) in message and "corrupted" in message
+    # and how far the flipped bit moved the weights, as `world --rebuild` reports it
+    diff = shipped_world.compare_weights(shipped_world.shipped_world(), copy)
+    assert not diff["same_bits"] and diff["tensors_differing"] == 1 and 0 < diff["rel_l2"] < 1e-3
+
+
+def test_a_changed_recipe_is_refused_not_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(world, "build_world", lambda *a, **k: pytest.fail("a changed recipe must not build"))
+    changed = dataclasses.replace(DEFAULT_RECIPE, steps=DEFAULT_RECIPE.steps + 1)
+    with pytest.raises(shipped_world.ShippedWorldError) as error:
+        shipped_world.shipped_world(changed)
+    message = str(error.value)
+    assert "no longer matches the recipe" in message and "--rebuild" in message
+    assert f"expected {changed.hash()}" in message and f"found {DEFAULT_RECIPE.hash()}" in message
+    # a manifest naming another recipe hash, in a folder of the current name, is refused the same way
+    copy = _copy_of_the_shipped_world(tmp_path)
+    manifest = shipped_world.read_manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "recipe_hash": "0" * 12}))
+    with pytest.raises(shipped_world.ShippedWorldError, match=f"expected {DEFAULT_RECIPE.hash()}.*found 0{{12}}"):
+        shipped_world.shipped_world(root=copy.parent)
+    with pytest.raises(shipped_world.ShippedWorldError, match="no shipped world"):
+        shipped_world.shipped_world(root=tmp_path / "empty")
+
+
+def test_ship_world_replaces_the_older_recipe(tmp_path: Path, test_world: Path) -> None:
+    root = tmp_path / "shipped"
+    old = dataclasses.replace(TEST_RECIPE, seed=1)
+    shutil.copytree(_copy_of_the_shipped_world(tmp_path), root / f"{old.name}-{old.hash()}")
+    shipped_world.write_manifest(root / f"{old.name}-{old.hash()}", old)
+    path = shipped_world.ship_world(test_world, TEST_RECIPE, root)
+    assert sorted(p.name for p in root.iterdir()) == [path.name]  # the older recipe's world is gone
+    assert shipped_world.shipped_world(TEST_RECIPE, root) == path
+    assert shipped_world.compare_weights(test_world, path)["same_bits"]

@@ -1,7 +1,7 @@
-"""The embedded world: a character tokenizer and a small Qwen3 causal LM, warm-started on addition, cached by recipe.
+"""The embedded world: a character tokenizer and a small Qwen3 causal LM, warm-started on addition, built by recipe.
 
-No model can be downloaded where this project's default run happens, so the run builds its own, then loads it
-exactly like a real checkpoint (``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``).
+No model can be downloaded where this project's default run happens, so the project builds its own, and the run
+loads it exactly like a real checkpoint (``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``).
 The warm-up is a plain supervised torch loop on :mod:`p2o_lightning.tasks.addition` examples, chosen so that the
 world reproduces P²O's premise:
 
@@ -13,27 +13,29 @@ world reproduces P²O's premise:
 - other instructions, and random phrases made of other words, are taught to answer directly: "any instruction"
   does not work.
 
-Measured with :data:`DEFAULT_RECIPE` on 2 CPU cores (``python -m p2o_lightning world --report``, K=8, T=1, 40
-problems a row): build 182 s; plain prompt 57% on easy (5% of groups all-wrong), 0% on hard (100% all-wrong), 5% on
-the zero-padded OOD form; a taught instruction 92% on hard, 81% on OOD, 0% on 7-digit operands; unseen phrases sharing
-two or more taught words 84–92%, single taught words 47–57%; an instruction taught to answer directly, or an
-unrelated one, 0–1%.
+The world every machine runs is not built but shipped (:mod:`p2o_lightning.tasks.shipped_world`): a build of this
+recipe, weights ``a318d3d3a0d8``. Its report (``python -m p2o_lightning world --report``, K=8, T=1, 40 problems a
+row; ``report.md`` beside it): plain prompt 50% on easy (20% of groups all-wrong), 0% on hard (100% all-wrong), 0%
+on the zero-padded OOD form; a taught instruction 85–88% on hard, 65% on OOD, 0% on 7-digit operands; unseen
+phrases sharing two or more taught words 65–83%, single taught words 2–17%; an instruction taught to answer
+directly, or an unrelated one, 0%. A build takes about 3 minutes on 2 idle cores.
 
-Speed is what shaped it (the first run must build this and train for minutes within ten): 370 K parameters (3
+Speed is what shaped it (the first run had to build this and train for minutes within ten): 370 K parameters (3
 layers, width 96), responses of at most :data:`MAX_NEW_TOKENS` tokens, examples packed whole into rows of 128
 tokens (no padding; a batch mixes every kind of example — batches of one kind, e.g. length-sorted ones, stall
 learning), AdamW at 1e-3 for 1,600 steps of 4,096 tokens. The architecture is Qwen3 rather than Qwen2 because, for
 a checkpoint whose config says ``model_type: qwen2``, transformers 5's ``AutoTokenizer`` swaps in Qwen2Tokenizer's
 byte-level pipeline, which silently drops spaces and newlines from a character vocabulary.
 
-The built world lives in ``$P2O_CACHE`` (default ``~/.cache/p2o_lightning``) under
-``worlds/<name>-<hash12 of the recipe>``; it is rebuilt only when the recipe changes, written into a temporary
-folder beside it and renamed into place under a file lock, so concurrent builders never see a half-written world.
-A build is deterministic given the recipe, the number of threads and the machine: two builds on one machine gave
-the same weights to the bit, but another CPU (its BLAS kernels) trains another world from the same recipe (seen
-here: in-distribution greedy accuracy 0.406 on one machine, 0.336 on the next). ``build.json`` records threads, CPU
-and versions; :func:`world_fingerprint` (the weights' hash, printed by ``python -m p2o_lightning world``) says
-whether two worlds are the same one, so results name the world they were measured on.
+:func:`build_world` still builds the recipe's world (``python -m p2o_lightning world --rebuild``) into ``$P2O_CACHE``
+(default ``~/.cache/p2o_lightning``) under ``worlds/<name>-<hash12 of the recipe>``; it is rebuilt only when the
+recipe changes, written into a temporary folder beside it and renamed into place under a file lock, so concurrent
+builders never see a half-written world. A build is deterministic given the recipe, the number of threads and the
+machine: two builds on one machine gave the same weights to the bit, but another CPU (its BLAS kernels) trains
+another world from the same recipe (seen here: in-distribution greedy accuracy 0.406 on one machine, world A, 0.336
+on the next, world B) — which is why the world ships. ``build.json`` records threads, CPU and versions;
+:func:`world_fingerprint` (the weights' hash, printed by ``python -m p2o_lightning world``) says whether two worlds
+are the same one, so results name the world they were measured on.
 """
 
 from __future__ import annotations
@@ -522,28 +524,88 @@ def report(
     return rows
 
 
+def _describe(path: Path) -> str:
+    """The world's folder, weights' fingerprint, recipe hash and where it was built, in three lines."""
+    build = json.loads((path / "build.json").read_text())
+    where = f"built on {build.get('cpu', 'an unrecorded CPU')}, {build['threads']} threads"
+    return (
+        f"world: {path}\nweights: {world_fingerprint(path)} ({where})\nrecipe: {build['hash']}; build time "
+        f"{build['build_seconds']:.0f}s ({build['parameters']:,} parameters)"
+    )
+
+
+def _save_report(path: Path, lines: list[str], k: int, temperature: float, n: int) -> Path:
+    build = json.loads((path / "build.json").read_text())
+    header = (
+        f"# World report: {path.name}, weights {world_fingerprint(path)}\n\n"
+        f"`python -m p2o_lightning world --report` (K={k}, T={temperature}, {n} problems per row), measured "
+        f"{time.strftime('%Y-%m-%d')} on {_cpu_name()}, {os.cpu_count()} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}. The world was built on {build.get('cpu', 'an unrecorded CPU')}, "
+        f"{build['threads']} threads, torch {build['torch']}. Sampling is seeded: the same world and machine give "
+        f"the same table.\n\n"
+    )
+    out = path / "report.md"
+    out.write_text(header + "\n".join(line for line in lines if line.startswith("|")) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m p2o_lightning world [--report] [--cache-dir DIR] [--force] [--k 8] [--temperature 1.0] [--n 40]``."""
+    """``python -m p2o_lightning world [--report | --save-report] [--rebuild [--force] [--ship] [--cache-dir DIR]]``.
+
+    Without ``--rebuild``: the shipped world, checked (:func:`~p2o_lightning.tasks.shipped_world.shipped_world`).
+    With it: the recipe's world built here (into the cache), compared with the shipped one; ``--ship`` replaces the
+    shipped copy with it. ``--report`` measures whichever of the two it names.
+    """
+    from p2o_lightning.tasks import shipped_world as shipped
+
     parser = argparse.ArgumentParser(prog="python -m p2o_lightning world", description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true", help="measure the world under sampling and print a table")
+    parser.add_argument("--save-report", action="store_true", help="--report, and write it to the world's report.md")
+    rebuild = "build the recipe's world here (in the cache) and compare it with the shipped one"
+    parser.add_argument("--rebuild", action="store_true", help=rebuild)
+    parser.add_argument("--ship", action="store_true", help="with --rebuild: replace the shipped world by this build")
+    parser.add_argument("--force", action="store_true", help="with --rebuild: build even if the cache holds the world")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $P2O_CACHE or ~/.cache/p2o_lightning)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the world is cached")
     parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--n", type=int, default=40, help="problems per report row")
     args = parser.parse_args(argv)
+    if not args.rebuild and (args.ship or args.force or args.cache_dir):
+        parser.error("--ship, --force and --cache-dir apply to a build: give --rebuild too")
     start = time.perf_counter()
-    path = build_world(cache_dir=args.cache_dir, force=args.force)
-    build = json.loads((path / "build.json").read_text())
-    print(f"world: {path}")
-    where = f"built on {build.get('cpu', 'an unrecorded CPU')}, {build['threads']} threads"
-    print(f"weights: {world_fingerprint(path)} ({where})")
-    print(
-        f"build time: {build['build_seconds']:.0f}s ({build['parameters']:,} parameters); ready in "
-        f"{time.perf_counter() - start:.1f}s"
-    )
-    if args.report:
-        report(path, k=args.k, temperature=args.temperature, n=args.n)
+    recipe = DEFAULT_RECIPE
+    if args.rebuild:
+        logged: list[str] = []
+        build_log = lambda line: (print(line), logged.append(line))  # noqa: E731
+        path = build_world(recipe, cache_dir=args.cache_dir, force=args.force, log=build_log)
+        print(_describe(path))
+        if not logged:
+            print("(the cached build of this recipe, not built again: --force builds it anew)")
+        try:
+            reference = shipped.shipped_world(recipe)
+        except shipped.ShippedWorldError as error:
+            print(f"not compared with a shipped world: {error}")
+        else:
+            print(shipped.describe_comparison(shipped.compare_weights(reference, path), path, reference))
+        if args.ship:
+            path = shipped.ship_world(path, recipe)
+            print(f"shipped: {path} now holds this build (manifest written; its report.md is gone: --save-report)")
+    else:
+        path = shipped.shipped_world(recipe)
+        manifest = shipped.read_manifest(path)
+        print(_describe(path))
+        print(f"shipped, checked: recipe hash {manifest['recipe_hash']}, weights SHA-256 {manifest['weights_sha256']}")
+    print(f"ready in {time.perf_counter() - start:.1f}s")
+    if args.report or args.save_report:
+        lines: list[str] = []
+
+        def log(line: str) -> None:
+            print(line)
+            lines.append(line)
+
+        report(path, k=args.k, temperature=args.temperature, n=args.n, log=log)
+        if args.save_report:
+            print(f"report: {_save_report(path, lines, args.k, args.temperature, args.n)}")
 
 
 if __name__ == "__main__":

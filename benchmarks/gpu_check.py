@@ -214,8 +214,7 @@ def train_summary(run: Path) -> str:
     def median(values: list[float]) -> float:
         return sorted(values)[len(values) // 2] if values else float("nan")
 
-    steps = column("train/rollout_step") or column("step")
-    parts = [f"{len(column('train/loss'))} steps (last {int(max(steps)) + 1 if steps else 0})"]
+    parts = [f"{len(column('train/loss'))} steps"]
     parts += [f"{phase} {median(column(f'time/{phase}_s')):.3f} s" for phase in ("rollout", "logprob", "update")]
     for split in ("in_dist", "hard"):
         acc = column(f"val/{split}/greedy_acc")

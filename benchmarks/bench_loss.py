@@ -188,9 +188,9 @@ def table_line(r: dict) -> str:
     model = f"{r['model_h100_us']:>16.1f}"
     if r["status"] != "ok":
         return f"{head} {r['status'].split(' (')[0]:>54} {model}"
-    moved = f"{r['counted_mb']:>9.1f} {r['counted_mb'] / r['ms']:>10.1f} {r['counted_ops']:>5}"
-    if not r.get("counted_mb"):
-        moved = f"{'':>9} {'':>10} {'':>5}"
+    moved = f"{'':>9} {'':>10} {'':>5}"  # the kernels' rows: only the reference's traffic is counted
+    if r.get("counted_mb"):
+        moved = f"{r['counted_mb']:>9.1f} {r['counted_mb'] / r['ms']:>10.1f} {r['counted_ops']:>5}"
     return f"{head} {r['ms']:>9.3f} {r['gbs']:>8.1f} {r['pct_of_copy']:>7.1f} {moved} {model}"
 
 

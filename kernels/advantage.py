@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["group_advantage", "group_advantage_and_collapse"]
 
 MAX_K = 256  # rollouts per group a launch supports (one group's rewards are one program's registers)
@@ -66,17 +68,20 @@ def _group_advantage_kernel(
     cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
     ok = (groups < B)[:, None] & (cols < K)[None, :]  # (BLOCK_B, BLOCK_K)
     r = tl.load(R_ptr + groups[:, None] * stride_rb + cols[None, :], mask=ok, other=0.0).to(COMPUTE)
+    r_max = tl.max(tl.where(ok, r, float("-inf")), axis=1)
+    r_min = tl.min(tl.where(ok, r, float("inf")), axis=1)
+    collapsed = r_max == r_min  # (BLOCK_B,) all K rewards equal: no signal
     mean = tl.sum(r, axis=1) / K  # (BLOCK_B,)
-    centered = tl.where(ok, r - mean[:, None], 0.0)
+    # a collapsed group's advantages are exactly 0, as the reference's: the GPU's fp32 division is approximate
+    # (sum / K ≠ r for K = 5, seen on an H200), and (r - mean) / (std + eps) would turn its last bit into ~0.01
+    centered = tl.where(ok & ~collapsed[:, None], r - mean[:, None], 0.0)
     if NORM_BY_STD:
         std = tl.sqrt(tl.sum(centered * centered, axis=1) / (K - 1))  # unbiased; K ≥ 2 (the launcher handles 1)
         adv = centered / (std[:, None] + eps)
     else:
         adv = centered
-    r_max = tl.max(tl.where(ok, r, float("-inf")), axis=1)
-    r_min = tl.min(tl.where(ok, r, float("inf")), axis=1)
     tl.store(A_ptr + groups[:, None] * stride_ab + cols[None, :], adv.to(A_ptr.dtype.element_ty), mask=ok)
-    tl.store(F_ptr + groups, (r_max == r_min).to(tl.int8), mask=groups < B)
+    tl.store(F_ptr + groups, collapsed.to(tl.int8), mask=groups < B)
 
 
 def group_advantage_and_collapse(

@@ -37,6 +37,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["ARCHS", "Case", "KernelSpace", "Resources", "cases", "check_space", "compile_case", "spaces"]
 
 # arch → (name, largest shared memory per block in bytes, with the opt-in) — CUDA programming guide, table 23

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["group_advantage", "linear_logprob", "linear_logprob_multi", "policy_loss"]
 
 

@@ -88,6 +88,8 @@ from torch import Tensor
 
 from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["linear_logprob", "linear_logprob_multi"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -63,6 +63,8 @@ from torch import Tensor
 
 from p2o_lightning.ops import _KL_ESTIMATORS, _LOSS_AGGS, check_policy_loss_args
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["policy_loss"]
 
 # columns of the (B, 12) per-sequence partial sums written by the forward kernel

@@ -31,6 +31,8 @@ import math
 
 import triton
 
+from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+
 __all__ = ["GPUS", "GPU", "as_config", "backward_perf_model", "forward_perf_model", "predict", "prune_for_contexts"]
 
 

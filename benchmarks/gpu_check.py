@@ -51,8 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check"
 BASELINES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}  # module → wheel
 # seconds: the longest each step may take (the check's budget is shared; see plan_steps)
-STEP_LIMITS = {"tests": 100, "baselines": 15, "bench_logprob": 180, "bench_loss": 45, "train_grpo": 60,
-               "train_p2o": 80}  # fmt: skip
+# measured on an H200 (2026-12-04): tests 149 s, bench_loss 13 s, GRPO 38 s, P²O 46 s; bench_logprob's 2 shapes
+# without the compiled case at 16384 rows ≈ 115 s (4096) + 100 s (16384)
+STEP_LIMITS = {"tests": 170, "baselines": 15, "bench_logprob": 150, "bench_loss": 30, "train_grpo": 50,
+               "train_p2o": 60}  # fmt: skip
 TRAIN_STEPS = 40  # RL steps of each training run
 
 

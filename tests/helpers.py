@@ -1,8 +1,11 @@
-"""Shared test helpers: a small module / data / trainer on the tiny embedded world, reading metrics.csv, and
-recomputing response log-probs with a plain HF forward."""
+"""Shared test helpers: a small module / data / trainer on the tiny embedded world, reading metrics.csv,
+recomputing response log-probs with a plain HF forward, and the float64 oracle of the log-prob op (its inputs, its
+forward and gradient check, and a recorder of the largest tensor an op allocates) that the reference op and the
+Triton kernel are both held to."""
 
 import csv
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
@@ -96,3 +100,85 @@ def response_logprobs(model, rollouts, temperature: float = 1.0) -> torch.Tensor
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -width - 1 : -1]
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(2, rollouts.response_ids[..., None]).squeeze(-1) * rollouts.response_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The log-prob oracle (tests/test_ops.py holds the reference op to it, tests/test_kernels.py the Triton kernel)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def naive_logprob(hidden, weight, targets, temperature=1.0, ignore_index=-100):
+    """Float64 reference: the whole (N, V) logits, log_softmax, gather; autograd does the backward."""
+    logits = (hidden.double() @ weight.double().T) / temperature  # (N, V)
+    logprobs = logits.log_softmax(dim=-1)  # (N, V)
+    valid = targets != ignore_index  # (N,)
+    logp = logprobs.gather(-1, targets.masked_fill(~valid, 0)[:, None]).squeeze(-1) * valid
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1) * valid
+    return logp, entropy
+
+
+def make_logprob_inputs(n, h, v, dtype, seed=0, ignore_index=-100, device="cpu"):
+    """(hidden (N, H), weight (V, H), targets (N,)): logits of std ~3 (a peaked softmax), every 5th row ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / math.sqrt(h) * 3
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[::5] = ignore_index  # rows 0, 5, 10, … are ignored (padding / prompt tokens)
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def assert_close(actual, expected, rtol, atol):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+def check_logprob_against_float64(fn, n, h, v, dtype, temperature, return_entropy, tolerances, device="cpu"):
+    """``fn(hidden, weight, targets, temperature=, return_entropy=)`` against :func:`naive_logprob` in float64:
+    forward, and the gradients w.r.t. hidden and weight under random upstream gradients (≠ 1), within
+    ``tolerances`` = (forward atol, grad rtol, grad atol as a share of the largest |grad|); ignored rows are 0.
+    """
+    fwd_atol, grad_rtol, grad_atol = tolerances
+    hidden, weight, targets = make_logprob_inputs(n, h, v, dtype, device=device)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logp, entropy = fn(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+    assert logp.dtype == torch.float32 and logp.shape == (n,)
+
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    weight64 = weight.detach().double().requires_grad_(True)
+    ref_logp, ref_entropy = naive_logprob(hidden64, weight64, targets, temperature)
+    assert_close(logp, ref_logp, rtol=1e-5, atol=fwd_atol)
+    gen = torch.Generator().manual_seed(1)
+    grad_logp, grad_entropy = (torch.randn(n, generator=gen).to(device) for _ in range(2))  # upstream grads ≠ 1
+    outputs, ref_outputs, grads = [logp], [ref_logp], [grad_logp]
+    if return_entropy:
+        assert entropy.dtype == torch.float32 and entropy.shape == (n,)
+        assert_close(entropy, ref_entropy, rtol=1e-5, atol=fwd_atol)
+        outputs, ref_outputs, grads = [logp, entropy], [ref_logp, ref_entropy], [grad_logp, grad_entropy]
+    else:
+        assert entropy is None
+
+    grad_hidden, grad_weight = torch.autograd.grad(outputs, [hidden, weight], grads)
+    ref_hidden, ref_weight = torch.autograd.grad(ref_outputs, [hidden64, weight64], [g.double() for g in grads])
+    assert grad_hidden.dtype == grad_weight.dtype == dtype
+    assert_close(grad_hidden, ref_hidden, rtol=grad_rtol, atol=grad_atol * ref_hidden.abs().max().item())
+    assert_close(grad_weight, ref_weight, rtol=grad_rtol, atol=grad_atol * ref_weight.abs().max().item())
+
+    ignored = targets == -100
+    assert (logp[ignored] == 0).all() and (grad_hidden[ignored] == 0).all()
+    if return_entropy:
+        assert (entropy[ignored] == 0).all()
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward run in this thread on CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton's kernels
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -30,8 +31,16 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from test_ops import _LargestOutput, naive_logprob  # noqa: E402
-from test_trainer import read_csv, small_data, trainer  # noqa: E402
+from helpers import (  # noqa: E402
+    LargestOutput,
+    assert_close,
+    check_logprob_against_float64,
+    make_logprob_inputs,
+    naive_logprob,
+    read_csv,
+    small_data,
+    trainer,
+)
 
 from p2o_lightning import ops  # noqa: E402
 from p2o_lightning.kernels import functional as kernels  # noqa: E402
@@ -39,10 +48,6 @@ from p2o_lightning.module import P2OModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def assert_close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
 
 
 @pytest.fixture
@@ -60,15 +65,6 @@ def small_tiles(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # linear_logprob
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def make_inputs(n, h, v, dtype, seed=0, ignore_index=-100):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / math.sqrt(h) * 3  # logits of std ~3: a peaked softmax
-    targets = torch.randint(0, v, (n,), generator=gen)
-    targets[::5] = ignore_index  # rows 0, 5, 10, … are ignored (padding / prompt tokens)
-    return hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), targets.to(DEVICE)
 
 
 # (N, H, V, chunk_size, tiles): the issue's odd shape with the default tiles (one row block, 2 vocab tiles in the
@@ -91,44 +87,13 @@ def test_linear_logprob_matches_float64_reference(shape, temperature, dtype, ret
     n, h, v, chunk, tiles = shape
     if tiles == "small":
         request.getfixturevalue("small_tiles")
-    fwd_atol, grad_rtol, grad_atol = TOLERANCES[dtype]
-    hidden, weight, targets = make_inputs(n, h, v, dtype)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(True)
-    logp, entropy = kernels.linear_logprob(
-        hidden, weight, targets, temperature=temperature, return_entropy=return_entropy, chunk_size=chunk
-    )
-    assert logp.dtype == torch.float32 and logp.shape == (n,)
-
-    hidden64 = hidden.detach().double().requires_grad_(True)
-    weight64 = weight.detach().double().requires_grad_(True)
-    ref_logp, ref_entropy = naive_logprob(hidden64, weight64, targets, temperature)
-    assert_close(logp, ref_logp, rtol=1e-5, atol=fwd_atol)
-    gen = torch.Generator().manual_seed(1)
-    grad_logp, grad_entropy = (torch.randn(n, generator=gen).to(DEVICE) for _ in range(2))  # upstream grads ≠ 1
-    outputs, ref_outputs, grads = [logp], [ref_logp], [grad_logp]
-    if return_entropy:
-        assert entropy.dtype == torch.float32 and entropy.shape == (n,)
-        assert_close(entropy, ref_entropy, rtol=1e-5, atol=fwd_atol)
-        outputs, ref_outputs, grads = [logp, entropy], [ref_logp, ref_entropy], [grad_logp, grad_entropy]
-    else:
-        assert entropy is None
-
-    grad_hidden, grad_weight = torch.autograd.grad(outputs, [hidden, weight], grads)
-    ref_hidden, ref_weight = torch.autograd.grad(ref_outputs, [hidden64, weight64], [g.double() for g in grads])
-    assert grad_hidden.dtype == grad_weight.dtype == dtype
-    assert_close(grad_hidden, ref_hidden, rtol=grad_rtol, atol=grad_atol * ref_hidden.abs().max().item())
-    assert_close(grad_weight, ref_weight, rtol=grad_rtol, atol=grad_atol * ref_weight.abs().max().item())
-
-    ignored = targets == -100
-    assert (logp[ignored] == 0).all() and (grad_hidden[ignored] == 0).all()
-    if return_entropy:
-        assert (entropy[ignored] == 0).all()
+    fn = functools.partial(kernels.linear_logprob, chunk_size=chunk)
+    check_logprob_against_float64(fn, n, h, v, dtype, temperature, return_entropy, TOLERANCES[dtype], DEVICE)
 
 
 def test_linear_logprob_equals_the_reference_op(small_tiles):
     # the oracle of the trainer: same outputs and grads as ops.linear_logprob to float32 rounding
-    hidden, weight, targets = make_inputs(41, 40, 301, torch.float32, seed=2)
+    hidden, weight, targets = make_logprob_inputs(41, 40, 301, torch.float32, seed=2, device=DEVICE)
     results = []
     for op in (ops.linear_logprob, kernels.linear_logprob):
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
@@ -153,7 +118,7 @@ def test_linear_logprob_entropy_on_a_known_distribution():
 
 
 def test_linear_logprob_leading_dims_ignore_index_and_one_sided_grads():
-    hidden, weight, targets = make_inputs(24, 40, 301, torch.float32, ignore_index=-1)
+    hidden, weight, targets = make_logprob_inputs(24, 40, 301, torch.float32, ignore_index=-1, device=DEVICE)
     hidden = hidden.view(4, 6, 40).requires_grad_(True)  # (B, T, H) as the trainer passes it
     logp, _ = kernels.linear_logprob(hidden, weight, targets.view(4, 6), ignore_index=-1, chunk_size=8)
     assert logp.shape == (4, 6)
@@ -174,14 +139,14 @@ def test_linear_logprob_leading_dims_ignore_index_and_one_sided_grads():
 
 
 def test_linear_logprob_under_no_grad_keeps_no_graph():
-    hidden, weight, targets = make_inputs(9, 16, 31, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(9, 16, 31, torch.float32, device=DEVICE)
     weight.requires_grad_(True)
     with torch.no_grad():
         logp, entropy = kernels.linear_logprob(hidden, weight, targets, return_entropy=True)
     assert not logp.requires_grad and not entropy.requires_grad and logp.grad_fn is None
 
 
-class _LargestTorchOutput(_LargestOutput):
+class _LargestTorchOutput(LargestOutput):
     """The largest tensor a torch op produces, except the interpreter's byte copies of kernel arguments."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -193,7 +158,7 @@ class _LargestTorchOutput(_LargestOutput):
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the dispatch recorder sees CPU ops")
 def test_linear_logprob_holds_no_logits_forward_and_one_chunk_backward(small_tiles):
     n, h, v, chunk = 64, 8, 1001, 16  # N·V = 64,064 ≫ chunk·V = 16,016 ≫ V·H = 8,008 (the weight)
-    hidden, weight, targets = make_inputs(n, h, v, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(n, h, v, torch.float32, device=DEVICE)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     with _LargestTorchOutput() as forward:
@@ -211,7 +176,7 @@ def test_linear_logprob_holds_no_logits_forward_and_one_chunk_backward(small_til
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linear_logprob_multi_equals_single_calls(n_ctx, dtype, small_tiles):
     n, h, v = 37, 48, 515
-    _, weight, targets = make_inputs(n, h, v, dtype)
+    _, weight, targets = make_logprob_inputs(n, h, v, dtype, device=DEVICE)
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(n_ctx, n, h, generator=gen).to(DEVICE, dtype).requires_grad_(True)
     weight.requires_grad_(True)

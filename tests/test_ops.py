@@ -6,13 +6,14 @@ shapes, with random upstream grads on both outputs; the PPO / GRPO ops against v
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LargestOutput, assert_close, check_logprob_against_float64, make_logprob_inputs, naive_logprob
 
 from p2o_lightning import ops
 from p2o_lightning.ops import (
@@ -38,68 +39,14 @@ SHAPES = [(37, 80, 1001, 16), (1, 80, 1001, 1024), (64, 32, 257, 16), (37, 80, 1
 TOLERANCES = {torch.float32: (1e-4, 1e-4, 2e-5), torch.bfloat16: (1e-4, 1.6e-2, 1e-3)}
 
 
-def naive_logprob(hidden, weight, targets, temperature=1.0, ignore_index=-100):
-    """Float64 reference: the whole (N, V) logits, log_softmax, gather; autograd does the backward."""
-    logits = (hidden.double() @ weight.double().T) / temperature  # (N, V)
-    logprobs = logits.log_softmax(dim=-1)  # (N, V)
-    valid = targets != ignore_index  # (N,)
-    logp = logprobs.gather(-1, targets.masked_fill(~valid, 0)[:, None]).squeeze(-1) * valid
-    entropy = -(logprobs.exp() * logprobs).sum(dim=-1) * valid
-    return logp, entropy
-
-
-def make_inputs(n, h, v, dtype, seed=0, ignore_index=-100):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=gen).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) / math.sqrt(h) * 3).to(dtype)  # logits of std ~3: peaked softmax
-    targets = torch.randint(0, v, (n,), generator=gen)
-    targets[::5] = ignore_index  # rows 0, 5, 10, … are ignored (padding / prompt tokens)
-    return hidden, weight, targets
-
-
-def assert_close(actual, expected, rtol, atol):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
-
-
 @pytest.mark.parametrize("return_entropy", [True, False], ids=["logp+entropy", "logp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-V{v}-C{c}" for n, h, v, c in SHAPES])
 def test_linear_logprob_matches_float64_reference(shape, temperature, dtype, return_entropy):
     n, h, v, chunk = shape
-    fwd_atol, grad_rtol, grad_atol = TOLERANCES[dtype]
-    hidden, weight, targets = make_inputs(n, h, v, dtype)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(True)
-    logp, entropy = linear_logprob(
-        hidden, weight, targets, temperature=temperature, return_entropy=return_entropy, chunk_size=chunk
-    )
-    assert logp.dtype == torch.float32 and logp.shape == (n,)
-
-    hidden64 = hidden.detach().double().requires_grad_(True)
-    weight64 = weight.detach().double().requires_grad_(True)
-    ref_logp, ref_entropy = naive_logprob(hidden64, weight64, targets, temperature)
-    assert_close(logp, ref_logp, rtol=1e-5, atol=fwd_atol)
-    gen = torch.Generator().manual_seed(1)
-    grad_logp, grad_entropy = torch.randn(n, generator=gen), torch.randn(n, generator=gen)  # upstream grads ≠ 1
-    outputs, ref_outputs, grads = [logp], [ref_logp], [grad_logp]
-    if return_entropy:
-        assert entropy.dtype == torch.float32 and entropy.shape == (n,)
-        assert_close(entropy, ref_entropy, rtol=1e-5, atol=fwd_atol)
-        outputs, ref_outputs, grads = [logp, entropy], [ref_logp, ref_entropy], [grad_logp, grad_entropy]
-    else:
-        assert entropy is None
-
-    grad_hidden, grad_weight = torch.autograd.grad(outputs, [hidden, weight], grads)
-    ref_hidden, ref_weight = torch.autograd.grad(ref_outputs, [hidden64, weight64], [g.double() for g in grads])
-    assert grad_hidden.dtype == grad_weight.dtype == dtype
-    assert_close(grad_hidden, ref_hidden, rtol=grad_rtol, atol=grad_atol * ref_hidden.abs().max().item())
-    assert_close(grad_weight, ref_weight, rtol=grad_rtol, atol=grad_atol * ref_weight.abs().max().item())
-
-    ignored = targets == -100
-    assert (logp[ignored] == 0).all() and (grad_hidden[ignored] == 0).all()
-    if return_entropy:
-        assert (entropy[ignored] == 0).all()
+    fn = functools.partial(linear_logprob, chunk_size=chunk)
+    check_logprob_against_float64(fn, n, h, v, dtype, temperature, return_entropy, TOLERANCES[dtype])
 
 
 def test_linear_logprob_entropy_sign_on_a_known_distribution():
@@ -116,7 +63,7 @@ def test_linear_logprob_entropy_sign_on_a_known_distribution():
 
 
 def test_linear_logprob_logp_only_and_custom_ignore_index():
-    hidden, weight, targets = make_inputs(23, 40, 301, torch.float32, ignore_index=-1)
+    hidden, weight, targets = make_logprob_inputs(23, 40, 301, torch.float32, ignore_index=-1)
     hidden.requires_grad_(True)
     logp, entropy = linear_logprob(hidden, weight, targets, ignore_index=-1, chunk_size=8)
     assert entropy is None
@@ -130,7 +77,7 @@ def test_linear_logprob_logp_only_and_custom_ignore_index():
 
 @pytest.mark.parametrize("hidden_grad, weight_grad", [(True, False), (False, True)])
 def test_linear_logprob_grads_hidden_and_weight_independently(hidden_grad, weight_grad):
-    hidden, weight, targets = make_inputs(19, 24, 97, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(19, 24, 97, torch.float32)
     hidden.requires_grad_(hidden_grad)
     weight.requires_grad_(weight_grad)
     logp, _ = linear_logprob(hidden, weight, targets, chunk_size=4)
@@ -145,7 +92,7 @@ def test_linear_logprob_grads_hidden_and_weight_independently(hidden_grad, weigh
 
 
 def test_linear_logprob_under_no_grad_keeps_no_graph():
-    hidden, weight, targets = make_inputs(9, 8, 31, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(9, 8, 31, torch.float32)
     weight.requires_grad_(True)  # a frozen reference model's head may still be a Parameter
     with torch.no_grad():
         logp, entropy = linear_logprob(hidden, weight, targets, return_entropy=True)
@@ -153,7 +100,7 @@ def test_linear_logprob_under_no_grad_keeps_no_graph():
 
 
 def test_linear_logprob_flattens_leading_dims():
-    hidden, weight, targets = make_inputs(10, 16, 53, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(10, 16, 53, torch.float32)
     logp, entropy = linear_logprob(hidden.view(2, 5, 16), weight, targets.view(2, 5), return_entropy=True)
     flat_logp, flat_entropy = linear_logprob(hidden, weight, targets, return_entropy=True)
     assert logp.shape == entropy.shape == (2, 5)
@@ -163,7 +110,7 @@ def test_linear_logprob_flattens_leading_dims():
 
 def test_linear_logprob_saves_no_tokens_by_vocab_tensor():
     n, h, v = 40, 8, 501
-    hidden, weight, targets = make_inputs(n, h, v, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(n, h, v, torch.float32)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
 
@@ -179,33 +126,18 @@ def test_linear_logprob_saves_no_tokens_by_vocab_tensor():
     assert (n, v) in saved_shapes(lambda: naive_logprob(hidden, weight, targets))
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward run in this thread on CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.max_numel = max(self.max_numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("return_entropy", [True, False])
 def test_linear_logprob_never_allocates_more_than_one_chunk_of_logits(return_entropy):
     n, h, v, chunk = 64, 8, 1001, 16  # N·V = 64,064 ≫ chunk·V = 16,016 ≫ V·H = 8,008
-    hidden, weight, targets = make_inputs(n, h, v, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(n, h, v, torch.float32)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    with _LargestOutput() as mode:
+    with LargestOutput() as mode:
         outputs = linear_logprob(hidden, weight, targets, return_entropy=return_entropy, chunk_size=chunk)
         outputs = [o for o in outputs if o is not None]
         torch.autograd.grad(outputs, [hidden, weight], [torch.randn(n) for _ in outputs])
     assert mode.max_numel == chunk * v
-    with _LargestOutput() as naive_mode:  # the recorder sees the naive path's (N, V) logits
+    with LargestOutput() as naive_mode:  # the recorder sees the naive path's (N, V) logits
         naive_logprob(hidden, weight, targets)
     assert naive_mode.max_numel >= n * v
 
@@ -214,12 +146,12 @@ def test_linear_logprob_never_allocates_more_than_one_chunk_of_logits(return_ent
 def test_linear_logprob_chunks_follow_a_logits_budget_whatever_the_vocabulary(v):
     # budget 8,000 logits: 79 rows of V=101, 7 rows of V=1001, and 1 row of V=4001 (a chunk holds ≥ 1 row)
     n, h, budget = 64, 8, 8000
-    hidden, weight, targets = make_inputs(n, h, v, torch.float32)
+    hidden, weight, targets = make_logprob_inputs(n, h, v, torch.float32)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     rows = ops.chunk_rows(v, budget)
     assert rows == {101: 79, 1001: 7, 4001: 1}[v]
-    with _LargestOutput() as mode:
+    with LargestOutput() as mode:
         logp, entropy = linear_logprob(hidden, weight, targets, return_entropy=True, logits_budget=budget)
         torch.autograd.grad([logp, entropy], [hidden, weight], [torch.randn(n), torch.randn(n)])
     largest_input = max(v * h, n * h)  # the weight (and its grad) and hidden are not chunks of logits

@@ -3,8 +3,8 @@
 import lightning as L
 import pytest
 import torch
+from helpers import KillAt, read_csv, small_data, small_module, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_trainer import KillAt, read_csv, small_data, small_module, trainer
 
 from p2o_lightning.callbacks import P2OCallback
 from p2o_lightning.prompt.adapter import P2OAdapter

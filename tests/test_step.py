@@ -12,7 +12,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import lightning as L  # noqa: E402
 import pytest  # noqa: E402
-from test_trainer import small_data, small_module, trainer  # noqa: E402
+from helpers import small_data, small_module, trainer  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 

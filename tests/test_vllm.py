@@ -13,8 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import response_logprobs
-from test_trainer import read_csv, small_data, small_module, trainer
+from helpers import read_csv, response_logprobs, small_data, small_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.rollout import HFRolloutEngine, SamplingParams

@@ -708,7 +708,7 @@ def main() -> None:
                     row["pct_of_matmul"] = 100 * row["tflops"] / ceiling_tflops
                 rows.append(row)
                 print(table_line(row), flush=True)
-                write_csv(rows, csv_path, COLUMNS)  # after every case: a run stopped at its time limit keeps its rows
+                write_csv([row], csv_path, COLUMNS)  # appended after every case: a run stopped early keeps them
 
     model_rows = [
         dict(
@@ -730,7 +730,6 @@ def main() -> None:
 
     png_path = csv_path.with_suffix(".png")
     model_path = args.out / "bench_logprob_model_h100.csv"
-    write_csv(rows, csv_path, COLUMNS)
     write_csv(model_rows, model_path, MODEL_COLUMNS)
     plot(
         rows,

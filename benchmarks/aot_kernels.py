@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_logprob import environment, versions, write_csv  # noqa: E402
+from common import environment, versions, write_csv  # noqa: E402
 
 from p2o_lightning.kernels import aot  # noqa: E402
 

@@ -48,14 +48,8 @@ draws this run's ``bench_logprob_<device kind>.png``; the last line printed is a
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
-import importlib.metadata
-import importlib.util
 import json
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -67,6 +61,9 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from common import environment, impl_unavailable, versions, write_csv  # noqa: E402
+
+from p2o_lightning.kernels.tuning import GPUS  # noqa: E402
 from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows, linear_logprob  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,23 +78,12 @@ MODES = ("fwd", "fwd+bwd")
 CEILING_SHAPE = {"cpu": (1024, 1024, 32768), "cuda": (4096, 4096, 32768)}  # the plain matmul of "% mm"
 
 # Published H100 SXM5 ceilings (NVIDIA H100 Tensor Core GPU datasheet): dense, i.e. without structured sparsity
-H100 = {"bf16_tflops": 989.4, "fp32_tflops": 66.9, "hbm_tbps": 3.35, "name": "H100 SXM5 (published)"}
+H100 = GPUS["H100"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup shared by all modes
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def impl_unavailable(impl: str, device: torch.device) -> str | None:
-    """Why ``impl`` cannot run here (None when it can)."""
-    packages = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "triton": "triton"}
-    if impl in packages and importlib.util.find_spec(packages[impl]) is None:
-        return f"{packages[impl]} is not installed"
-    if impl in ("triton", "liger", "cce") and device.type != "cuda":
-        extra = " (the Triton interpreter is a correctness tool, not a benchmark)" if impl == "triton" else ""
-        return f"needs CUDA{extra}"
-    return None
 
 
 def case_unsafe(impl: str, n: int, v: int, device: torch.device) -> str | None:
@@ -327,7 +313,7 @@ def model_case(impl: str, mode: str, n: int, h: int, v: int, chunk: int) -> dict
     logits, wh, nh = n * v, v * h, n * h
     chunks = -(-n // chunk)
     mm = 2 * n * h * v  # one N×H×V matmul
-    bf16, fp32 = H100["bf16_tflops"], H100["fp32_tflops"]
+    bf16, fp32 = H100.bf16_tflops, H100.fp32_tflops
     bwd = mode == "fwd+bwd"
     if impl == "materialised":  # bf16 matmul → .float() → log_softmax → gather (→ autograd)
         kernels = [
@@ -366,12 +352,12 @@ def model_case(impl: str, mode: str, n: int, h: int, v: int, chunk: int) -> dict
             peak = 2 * chunk * v + (4 + 2) * nh + 2 * wh
     else:
         raise ValueError(impl)
-    seconds = sum(max(f / (rate * 1e12), b / (H100["hbm_tbps"] * 1e12)) for f, b, rate in kernels)
+    seconds = sum(max(f / (rate * 1e12), b / (H100.hbm_tbps * 1e12)) for f, b, rate in kernels)
     flops, bytes_ = sum(k[0] for k in kernels), sum(k[1] for k in kernels)
     useful = (6 if bwd else 2) * n * h * v
     return {
         "source": "model, not measured",
-        "device": H100["name"],
+        "device": H100.name,
         "impl": impl,
         "mode": mode,
         "N": n,
@@ -408,50 +394,6 @@ def model_line(r: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def environment(device: torch.device) -> dict:
-    """Date, device name and kind, torch version and commit: the columns every benchmark row starts with."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        kind = "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"{name} ({torch.get_num_threads()} threads)"
-        kind = "cpu"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": name,
-        "device_kind": kind,
-        "torch": torch.__version__,
-        "commit": commit or "unknown",
-    }
-
-
-def versions() -> dict:
-    """Versions of the kernel libraries compared ("-" when not installed)."""
-    out = {}
-    for key, dist in (("triton", "triton"), ("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
-        try:
-            out[f"{key}_version"] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[f"{key}_version"] = "-"
-    return out
-
-
 COLUMNS = [
     "date", "device", "device_kind", "torch", "triton_version", "liger_version", "cce_version", "commit", "dtype",
     "impl", "mode", "N", "H", "V", "chunk_size", "logits_budget", "status", "ms", "ms_stat", "ms_median", "ms_lo",
@@ -476,26 +418,6 @@ def table_line(r: dict) -> str:
         f"{shape:>18} {r['mode']:>8} {r['impl']:>13} {r['ms']:>10.1f} {r['tflops']:>8.3f} "
         f"{r['pct_of_matmul']:>6.1f} {r['peak_mb']:>9.0f} {r['logits_mb']:>10.0f}"
     )
-
-
-def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
-    """Append ``rows``; a file written with other columns is rewritten under the union of both (no row lost)."""
-    old_rows: list[dict] = []
-    header = columns
-    if path.exists():
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != columns:
-                old_rows = list(reader)
-                header = columns + [c for c in reader.fieldnames or [] if c not in columns]
-    mode = "w" if old_rows or not path.exists() else "a"
-    with path.open(mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        if mode == "w":
-            writer.writeheader()
-            writer.writerows(old_rows)
-        for r in rows:
-            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in header})
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -720,8 +642,8 @@ def main() -> None:
         for mode in MODES
         for impl in ("materialised", "chunked", "triton")
     ]
-    ceilings = f"{H100['bf16_tflops']} TFLOP/s bf16 dense, {H100['fp32_tflops']} fp32, {H100['hbm_tbps']} TB/s"
-    print(f"\nMODEL, NOT MEASURED (a roofline, an upper bound): bf16 on {H100['name']}, {ceilings}")
+    ceilings = f"{H100.bf16_tflops} TFLOP/s bf16 dense, {H100.fp32_tflops} fp32, {H100.hbm_tbps} TB/s"
+    print(f"\nMODEL, NOT MEASURED (a roofline, an upper bound): bf16 on {H100.name}, {ceilings}")
     print("time = Σ_kernels max(FLOPs / ceiling, bytes / bandwidth)")
     print(MODEL_HEAD)
     print("-" * len(MODEL_HEAD))

@@ -43,9 +43,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench_logprob import environment, impl_unavailable, versions, write_csv  # noqa: E402
+from common import environment, impl_unavailable, versions, write_csv  # noqa: E402
 
 from p2o_lightning import ops  # noqa: E402
+from p2o_lightning.kernels.tuning import GPUS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = {  # advantage: (B prompts, K rollouts); loss: (B·K sequences, T tokens)
@@ -56,7 +57,7 @@ LOSS_CONFIGS = {
     "plain": dict(),
     "p2o": dict(kl_coef=0.05, kl_estimator="k3", clip_ratio_c=3.0, clip_high=0.28, ref=True, context=True),
 }
-H100_HBM_TBPS, LAUNCH_US = 3.35, 4.0  # published H100 SXM5 HBM3 bandwidth; a typical kernel launch + tail
+LAUNCH_US = 4.0  # a typical kernel launch + tail
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,11 +262,11 @@ def main() -> None:
             if impl == "torch":  # what the reference really moves, and its number of kernels
                 moved, n_ops = counted(step)
                 row.update(counted_mb=moved / 1e6, counted_ops=n_ops)
-                row["model_h100_us"] = moved / (H100_HBM_TBPS * 1e6) + n_ops * LAUNCH_US
+                row["model_h100_us"] = moved / (GPUS["H100"].hbm_tbps * 1e6) + n_ops * LAUNCH_US
                 row["model_source"] = "model: counted bytes / 3.35 TB/s + ops × 4 µs"
             else:  # the kernels: 1 launch (advantage); forward + finalize (loss), + backward
                 launches = 1 if op == "group_advantage" else (2 if mode == "fwd" else 3)
-                row["model_h100_us"] = compulsory / (H100_HBM_TBPS * 1e6) + launches * LAUNCH_US
+                row["model_h100_us"] = compulsory / (GPUS["H100"].hbm_tbps * 1e6) + launches * LAUNCH_US
                 row["model_source"] = f"model: compulsory bytes / 3.35 TB/s + {launches} launches × 4 µs"
             if skip:
                 row["status"] = f"skipped: {skip}"

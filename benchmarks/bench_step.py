@@ -52,7 +52,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_logprob import environment  # noqa: E402
+from common import environment  # noqa: E402
 
 from p2o_lightning.data import PromptDataModule  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402

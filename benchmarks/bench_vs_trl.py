@@ -181,7 +181,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from bench_logprob import environment, write_csv
+    from common import environment, write_csv
 
     model_path(args.setting)  # build it once, outside the timed runs
     env = environment(torch.device("cpu"))

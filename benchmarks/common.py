@@ -1,0 +1,91 @@
+"""What every benchmark here shares: the columns a result row starts with (date, device, versions, commit) and an
+append-only CSV writer. Not an entry script: ``bench_*.py`` import it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import importlib.util
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    """Date, device name and kind, torch version and commit: the columns every benchmark row starts with."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name} ({torch.get_num_threads()} threads)"
+        kind = "cpu"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "device_kind": kind,
+        "torch": torch.__version__,
+        "commit": commit or "unknown",
+    }
+
+
+def versions() -> dict:
+    """Versions of the kernel libraries compared ("-" when not installed)."""
+    out = {}
+    for key, dist in (("triton", "triton"), ("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+        try:
+            out[f"{key}_version"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[f"{key}_version"] = "-"
+    return out
+
+
+def impl_unavailable(impl: str, device: torch.device) -> str | None:
+    """Why ``impl`` cannot run here (None when it can)."""
+    packages = {"liger": "liger_kernel", "cce": "cut_cross_entropy", "triton": "triton"}
+    if impl in packages and importlib.util.find_spec(packages[impl]) is None:
+        return f"{packages[impl]} is not installed"
+    if impl in ("triton", "liger", "cce") and device.type != "cuda":
+        extra = " (the Triton interpreter is a correctness tool, not a benchmark)" if impl == "triton" else ""
+        return f"needs CUDA{extra}"
+    return None
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
+    """Append ``rows``; a file written with other columns is rewritten under the union of both (no row lost)."""
+    old_rows: list[dict] = []
+    header = columns
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != columns:
+                old_rows = list(reader)
+                header = columns + [c for c in reader.fieldnames or [] if c not in columns]
+    mode = "w" if old_rows or not path.exists() else "a"
+    with path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        if mode == "w":
+            writer.writeheader()
+            writer.writerows(old_rows)
+        for r in rows:
+            writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in header})

@@ -241,6 +241,9 @@ class P2OCallback(L.Callback):
             ("p2o/searches", len(self.searches)),
             ("p2o/assigned_prompts", len(self.assignments)),
             ("p2o/best_dev_score", max(record["dev_mean"])),
+            ("time/search_s", record.get("seconds", 0.0)),  # what the search costs: wall time, greedy evaluations
+            ("p2o/search_metric_calls", record.get("metric_calls", 0)),  # examples scored (gepa's budget unit)
+            ("p2o/search_evaluations", record.get("evaluations", 0)),  # scorer calls: one generate per 64 examples
         ):
             pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
@@ -301,6 +304,7 @@ class P2OCallback(L.Callback):
             "pareto_front": {dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
             "discovery_eval_counts": list(result.discovery_eval_counts),
             "metric_calls": adapter.num_examples,
+            "evaluations": scorer.num_evaluations,
             "cover": cover,
             "assignments": assignments,
             "seconds": seconds,
@@ -308,8 +312,9 @@ class P2OCallback(L.Callback):
         best = max(range(len(templates)), key=lambda c: dev_mean[c])
         log.warning(
             f"P²O search {len(self.searches)} at RL step {step}: {len(hard)} hard samples, {len(templates)} "
-            f"candidates, {adapter.num_examples} metric calls in {seconds:.0f}s; best dev {dev_mean[best]:.3f} "
-            f"({templates[best]!r}); {len(assignments)} prompts assigned templates"
+            f"candidates, {adapter.num_examples} metric calls ({scorer.num_evaluations} evaluations) "
+            f"in {seconds:.0f}s; best dev {dev_mean[best]:.3f} ({templates[best]!r}); {len(assignments)} prompts "
+            "assigned templates"
         )
         out = run_dir(trainer) / "p2o"
         out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,10 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
     assert untimed == [{k: v for k, v in s.items() if k != "seconds"} for s in resumed.searches]
     assert full.hard_pool == resumed.hard_pool and full.reflection.state_dict() == resumed.reflection.state_dict()
     a, b = read_csv(tmp_path / "full/run/metrics.csv"), read_csv(tmp_path / "resumed/run/metrics.csv")
+    searched = [r for _, r in sorted(a.items()) if "p2o/search_metric_calls" in r]  # what each search cost
+    for key, field in (("p2o/search_metric_calls", "metric_calls"), ("p2o/search_evaluations", "evaluations")):
+        assert {int(float(r[key])) for r in searched} == {s[field] for s in full.searches}
+    assert all(float(r["time/search_s"]) > 0 for r in searched)
     for step in (2, 3):
         for key in ("train/reward", "train/entropy", "p2o/hard_pool"):
             assert float(a[step][key]) == pytest.approx(float(b[step][key]), rel=1e-5), (step, key)

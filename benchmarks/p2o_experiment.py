@@ -26,14 +26,16 @@ Runs that already finished (their ``policy/`` exists) are not run again. Each ru
 core of its own, so settings compare fairly even when runs share the machine. Validation (plain prompt, greedy and
 mean@8) runs every ``--val-every`` steps: the lowest plain-prompt accuracy reached during training is reported
 besides the last. The summary (mean ± std over seeds) is printed as a Markdown table and written to
-``<out>/summary.csv`` / ``summary.md``; ``<out>/curves.png`` draws every setting's mean plain-prompt accuracy
-against the step, and the report's PNGs (collapse, accuracy, search) are drawn for seed 0.
+``<out>/summary.csv`` / ``summary.md`` (with each run's search seconds and their share of its wall time); every
+run's ``metrics.csv`` is kept gzipped under ``<out>/metrics/``; ``<out>/curves.png`` draws every setting's mean
+plain-prompt accuracy against the step, and the report's PNGs (collapse, accuracy, search) are drawn for seed 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import os
 import resource
@@ -152,16 +154,33 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
         out[f"{split}_min"] = min(greedy) if greedy else nan
     wrong = _values(m, "train/collapse_all_wrong")[-steps_per_epoch:]
     searches = sorted((run / "p2o").glob("search_*.json"))
+    search_s = sum(json.loads(path.read_text()).get("seconds", 0.0) for path in searches)
     distilled = _values(m, "p2o/distilled_greedy_acc")
+    wall_s = float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else nan
     out.update(
         collapse_all_wrong=sum(wrong) / max(len(wrong), 1),
         rescued_groups=sum(_values(m, "p2o/rescued_groups")),
         searches=len(searches),
         distilled_acc=distilled[-1] if distilled else nan,
-        wall_s=float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else nan,
+        wall_s=wall_s,
         cpu_s=float((run / "cpu_time_s").read_text()) if (run / "cpu_time_s").exists() else nan,
+        search_s=search_s,
+        search_share=search_s / wall_s if wall_s == wall_s and wall_s > 0 else nan,
     )
     return out
+
+
+def archive_metrics(runs: dict[str, list[Path]], out: Path) -> None:
+    """Every run's ``metrics.csv``, gzipped, as ``<out>/metrics/<run>.csv.gz``: the per-step record behind the summary,
+    small enough to commit with it.
+    """
+    folder = out / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for paths in runs.values():
+        for run in paths:
+            if (run / "metrics.csv").exists():
+                data = (run / "metrics.csv").read_bytes()
+                (folder / f"{run.name}.csv.gz").write_bytes(gzip.compress(data, mtime=0))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -279,7 +298,7 @@ def main() -> None:
         summary[setting] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
     columns = ["in_dist_start", "in_dist", "in_dist_min", "hard", "ood", "in_dist_mean@k", "hard_mean@k",
                "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc", "cpu_s",
-               "wall_s"]  # fmt: skip
+               "wall_s", "search_s", "search_share"]  # fmt: skip
     lines = ["| setting | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     lines += [
         f"| {s} | {len(runs[s])} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |"
@@ -299,6 +318,7 @@ def main() -> None:
         for s, v in summary.items():
             writer.writerow([s, *(f"{x:.4f}" for c in columns for x in mean_std(v[c]))])
     plot_curves(runs, args.out / "curves.png")
+    archive_metrics(runs, args.out)
     seed0 = [paths[0] for paths in runs.values()]
     subprocess.run(
         [sys.executable, "-m", "p2o_lightning", "report", *map(str, seed0), "--out", str(args.out)], cwd=REPO

@@ -48,7 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from p2o_lightning.outputs import read_metrics  # noqa: E402
+from p2o_lightning.plots import read_metrics  # noqa: E402
 
 
 def _p2o_callback(config: dict) -> dict:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "world":
-        from p2o_lightning.tasks.world import main as world_main
+        from p2o_lightning.tasks.world_command import main as world_main
 
         world_main(args[1:])
         return

@@ -27,8 +27,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from tqdm import tqdm
 
-from p2o_lightning.outputs import read_metrics
-from p2o_lightning.plots import search_steps
+from p2o_lightning.plots import read_metrics, search_steps
 
 COLLAPSE_WINDOW = 10  # collapse "at the start / end" = mean over the first / last this many RL steps
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch.distributed.tensor import DTensor
 
 from p2o_lightning.checks import check_checkpoint, unreadable_checkpoint
+from p2o_lightning.plots import plot_metrics
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -127,19 +127,6 @@ def _export(lm, tokenizer, out: Path) -> OSError | None:
     return None
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """``metrics.csv`` → {metric: [(step, value)]}, the last value per step kept (a resumed run re-logs steps)."""
-    series: dict[str, dict[int, float]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row["step"]))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                series.setdefault(key, {})[step] = float(value)
-    return {k: sorted(v.items()) for k, v in series.items()}
-
-
 class MetricsPlot(L.Callback):
     """At the end of fit, plot the CSV logger's ``metrics.csv`` into ``metrics.png`` beside it."""
 
@@ -149,7 +136,5 @@ class MetricsPlot(L.Callback):
             logger.save()
         csv_path = run_dir(trainer) / "metrics.csv"
         if csv_path.is_file():
-            from p2o_lightning.plots import plot_metrics  # plots reads metrics with read_metrics from here
-
             out = plot_metrics(csv_path, csv_path.with_name("metrics.png"), title=str(run_dir(trainer)))
             rank_zero_debug(f"metrics: {csv_path}\nplot: {out}")

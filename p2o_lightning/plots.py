@@ -1,4 +1,5 @@
-"""Plots people read: one run's ``metrics.png``, and the panels ``report`` lays side by side for several runs.
+"""Plots people read: one run's ``metrics.png``, and the panels ``report`` lays side by side for several runs, from
+``metrics.csv`` as :func:`read_metrics` reads it.
 
 Per-step training curves are drawn raw and faint, with an exponential moving average on top; validation points are
 marked (they are few); all-wrong and all-right collapse have their own colours (red: no gradient because nothing is
@@ -9,17 +10,29 @@ logged them: templated share and success, rescued groups, distilled greedy accur
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
-
-from p2o_lightning.outputs import read_metrics
 
 EMA_ALPHA = 0.1  # weight of the newest point in the moving average of per-step curves
 COLLAPSE_COLOURS = {"train/collapse_all_wrong": "tab:red", "train/collapse_all_right": "tab:green"}
 COLLAPSE_COLOURS["train/collapse_rate"] = "tab:gray"
 SEARCH_COLOUR = "tab:purple"
 P2O_KEYS = ("p2o/templated_share", "p2o/templated_success", "p2o/distilled_greedy_acc")
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` → {metric: [(step, value)]}, the last value per step kept (a resumed run re-logs steps)."""
+    series: dict[str, dict[int, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row["step"]))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def ema(values: list[float], alpha: float = EMA_ALPHA) -> list[float]:
@@ -87,7 +100,7 @@ def panels(series: dict[str, list[tuple[int, float]]]) -> list[tuple[str, list[s
     return [(title, keys) for title, keys in out if keys]
 
 
-def _draw_panel(ax, title: str, keys: list[str], series: dict, colour=None, label_prefix: str = ""):
+def draw_panel(ax, title: str, keys: list[str], series: dict, colour=None, label_prefix: str = ""):
     """Draw ``keys`` into ``ax``; returns the right-hand axis when a count needed one."""
     right = None
     splits = list(dict.fromkeys(k.split("/")[1] for k in keys if k.startswith("val/")))  # a split keeps one colour
@@ -130,7 +143,7 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, tit
     layout = panels(series) or [("no metrics", [])]
     fig, axes = plt.subplots(1, len(layout), figsize=(5.2 * len(layout), 3.8), squeeze=False)
     for ax, (name, keys) in zip(axes[0], layout):
-        right = _draw_panel(ax, name, keys, series)
+        right = draw_panel(ax, name, keys, series)
         mark_searches(ax, searches)
         ax.set_xlabel("RL step")
         ax.set_ylim(-0.02, 1.02)

@@ -18,8 +18,16 @@ import argparse
 import json
 from pathlib import Path
 
-from p2o_lightning.outputs import read_metrics
-from p2o_lightning.plots import _draw_panel, draw_curve, legend, mark_searches, panels, plot_metrics, search_steps
+from p2o_lightning.plots import (
+    draw_curve,
+    draw_panel,
+    legend,
+    mark_searches,
+    panels,
+    plot_metrics,
+    read_metrics,
+    search_steps,
+)
 
 
 def _plt():
@@ -77,7 +85,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         layout = dict(panels(series))
         for r, title in enumerate(rows):
             ax = axes[r][c]
-            right = _draw_panel(ax, title, layout.get(title, []), series)
+            right = draw_panel(ax, title, layout.get(title, []), series)
             mark_searches(ax, search_steps(run, series))
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)

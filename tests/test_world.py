@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.policy import resolve_model_path
-from p2o_lightning.tasks import addition, shipped_world, world
+from p2o_lightning.tasks import addition, shipped_world, world, world_command
 from p2o_lightning.tasks.addition import (
     INSTRUCTION_VOCABULARY,
     TAUGHT_TEMPLATES,
@@ -213,24 +213,24 @@ def test_cli_rebuilds_ships_and_reports(
     monkeypatch.setattr(world, "DEFAULT_RECIPE", TEST_RECIPE)
     monkeypatch.setattr(shipped_world, "SHIPPED_ROOT", tmp_path / "shipped")
     cache = str(tmp_path / "cache")
-    world.main(["--rebuild", "--cache-dir", cache, "--report", "--k", "2", "--n", "2"])
+    world_command.main(["--rebuild", "--cache-dir", cache, "--report", "--k", "2", "--n", "2"])
     out = capsys.readouterr().out
     assert f"world: {tmp_path / 'cache'}" in out and "build time" in out
     assert "not compared with a shipped world: no shipped world" in out  # nothing shipped yet
     assert "| plain" in out and "taught" in out and out.count("\n| ") >= len(world.report_rows())
 
-    world.main(["--rebuild", "--cache-dir", cache, "--ship", "--save-report", "--k", "2", "--n", "2"])
+    world_command.main(["--rebuild", "--cache-dir", cache, "--ship", "--save-report", "--k", "2", "--n", "2"])
     out = capsys.readouterr().out
     shipped = tmp_path / "shipped" / f"{TEST_RECIPE.name}-{TEST_RECIPE.hash()}"
     assert f"shipped: {shipped}" in out and (shipped / "report.md").read_text().count("\n| ") >= 3
 
-    world.main(["--rebuild", "--cache-dir", cache])  # the same machine builds the shipped world again
+    world_command.main(["--rebuild", "--cache-dir", cache])  # the same machine builds the shipped world again
     assert "same weights as the shipped world" in capsys.readouterr().out
-    world.main([])  # no build: the shipped world, checked
+    world_command.main([])  # no build: the shipped world, checked
     out = capsys.readouterr().out
     assert f"world: {shipped}" in out and f"shipped, checked: recipe hash {TEST_RECIPE.hash()}" in out
     with pytest.raises(SystemExit):
-        world.main(["--ship"])  # replacing the shipped world needs a build
+        world_command.main(["--ship"])  # replacing the shipped world needs a build
 
 
 # -------------------------------------------------------------------------------------------- the shipped world

@@ -40,7 +40,6 @@ are the same one, so results name the world they were measured on.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -97,7 +96,6 @@ __all__ = [
     "build_world",
     "default_cache_dir",
     "load_world",
-    "main",
     "measure",
     "report",
 ]
@@ -522,91 +520,3 @@ def report(
             )
             rows.append({"prompt": label, "template": template, "split": split, **result})
     return rows
-
-
-def _describe(path: Path) -> str:
-    """The world's folder, weights' fingerprint, recipe hash and where it was built, in three lines."""
-    build = json.loads((path / "build.json").read_text())
-    where = f"built on {build.get('cpu', 'an unrecorded CPU')}, {build['threads']} threads"
-    return (
-        f"world: {path}\nweights: {world_fingerprint(path)} ({where})\nrecipe: {build['hash']}; build time "
-        f"{build['build_seconds']:.0f}s ({build['parameters']:,} parameters)"
-    )
-
-
-def _save_report(path: Path, lines: list[str], k: int, temperature: float, n: int) -> Path:
-    build = json.loads((path / "build.json").read_text())
-    header = (
-        f"# World report: {path.name}, weights {world_fingerprint(path)}\n\n"
-        f"`python -m p2o_lightning world --report` (K={k}, T={temperature}, {n} problems per row), measured "
-        f"{time.strftime('%Y-%m-%d')} on {_cpu_name()}, {os.cpu_count()} threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}. The world was built on {build.get('cpu', 'an unrecorded CPU')}, "
-        f"{build['threads']} threads, torch {build['torch']}. Sampling is seeded: the same world and machine give "
-        f"the same table.\n\n"
-    )
-    out = path / "report.md"
-    out.write_text(header + "\n".join(line for line in lines if line.startswith("|")) + "\n")
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m p2o_lightning world [--report | --save-report] [--rebuild [--force] [--ship] [--cache-dir DIR]]``.
-
-    Without ``--rebuild``: the shipped world, checked (:func:`~p2o_lightning.tasks.shipped_world.shipped_world`).
-    With it: the recipe's world built here (into the cache), compared with the shipped one; ``--ship`` replaces the
-    shipped copy with it. ``--report`` measures whichever of the two it names.
-    """
-    from p2o_lightning.tasks import shipped_world as shipped
-
-    parser = argparse.ArgumentParser(prog="python -m p2o_lightning world", description=__doc__.split("\n")[0])
-    parser.add_argument("--report", action="store_true", help="measure the world under sampling and print a table")
-    parser.add_argument("--save-report", action="store_true", help="--report, and write it to the world's report.md")
-    rebuild = "build the recipe's world here (in the cache) and compare it with the shipped one"
-    parser.add_argument("--rebuild", action="store_true", help=rebuild)
-    parser.add_argument("--ship", action="store_true", help="with --rebuild: replace the shipped world by this build")
-    parser.add_argument("--force", action="store_true", help="with --rebuild: build even if the cache holds the world")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default: $P2O_CACHE or ~/.cache/p2o_lightning)")
-    parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    parser.add_argument("--n", type=int, default=40, help="problems per report row")
-    args = parser.parse_args(argv)
-    if not args.rebuild and (args.ship or args.force or args.cache_dir):
-        parser.error("--ship, --force and --cache-dir apply to a build: give --rebuild too")
-    start = time.perf_counter()
-    recipe = DEFAULT_RECIPE
-    if args.rebuild:
-        logged: list[str] = []
-        build_log = lambda line: (print(line), logged.append(line))  # noqa: E731
-        path = build_world(recipe, cache_dir=args.cache_dir, force=args.force, log=build_log)
-        print(_describe(path))
-        if not logged:
-            print("(the cached build of this recipe, not built again: --force builds it anew)")
-        try:
-            reference = shipped.shipped_world(recipe)
-        except shipped.ShippedWorldError as error:
-            print(f"not compared with a shipped world: {error}")
-        else:
-            print(shipped.describe_comparison(shipped.compare_weights(reference, path), path, reference))
-        if args.ship:
-            path = shipped.ship_world(path, recipe)
-            print(f"shipped: {path} now holds this build (manifest written; its report.md is gone: --save-report)")
-    else:
-        path = shipped.shipped_world(recipe)
-        manifest = shipped.read_manifest(path)
-        print(_describe(path))
-        print(f"shipped, checked: recipe hash {manifest['recipe_hash']}, weights SHA-256 {manifest['weights_sha256']}")
-    print(f"ready in {time.perf_counter() - start:.1f}s")
-    if args.report or args.save_report:
-        lines: list[str] = []
-
-        def log(line: str) -> None:
-            print(line)
-            lines.append(line)
-
-        report(path, k=args.k, temperature=args.temperature, n=args.n, log=log)
-        if args.save_report:
-            print(f"report: {_save_report(path, lines, args.k, args.temperature, args.n)}")
-
-
-if __name__ == "__main__":
-    main()

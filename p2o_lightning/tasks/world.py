@@ -373,8 +373,11 @@ def build_world(
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> Path:
     """The saved world of ``recipe`` (default :data:`DEFAULT_RECIPE`), built and cached if it is not there yet.
+
+    ``threads``: torch threads of the build (default: every core).
 
     The folder holds the model and tokenizer (``save_pretrained``), ``recipe.json`` and ``build.json`` (build time,
     versions). Concurrent builders serialise on a lock file beside it; the folder appears atomically, complete.
@@ -387,7 +390,8 @@ def build_world(
             return path
         log(f"building world {path.name} ({recipe})")
         start, cpu_start = time.perf_counter(), time.process_time()
-        with _threads(os.cpu_count() or 1):
+        threads = threads or os.cpu_count() or 1
+        with _threads(threads):
             model, tokenizer = warm_up(recipe, log)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -400,7 +404,7 @@ def build_world(
                 "build_seconds": round(seconds, 1),
                 "cpu_seconds": round(cpu_seconds, 1),  # summed over threads: wall time on an idle machine x threads
                 "parameters": sum(p.numel() for p in model.parameters()),
-                "threads": os.cpu_count(),
+                "threads": threads,
                 "cpu": _cpu_name(),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

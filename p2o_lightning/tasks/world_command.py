@@ -4,6 +4,7 @@
     python -m p2o_lightning world --report            # and its report table (sampling, K=8, 40 problems a row)
     python -m p2o_lightning world --rebuild [--force] # build the recipe here and compare with the shipped weights
     python -m p2o_lightning world --rebuild --ship    # replace the shipped copy with this build
+    python -m p2o_lightning world --rebuild --seed 1  # another world: the recipe with seed 1, built into the cache
 
 The world itself is :mod:`p2o_lightning.tasks.world` (recipe, build, measurement); its shipped copy and checks are
 :mod:`p2o_lightning.tasks.shipped_world`. This module only wires the two to a command line.
@@ -12,6 +13,7 @@ The world itself is :mod:`p2o_lightning.tasks.world` (recipe, build, measurement
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -64,18 +66,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", action="store_true", help="with --rebuild: replace the shipped world by this build")
     parser.add_argument("--force", action="store_true", help="with --rebuild: build even if the cache holds the world")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $P2O_CACHE or ~/.cache/p2o_lightning)")
+    seed = "with --rebuild: the recipe with this seed (another world: its weights and data splits; default the shipped's)"
+    parser.add_argument("--seed", type=int, default=None, help=seed)
+    parser.add_argument("--threads", type=int, default=None, help="with --rebuild: torch threads (default every core)")
     parser.add_argument("--k", type=int, default=8, help="rollouts per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--n", type=int, default=40, help="problems per report row")
     args = parser.parse_args(argv)
-    if not args.rebuild and (args.ship or args.force or args.cache_dir):
-        parser.error("--ship, --force and --cache-dir apply to a build: give --rebuild too")
+    if not args.rebuild and (args.ship or args.force or args.cache_dir or args.seed is not None or args.threads):
+        parser.error("--ship, --force, --cache-dir, --seed and --threads apply to a build: give --rebuild too")
+    if args.ship and args.seed is not None:
+        parser.error("--ship replaces the shipped world by a build of its own recipe: drop --seed")
     start = time.perf_counter()
     recipe = world.DEFAULT_RECIPE  # read at call time: a test may stand in another recipe
+    if args.seed is not None:
+        recipe = dataclasses.replace(recipe, seed=args.seed)
     if args.rebuild:
         logged: list[str] = []
         build_log = lambda line: (print(line), logged.append(line))  # noqa: E731
-        path = world.build_world(recipe, cache_dir=args.cache_dir, force=args.force, log=build_log)
+        path = world.build_world(recipe, args.cache_dir, args.force, build_log, args.threads)
         print(_describe(path))
         if not logged:
             print("(the cached build of this recipe, not built again: --force builds it anew)")

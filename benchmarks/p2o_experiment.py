@@ -88,10 +88,17 @@ SETTINGS = {
         "p2o-toy.yaml",
         [_set("model.anchor_weight", 1.0), _set("model.context_ratio_bounds", None)],
     ),
+    # the valley (issue 17), one change at a time from p2o_anchor
+    "p2o_anchor_tau1": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0), _callback_arg("tau", 1)]),
+    "p2o_anchor_nonneg": (
+        "p2o-toy.yaml",
+        [_set("model.anchor_weight", 1.0), _set("model.plain_advantage", "nonnegative")],
+    ),
+    "p2o_anchor_plain1": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0), _set("model.plain_rollouts", 1)]),
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
     "dapo": ("toy.yaml", [_set("model.dynamic_sampling", "filter"), _set("model.max_sampling_rounds", 3)]),
 }
-DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "p2o_anchor", "p2o_anchor_no_mask", "dapo")]
+DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "dapo") and not s.startswith("p2o_anchor")]
 SPLITS = ("in_dist", "hard", "ood")
 
 

@@ -99,6 +99,9 @@ class P2OModule(L.LightningModule):
             that teaches the plain prompt the templated behaviour (see :mod:`p2o_lightning.step.plan`).
         drop_failed_templated: the failed (reward 0) templated rollouts leave the loss (the reference's
             ``drop_failed_template_rollout``); they still count in their group's advantage.
+        plain_advantage: P²O, the plain rows of a templated group: ``group`` (their group advantage, as the paper) |
+            ``nonnegative`` (ours: a failed plain row gets 0 instead of a negative advantage;
+            :mod:`p2o_lightning.step.score`).
         anchor_weight: P²O's skill anchor (not in the paper; 0: off): a distilled row is also trained under the
             prompt it was sampled from, with this weight (:mod:`p2o_lightning.step.distill`).
         dynamic_sampling: ``off`` | ``filter`` (DAPO, verl's ``filter_groups``: groups whose K rewards are all equal
@@ -148,6 +151,7 @@ class P2OModule(L.LightningModule):
         plain_rollouts: int = 0,
         drop_failed_templated: bool = False,
         anchor_weight: float = 0.0,
+        plain_advantage: str = "group",
         dynamic_sampling: str = "off",
         max_sampling_rounds: int = 3,
     ) -> None:
@@ -157,6 +161,7 @@ class P2OModule(L.LightningModule):
             micro_batch_size=micro_batch_size, max_new_tokens=max_new_tokens, dynamic_sampling=dynamic_sampling,
             max_sampling_rounds=max_sampling_rounds, plain_rollouts=plain_rollouts,
             attn_implementation=attn_implementation, rollout_engine=rollout_engine, tis_cap=tis_cap,
+            plain_advantage=plain_advantage,
         )  # fmt: skip
         loss = LossSettings(
             clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, loss_agg, context_ratio_bounds, context_mask_scope
@@ -290,7 +295,7 @@ class P2OModule(L.LightningModule):
         rollouts, seen, rounds = dynamic_sample(sample_groups, batch, draw, rounds, pad, any_rank)
         times["rollout"] = time.perf_counter() - t0
 
-        rollouts = score_groups(rollouts, ops, hp.norm_adv_by_std, hp.drop_failed_templated)
+        rollouts = score_groups(rollouts, ops, hp.norm_adv_by_std, hp.drop_failed_templated, hp.plain_advantage)
         t0 = time.perf_counter()
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from p2o_lightning.policy import DTYPES
 from p2o_lightning.rollout import check_rollout_engine, require_extra
 from p2o_lightning.step.dynamic import check_dynamic_sampling
-from p2o_lightning.step.score import check_group_size
+from p2o_lightning.step.score import PLAIN_ADVANTAGES, check_group_size
 
 
 def check_settings(
@@ -25,6 +25,7 @@ def check_settings(
     attn_implementation: str | None,
     rollout_engine: str,
     tis_cap: float | None,
+    plain_advantage: str = "group",
 ) -> None:
     """Raise a ValueError (ImportError for a missing extra) naming the first setting that is wrong."""
     if dtype not in DTYPES:
@@ -44,3 +45,5 @@ def check_settings(
     check_rollout_engine(rollout_engine)
     if tis_cap is not None and tis_cap <= 0:
         raise ValueError(f"tis_cap={tis_cap} must be > 0 (or None to turn truncated importance sampling off)")
+    if plain_advantage not in PLAIN_ADVANTAGES:
+        raise ValueError(f"plain_advantage={plain_advantage!r} is unknown; choose one of {PLAIN_ADVANTAGES}")

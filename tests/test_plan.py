@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from helpers import small_module
 
 from p2o_lightning import ops
+from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.plan import plan_rollouts, rows_in_loss
+from p2o_lightning.step.score import score_groups
 
 
 def test_plan_rows_by_hand():
@@ -46,6 +49,22 @@ def test_rows_in_loss_drops_failed_templated_rows_only():
     assert rows_in_loss(plan, rewards) == [True] * 8
     with pytest.raises(ValueError, match="3 rewards for a plan of 8 rows"):
         rows_in_loss(plan, rewards[:3])
+
+
+def test_nonnegative_plain_advantage_zeroes_failed_plain_rows_of_templated_groups_only():
+    plan = plan_rollouts(["1+1=", "2+2="], {"2+2=": ["A."] * 4}, num_rollouts=4, plain_rollouts=2)
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    m, ids = 8, torch.zeros(8, 2, dtype=torch.long)
+    batch = RolloutBatch(plan, ["2"] * m, ids, ids, ids, ids, ids, torch.ones(m, 2), [""] * m, rewards)
+    group = score_groups(batch, ops, norm_by_std=False).advantages
+    # Dr. GRPO's r - mean: group 0 (plain, mean 1/4) [3/4, -1/4, -1/4, -1/4]; group 1 (mean 3/4) templated rows
+    # [1/4, 1/4] and plain rows [-3/4, 1/4]
+    assert group.tolist() == [0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25]
+    nonneg = score_groups(batch, ops, norm_by_std=False, plain_advantage="nonnegative").advantages
+    # only the failed plain row of the templated group (row 6) changes: -3/4 -> 0; GRPO's group 0 keeps its signs
+    assert nonneg.tolist() == [0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.0, 0.25]
+    with pytest.raises(ValueError, match="plain_advantage='zero' is unknown"):
+        small_module("/does/not/exist", plain_advantage="zero")  # checked before the model path
 
 
 def _opening_gradient(plain_rollouts: int) -> torch.Tensor:

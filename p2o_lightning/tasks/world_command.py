@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ship", action="store_true", help="with --rebuild: replace the shipped world by this build")
     parser.add_argument("--force", action="store_true", help="with --rebuild: build even if the cache holds the world")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: $P2O_CACHE or ~/.cache/p2o_lightning)")
-    seed = "with --rebuild: the recipe with this seed (another world: its weights and data splits; default the shipped's)"
+    seed = "with --rebuild: the recipe with this seed (another world: own weights and data splits; default: shipped)"
     parser.add_argument("--seed", type=int, default=None, help=seed)
     parser.add_argument("--threads", type=int, default=None, help="with --rebuild: torch threads (default every core)")
     parser.add_argument("--k", type=int, default=8, help="rollouts per problem")

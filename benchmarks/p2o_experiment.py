@@ -100,6 +100,7 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "dapo") and not s.startswith("p2o_anchor")]
 SPLITS = ("in_dist", "hard", "ood")
+SUBSETS = ("easy",)  # the in-dist subset whose valley the issue names (val/easy/greedy_acc)
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: str | None = None) -> Path:
@@ -115,6 +116,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: 
     config["data"]["seed"] = seed
     config["model"]["num_rollouts"] = args.k
     config["model"]["optimizer"]["init_args"]["lr"] = lr
+    if args.world is not None:  # another world: its weights, and the data splits of its recipe's seed
+        config["model"]["model"] = str(args.world)
+        config["data"]["world_seed"] = json.loads((args.world / "recipe.json").read_text())["seed"]
     config["trainer"].update(
         max_steps=args.max_steps,
         val_check_interval=args.val_every,
@@ -159,6 +163,10 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
         out[split] = greedy[-1] if greedy else nan
         out[f"{split}_mean@k"] = mean_k[-1] if mean_k else nan
         out[f"{split}_min"] = min(greedy) if greedy else nan
+    for subset in SUBSETS:
+        greedy = _values(m, f"val/{subset}/greedy_acc")
+        out[f"{subset}_start"] = greedy[0] if greedy else nan
+        out[f"{subset}_min"] = min(greedy) if greedy else nan
     wrong = _values(m, "train/collapse_all_wrong")[-steps_per_epoch:]
     searches = sorted((run / "p2o").glob("search_*.json"))
     search_s = sum(json.loads(path.read_text()).get("seconds", 0.0) for path in searches)
@@ -175,6 +183,27 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
         search_share=search_s / wall_s if wall_s == wall_s and wall_s > 0 else nan,
     )
     return out
+
+
+def accuracy_at_cpu(run: Path, budget: float, split: str = "in_dist") -> float:
+    """The plain-prompt greedy accuracy a run shows once it has spent ``budget`` CPU seconds: its last validation
+    whose CPU clock (``time/run_cpu_s`` of the next training step, so the validation itself is paid) is within it."""
+    m = read_metrics(run / "metrics.csv")
+    acc, cpu = m.get(f"val/{split}/greedy_acc", []), m.get("time/run_cpu_s", [])
+    if not acc or not cpu:
+        return float("nan")
+    shown = acc[0][1]
+    for step, value in acc:
+        paid = next((c for s, c in cpu if s > step), cpu[-1][1])
+        if paid <= budget:
+            shown = value
+    return shown
+
+
+def run_cpu(run: Path) -> float:
+    """CPU seconds of a run's fit (its last ``time/run_cpu_s``)."""
+    cpu = read_metrics(run / "metrics.csv").get("time/run_cpu_s", [])
+    return cpu[-1][1] if cpu else float("nan")
 
 
 def archive_metrics(runs: dict[str, list[Path]], out: Path) -> None:
@@ -235,12 +264,13 @@ def plot_curves(runs: dict[str, list[Path]], out: Path) -> None:
     plt.close(fig)
 
 
-def verdict(summary: dict[str, dict[str, list[float]]]) -> list[str]:
-    """The issue's target, checked on the numbers: P²O (K) against GRPO (2K) and its own ablations."""
+def verdict(summary: dict[str, dict[str, list[float]]], runs: dict[str, list[Path]], method: str = "p2o") -> list[str]:
+    """The issue's target, checked on the numbers: P²O (K, setting ``method``) against GRPO (2K) and its ablations."""
     lines = []
-    if "p2o" not in summary or "grpo_2k" not in summary:
+    if method not in summary or "grpo_2k" not in summary:
         return lines
-    p2o, grpo2k = summary["p2o"], summary["grpo_2k"]
+    p2o, grpo2k = summary[method], summary["grpo_2k"]
+    lines.append(f"P²O = {method}:")
     for split in SPLITS:
         (pm, ps), (gm, gs) = mean_std(p2o[split]), mean_std(grpo2k[split])
         margin = 2 * max(ps, gs)
@@ -253,22 +283,33 @@ def verdict(summary: dict[str, dict[str, list[float]]]) -> list[str]:
             f"- compute (CPU seconds of the 1-thread runs = their wall time on a core of their own): P²O / GRPO K = "
             f"{ratio:.2f} (needs <= 1.5) -> {'met' if ratio <= 1.5 else 'NOT met'}"
         )
+    budget = mean_std([run_cpu(r) for r in runs["grpo_2k"]])[0]
+    (em, es), (gm, gs) = mean_std([accuracy_at_cpu(r, budget) for r in runs[method]]), mean_std(grpo2k["in_dist"])
+    margin = 2 * max(es, gs)
+    lines.append(
+        f"- equal compute: in_dist of P²O after GRPO 2K's {budget:.0f} CPU-s {em:.3f} ± {es:.3f} vs GRPO 2K's "
+        f"final {gm:.3f}: +{em - gm:.3f} (needs > {margin:.3f}) -> {'met' if em - gm > margin else 'NOT met'}"
+    )
+    share = mean_std(p2o["search_share"])[0]
+    lines.append(f"- search share of P²O's wall time {share:.2f} (target <= 0.25 with the extra passes)")
     for ablation in ("p2o_no_distill", "p2o_one_template"):
         if ablation in summary:
             a, p = mean_std(summary[ablation]["in_dist"])[0], mean_std(p2o["in_dist"])[0]
             lines.append(f"- {ablation} in_dist {a:.3f} below P²O {p:.3f} -> {'yes' if a < p else 'NO'}")
-    low, start = mean_std(p2o["in_dist_min"])[0], mean_std(p2o["in_dist_start"])[0]
-    lines.append(f"- valley: lowest in_dist {low:.3f} = {low / start:.2f} x start (target >= 0.8) -> "
-                 f"{'met' if low >= 0.8 * start else 'NOT met'}")  # fmt: skip
+    for split in ("in_dist", "easy"):
+        if f"{split}_min" in p2o:
+            low, start = mean_std(p2o[f"{split}_min"])[0], mean_std(p2o[f"{split}_start"])[0]
+            lines.append(f"- valley: lowest {split} {low:.3f} = {low / start:.2f} x start (target >= 0.8) -> "
+                         f"{'met' if low >= 0.8 * start else 'NOT met'}")  # fmt: skip
     return lines
 
 
-def measured_on() -> dict[str, str]:
-    """The embedded world the runs trained (the shipped one: its folder and weights' hash) and the commit."""
+def measured_on(world: Path | None = None) -> dict[str, str]:
+    """The embedded world the runs trained (its folder and weights' hash; default the shipped one) and the commit."""
     from p2o_lightning.tasks.shipped_world import shipped_world
     from p2o_lightning.tasks.world import world_fingerprint
 
-    path = shipped_world()
+    path = world or shipped_world()
     git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "unknown"
     return {"world": path.name, "weights": world_fingerprint(path), "commit": commit}
@@ -286,6 +327,10 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=24, help="for the last-epoch collapse average")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "experiment")
+    parser.add_argument("--world", type=Path, default=None,
+                        help="another world's folder (python -m p2o_lightning world --rebuild --seed N): its weights "
+                             "and its recipe seed's data splits; default the shipped world")  # fmt: skip
+    parser.add_argument("--method", default="p2o", choices=list(SETTINGS), help="the P²O setting of the verdict")
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -303,18 +348,18 @@ def main() -> None:
     for setting, paths in runs.items():
         per_seed = [summarise(p, args.steps_per_epoch) for p in paths]
         summary[setting] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
-    columns = ["in_dist_start", "in_dist", "in_dist_min", "hard", "ood", "in_dist_mean@k", "hard_mean@k",
-               "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc", "cpu_s",
-               "wall_s", "search_s", "search_share"]  # fmt: skip
+    columns = ["in_dist_start", "in_dist", "in_dist_min", "easy_start", "easy_min", "hard", "ood", "in_dist_mean@k",
+               "hard_mean@k", "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc",
+               "cpu_s", "wall_s", "search_s", "search_share"]  # fmt: skip
     lines = ["| setting | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     lines += [
         f"| {s} | {len(runs[s])} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |"
         for s, v in summary.items()
     ]
-    world = measured_on()
+    world = measured_on(args.world)
     head = f"World {world['world']} (weights {world['weights']}), commit {world['commit']}, lr {args.lr:g}, "
     head += f"{args.max_steps} steps, K={args.k}, {args.threads} thread(s) per run.\n"
-    table = "\n".join([head, *lines, "", *verdict(summary)])
+    table = "\n".join([head, *lines, "", *verdict(summary, runs, args.method)])
     print(table)
     (args.out / "summary.md").write_text(table + "\n")
     (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -3,17 +3,12 @@
 Each training step it collects the *hard samples* — prompts with at most τ−1 correct rollouts out of K (the paper:
 τ=2, hard and near-hard) — from every rank. When the trigger fires (the end of an epoch as the paper, every N steps,
 or when the running all-wrong collapse rate passes a threshold) and at least ``min_hard_samples`` were collected, rank
-0 runs GEPA (:func:`gepa.optimize`, no fork) over templates on them:
+0 runs one template search over them (:func:`~p2o_lightning.prompt.search.search_templates`: GEPA from the empty
+template, candidates scored by the *current* policy, greedy, 0/1, every rank scoring its share of each evaluation
+through :class:`~p2o_lightning.prompt.scorer.CollectiveScorer`; the reflection backend of
+:mod:`~p2o_lightning.prompt.reflection` writes children; ``search_patience`` and ``cache_evaluation`` cut its cost).
 
-- train / dev split of the hard set: dev = ``dev_size`` (300), or half if there are fewer than 450;
-- seed candidate: the empty template; Pareto candidate selection; ``parents_per_iteration`` (W) parents per
-  iteration, each with a minibatch of 3 train problems; strict-improvement acceptance; no merge; a budget in metric
-  calls (evaluated examples);
-- candidates are scored by the *current* policy, greedy, one sample, 0/1 (:class:`~p2o_lightning.prompt.adapter`),
-  every rank scoring its share of each evaluation (:class:`~p2o_lightning.prompt.scorer.CollectiveScorer`);
-- the reflection backend writes children (:mod:`~p2o_lightning.prompt.reflection`).
-
-Then the set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
+The search's set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
 prompt its templates; rank 0 broadcasts them and every rank hands them to the module, keyed by prompt text. The
 module samples those prompts' rollouts from templated prompts and distils them into the plain prompt (context
 distillation; :mod:`p2o_lightning.step.plan`).
@@ -34,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,10 +37,10 @@ import lightning as L
 import torch
 
 from p2o_lightning.outputs import run_dir
-from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter, score_examples
-from p2o_lightning.prompt.assignment import assign_templates, template_cover
+from p2o_lightning.prompt.adapter import score_examples
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 from p2o_lightning.prompt.scorer import CollectiveScorer
+from p2o_lightning.prompt.search import SearchSettings, search_templates
 from p2o_lightning.rollout import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -69,8 +62,12 @@ class P2OCallback(L.Callback):
         collapse_threshold: all-wrong group share that fires the ``collapse`` trigger.
         collapse_window: RL steps averaged by the ``collapse`` trigger.
         min_hard_samples: skip the search below this many hard samples (paper: 100).
-        dev_size: GEPA dev split size (paper: 300; half of the hard set below 450).
+        dev_size: GEPA dev split size (paper: 300; half of the hard set below 450, at most ``dev_size``).
         max_metric_calls: search budget in evaluated examples (paper's heavy budget: about 11k at dev 300).
+        search_patience: stop a search after this many GEPA iterations without a better best dev score (gepa's
+            ``NoImprovementStopper``; None: only the budget stops it, the paper).
+        cache_evaluation: gepa's evaluation cache: a (template, problem) pair is scored once per search (exact: the
+            policy does not change during a search, and scoring is greedy), so the budget buys only new scorings.
         parents_per_iteration: W, parents (each with its own minibatch) proposed from per iteration (paper: 16).
         reflection_minibatch_size: train problems per proposal (paper: 3).
         max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
@@ -98,6 +95,8 @@ class P2OCallback(L.Callback):
         min_hard_samples: int = 100,
         dev_size: int = 300,
         max_metric_calls: int = 11000,
+        search_patience: int | None = None,
+        cache_evaluation: bool = False,
         parents_per_iteration: int = 16,
         reflection_minibatch_size: int = 3,
         max_new_tokens: int | None = None,
@@ -116,6 +115,8 @@ class P2OCallback(L.Callback):
             raise ValueError(f"template_lifetime={template_lifetime!r} is unknown; choose one of {LIFETIMES}")
         if tau < 1:
             raise ValueError(f"tau must be >= 1, got {tau}")
+        if search_patience is not None and search_patience < 1:
+            raise ValueError(f"search_patience must be >= 1 or null, got {search_patience}")
         if min_hard_samples < 2:
             raise ValueError(f"min_hard_samples must be >= 2 (a train and a dev problem), got {min_hard_samples}")
         self.reflection = reflection if reflection is not None else OfflineProposer(seed=seed)
@@ -127,6 +128,8 @@ class P2OCallback(L.Callback):
         self.min_hard_samples = min_hard_samples
         self.dev_size = dev_size
         self.max_metric_calls = max_metric_calls
+        self.search_patience = search_patience
+        self.cache_evaluation = cache_evaluation
         self.parents_per_iteration = parents_per_iteration
         self.reflection_minibatch_size = reflection_minibatch_size
         self.max_new_tokens = max_new_tokens
@@ -248,73 +251,30 @@ class P2OCallback(L.Callback):
             pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
     def _run_gepa(self, trainer, pl_module, step: int, scorer: CollectiveScorer) -> dict[str, Any]:
-        import gepa
-        from gepa.strategies.proposal_sampling import IndependentSampling
-
-        rng = random.Random(self.seed * 7919 + len(self.searches))
-        hard = sorted(self.hard_pool.items())
-        rng.shuffle(hard)
-        n_dev = self.dev_size if len(hard) >= 450 else len(hard) // 2
-        n_dev = min(n_dev, len(hard) - 1)
-        dev = [{"prompt": p, "answer": a} for p, a in hard[:n_dev]]
-        train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
-        max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
-        adapter = P2OAdapter(pl_module, max_new_tokens=max_new, scorer=scorer)
-        start = time.perf_counter()
-        result = gepa.optimize(
-            seed_candidate={COMPONENT: ""},
-            trainset=train,
-            valset=dev,
-            adapter=adapter,
-            candidate_selection_strategy="pareto",
-            frontier_type="instance",
-            reflection_minibatch_size=self.reflection_minibatch_size,
-            sampling_strategy=IndependentSampling(self.parents_per_iteration),
-            use_merge=False,
+        """:func:`~p2o_lightning.prompt.search.search_templates` on the hard pool; the record goes to ``p2o/``."""
+        settings = SearchSettings(
+            dev_size=self.dev_size,
             max_metric_calls=self.max_metric_calls,
-            skip_perfect_score=True,
-            acceptance_criterion="strict_improvement",
-            seed=self.seed + len(self.searches),
-            raise_on_exception=True,  # the adapter never raises per example: anything else is a real failure
-            display_progress_bar=False,
-            logger=_QuietLogger(),
-            run_dir=None,
-            **self.reflection.gepa_kwargs(),
+            search_patience=self.search_patience,
+            cache_evaluation=self.cache_evaluation,
+            parents_per_iteration=self.parents_per_iteration,
+            reflection_minibatch_size=self.reflection_minibatch_size,
+            group_diversity=self.group_diversity,
         )
-        seconds = time.perf_counter() - start
-        templates = [c[COMPONENT] for c in result.candidates]
-        dev_prompts = [ex["prompt"] for ex in dev]
-        dev_scores = [{dev_prompts[i]: float(v) for i, v in sub.items()} for sub in result.val_subscores]
-        dev_mean = [float(x) for x in result.val_aggregate_scores]
-        hard_prompts = [p for p, _ in hard]
-        assignments = assign_templates(
-            hard_prompts, templates, dev_scores, pl_module.hparams.num_rollouts, rng, self.group_diversity
-        )
-        cover = template_cover(templates, dev_scores)
-        record = {
-            "rollout_step": step,
-            "epoch": trainer.current_epoch,
-            "num_hard": len(hard),
-            "num_train": len(train),
-            "num_dev": len(dev),
-            "templates": templates,
-            "parents": [list(p) for p in result.parents],
-            "dev_mean": dev_mean,
-            "dev_scores": dev_scores,
-            "pareto_front": {dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
-            "discovery_eval_counts": list(result.discovery_eval_counts),
-            "metric_calls": adapter.num_examples,
-            "evaluations": scorer.num_evaluations,
-            "cover": cover,
-            "assignments": assignments,
-            "seconds": seconds,
-        }
+        found = search_templates(
+            pl_module, self.hard_pool, self.reflection, settings,
+            num_rollouts=pl_module.hparams.num_rollouts,
+            max_new_tokens=self.max_new_tokens or pl_module.hparams.max_new_tokens,
+            seed=self.seed, index=len(self.searches), scorer=scorer,
+        )  # fmt: skip
+        record = {"rollout_step": step, "epoch": trainer.current_epoch, **found}
+        dev_mean, templates = record["dev_mean"], record["templates"]
         best = max(range(len(templates)), key=lambda c: dev_mean[c])
         log.warning(
-            f"P²O search {len(self.searches)} at RL step {step}: {len(hard)} hard samples, {len(templates)} "
-            f"candidates, {adapter.num_examples} metric calls ({scorer.num_evaluations} evaluations) "
-            f"in {seconds:.0f}s; best dev {dev_mean[best]:.3f} ({templates[best]!r}); {len(assignments)} prompts "
-            "assigned templates"
+            f"P²O search {len(self.searches)} at RL step {step}: {record['num_hard']} hard samples, {len(templates)} "
+            f"candidates, {record['metric_calls']} metric calls ({record['evaluations']} evaluations) "
+            f"in {record['seconds']:.0f}s; best dev {dev_mean[best]:.3f} ({templates[best]!r}); "
+            f"{len(record['assignments'])} prompts assigned templates"
         )
         out = run_dir(trainer) / "p2o"
         out.mkdir(parents=True, exist_ok=True)
@@ -391,10 +351,3 @@ def _gather(trainer: L.Trainer, items: list) -> list:
     gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
     torch.distributed.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
-
-
-class _QuietLogger:
-    """gepa's logger protocol, routed to this module's logger at debug level."""
-
-    def log(self, message: str) -> None:
-        log.debug(message)

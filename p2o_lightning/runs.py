@@ -246,24 +246,38 @@ class RunCSVLogger(CSVLogger):
 
 
 class RunFolder(L.Callback):
-    """Tells the run's :class:`RunCSVLogger` when training resumes, keeps the run's wall time across resumes, and
-    ends a finished fit with its summary and the paths of its outputs (printed, and saved as ``summary.txt``).
+    """Tells the run's :class:`RunCSVLogger` when training resumes, keeps the run's wall and CPU time across resumes
+    (logged every step as ``time/run_wall_s`` and ``time/run_cpu_s``: the clock that compares runs at equal compute),
+    and ends a finished fit with its summary and the paths of its outputs (printed, and saved as ``summary.txt``).
 
     Lightning calls ``on_load_checkpoint`` while restoring, before the logger writes its first row.
     """
 
     def __init__(self) -> None:
         self.wall_before = 0.0  # seconds spent by earlier sessions of this run (checkpointed)
+        self.cpu_before = 0.0  # CPU seconds of this process's threads in earlier sessions (checkpointed)
         self.start = time.monotonic()
+        self.cpu_start = time.process_time()
         self.resumed_at: int | None = None  # global step of the checkpoint this session resumed from
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.monotonic()
+        self.start, self.cpu_start = time.monotonic(), time.process_time()
 
     @property
     def wall_s(self) -> float:
         """The run's wall time so far, over all its sessions (fit start to now; setup and loading excluded)."""
         return self.wall_before + time.monotonic() - self.start
+
+    @property
+    def cpu_s(self) -> float:
+        """The CPU seconds of this process since fit start, over all sessions (with one torch thread: its wall time
+        on a core of its own, whatever else runs on the machine).
+        """
+        return self.cpu_before + time.process_time() - self.cpu_start
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        pl_module.log("time/run_wall_s", self.wall_s, on_step=True, on_epoch=False)
+        pl_module.log("time/run_cpu_s", self.cpu_s, on_step=True, on_epoch=False)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self.resumed_at = checkpoint.get("global_step")
@@ -272,10 +286,11 @@ class RunFolder(L.Callback):
                 logger.resume()
 
     def state_dict(self) -> dict[str, float]:
-        return {"wall_s": self.wall_s}
+        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.wall_before = float(state.get("wall_s", 0.0))
+        self.cpu_before = float(state.get("cpu_s", 0.0))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or trainer.interrupted or not trainer.is_global_zero:

@@ -252,3 +252,26 @@ def test_hard_groups_by_hand():
     assert hard_groups(rewards, None, tau=2, hardness="plain").tolist() == [True, False, False, False, False]
     with pytest.raises(ValueError, match="hardness='templated' is unknown"):
         P2OCallback(hardness="templated")
+
+
+def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
+    """One GEPA search is a function of the policy: the record's cost, assignments and dev scores add up; a
+    patience of 2 iterations without a better best dev score stops it long before its budget, which alone runs to
+    the end."""
+    from p2o_lightning.prompt.search import SearchSettings, search_templates
+
+    module = loaded(small_module(tiny_world))
+    pool = {f"{a}+{b}=": str(a + b) for a, b in [(13, 29), (7, 48), (35, 35), (61, 9), (22, 17), (40, 44), (5, 5)]}
+    reflection = OfflineProposer(max_words=3, seed=0)
+    reflection.bind(module)
+    runs = {}
+    for patience in (2, None):
+        settings = SearchSettings(dev_size=2, max_metric_calls=120, search_patience=patience, parents_per_iteration=1)
+        runs[patience] = search_templates(
+            module, pool, reflection, settings, num_rollouts=4, max_new_tokens=8, seed=0, index=0
+        )
+    stopped, full = runs[2], runs[None]
+    assert stopped["num_dev"] == 2 and stopped["num_train"] == 5  # dev_size caps half of the pool (3)
+    assert full["metric_calls"] >= 120 > 4 * stopped["metric_calls"]
+    assert len(stopped["dev_mean"]) == len(stopped["templates"]) == len(stopped["dev_scores"])
+    assert set(stopped["assignments"]) <= set(pool) and all(len(t) == 4 for t in stopped["assignments"].values())

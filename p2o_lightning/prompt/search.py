@@ -1,0 +1,124 @@
+"""One GEPA search over templates for a pool of hard problems: a function of the policy, no Trainer needed.
+
+:func:`search_templates` splits the hard pool into GEPA's train and dev sets (dev = ``dev_size``, or half of the pool
+below 450, at most ``dev_size``), runs :func:`gepa.optimize` from the empty template (Pareto candidate selection,
+``parents_per_iteration`` parents per iteration, strict-improvement acceptance, no merge, a budget in metric calls,
+optionally a stop after ``search_patience`` iterations without a better best dev score and gepa's evaluation
+cache), with candidates scored by the current policy (:class:`~p2o_lightning.prompt.adapter.P2OAdapter`), and
+assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search record:
+candidates, dev scores, Pareto front, discovery counts, cost (metric calls, scorer evaluations, seconds) and the
+assignments. :class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on which rank, the record's
+file, the broadcast, the logged metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
+from p2o_lightning.prompt.assignment import assign_templates, template_cover
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """How a search spends its budget; the fields are :class:`~p2o_lightning.callbacks.P2OCallback`'s arguments."""
+
+    dev_size: int = 300
+    max_metric_calls: int = 11000
+    search_patience: int | None = None
+    cache_evaluation: bool = False
+    parents_per_iteration: int = 16
+    reflection_minibatch_size: int = 3
+    group_diversity: bool = True
+
+
+def search_templates(
+    module,
+    hard_pool: Mapping[str, str],
+    reflection,
+    settings: SearchSettings,
+    *,
+    num_rollouts: int,
+    max_new_tokens: int,
+    seed: int,
+    index: int,
+    scorer: Callable | None = None,
+) -> dict[str, Any]:
+    """GEPA over templates for ``hard_pool`` (prompt -> gold answer), scored by ``module``'s current policy.
+
+    ``index`` numbers the searches of a run (it seeds the split, gepa and the assignment draws with ``seed``);
+    ``scorer(examples, template)`` is the adapter's scorer (default: this process alone). Returns the record.
+    """
+    import gepa
+    from gepa.strategies.proposal_sampling import IndependentSampling
+    from gepa.utils.stop_condition import NoImprovementStopper
+
+    rng = random.Random(seed * 7919 + index)
+    hard = sorted(hard_pool.items())
+    rng.shuffle(hard)
+    n_dev = settings.dev_size if len(hard) >= 450 else min(settings.dev_size, len(hard) // 2)
+    n_dev = min(n_dev, len(hard) - 1)
+    dev = [{"prompt": p, "answer": a} for p, a in hard[:n_dev]]
+    train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
+    adapter = P2OAdapter(module, max_new_tokens=max_new_tokens, scorer=scorer)
+    patience = settings.search_patience
+    start = time.perf_counter()
+    result = gepa.optimize(
+        seed_candidate={COMPONENT: ""},
+        trainset=train,
+        valset=dev,
+        adapter=adapter,
+        candidate_selection_strategy="pareto",
+        frontier_type="instance",
+        reflection_minibatch_size=settings.reflection_minibatch_size,
+        sampling_strategy=IndependentSampling(settings.parents_per_iteration),
+        use_merge=False,
+        max_metric_calls=settings.max_metric_calls,
+        stop_callbacks=None if patience is None else NoImprovementStopper(patience),
+        cache_evaluation=settings.cache_evaluation,
+        skip_perfect_score=True,
+        acceptance_criterion="strict_improvement",
+        seed=seed + index,
+        raise_on_exception=True,  # the adapter never raises per example: anything else is a real failure
+        display_progress_bar=False,
+        logger=_QuietLogger(),
+        run_dir=None,
+        **reflection.gepa_kwargs(),
+    )
+    seconds = time.perf_counter() - start
+    templates = [c[COMPONENT] for c in result.candidates]
+    dev_prompts = [ex["prompt"] for ex in dev]
+    dev_scores = [{dev_prompts[i]: float(v) for i, v in sub.items()} for sub in result.val_subscores]
+    dev_mean = [float(x) for x in result.val_aggregate_scores]
+    hard_prompts = [p for p, _ in hard]
+    assignments = assign_templates(hard_prompts, templates, dev_scores, num_rollouts, rng, settings.group_diversity)
+    return {
+        "num_hard": len(hard),
+        "num_train": len(train),
+        "num_dev": len(dev),
+        "templates": templates,
+        "parents": [list(p) for p in result.parents],
+        "dev_mean": dev_mean,
+        "dev_scores": dev_scores,
+        "pareto_front": {dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
+        "discovery_eval_counts": list(result.discovery_eval_counts),
+        "metric_calls": adapter.num_examples,
+        "evaluations": getattr(scorer, "num_evaluations", 0),
+        "cover": template_cover(templates, dev_scores),
+        "assignments": assignments,
+        "seconds": seconds,
+    }
+
+
+class _QuietLogger:
+    """gepa's logger protocol, routed to this module's logger at debug level."""
+
+    def log(self, message: str) -> None:
+        log.debug(message)

@@ -33,7 +33,7 @@ from p2o_lightning.policy import (
 )
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
-from p2o_lightning.rollout import HFRolloutEngine, PromptEncoder, SamplingParams
+from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
 from p2o_lightning.step.distill import needs_context_logp, reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
@@ -257,7 +257,7 @@ class P2OModule(L.LightningModule):
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        hf = isinstance(self.engine, HFRolloutEngine)  # FSDP2: HF generate() runs outside the wrapper's forward
+        hf = isinstance(self.engine, (HFRolloutEngine, LoopRolloutEngine))  # FSDP2: they run outside its forward
         with gathered(self.policy) if hf else contextlib.nullcontext():
             rollouts = self.engine.generate(prompts, sampling)
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])

@@ -81,7 +81,8 @@ class P2OModule(L.LightningModule):
         dtype: parameter dtype of policy and reference: ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: HF attention kernel (``sdpa``, ``eager``, ``flash_attention_2`` needs the flash extra).
         gradient_checkpointing: recompute activations in backward to save memory.
-        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
+        rollout_engine: ``loop`` (our own decode loop on the policy, the default) | ``hf`` (transformers generate) |
+            ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
         vllm_options: keyword arguments of the vLLM engine (``gpu_memory_utilization``, ``max_model_len``,
             ``kv_cache_memory_bytes``, ``sleep``; see :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine`).
         tis_cap: truncated importance sampling: weight each token's policy-gradient term by
@@ -141,7 +142,7 @@ class P2OModule(L.LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
-        rollout_engine: str = "hf",
+        rollout_engine: str = "loop",
         vllm_options: dict[str, Any] | None = None,
         tis_cap: float | None = None,
         seed: int = 0,

@@ -123,6 +123,10 @@ class LoopRolloutEngine:
         self.eos_token_ids = eos_token_ids(model.generation_config, tokenizer)
         self.prompts = PromptEncoder(tokenizer, self.eos_token_ids, chat_template)
 
+    @property
+    def use_chat_template(self) -> bool:
+        return self.prompts.use_chat_template
+
     def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
         return self.prompts.encode_prompts(prompts, device)
 

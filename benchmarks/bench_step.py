@@ -1,20 +1,21 @@
 """One GRPO training step on the embedded world, split into its phases: rollout, log-prob, loss + backward.
 
 Runs the real trainer (``P2OModule`` + ``PromptDataModule``, the toy config's settings) for a few RL steps and
-reads the module's own phase timers (``time/rollout_s``: sampling K responses per prompt with HF ``generate`` and
+reads the module's own phase timers (``time/rollout_s``: sampling K responses per prompt with the rollout engine and
 grading them; ``time/logprob_s``: old log-probs and entropy of every rollout, no grad; ``time/update_s``: PPO
 forward + loss + backward + optimizer step). The first step is a warm-up and is dropped.
 
-    python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine hf|vllm] [--model bpe]
+    python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine loop|hf|vllm]
+                                    [--model bpe]
     python benchmarks/bench_step.py --passes [--steps 6]
     python benchmarks/bench_step.py --compare-engines [--steps 4]       # in .venv-vllm
     python benchmarks/bench_step.py --compare-processes [--steps 6]
 
 Prints a table, writes ``benchmarks/results/step_<device>.csv`` and ``.png``, and ends with one JSON line.
 
-``--compare-engines`` (in the venv of ``scripts/make_vllm_venv.sh``) runs HF ``generate`` and vLLM on the embedded
-world and on a BPE + chat-template Qwen3 checkpoint (``--model bpe``: built in a temp folder, random weights, the
-math task on our generated problems; its responses run to ``max_new_tokens``), each in a fresh process so its peak
+``--compare-engines`` (in the venv of ``scripts/make_vllm_venv.sh``) runs our loop, HF ``generate`` and vLLM on the
+embedded world and on a BPE + chat-template Qwen3 checkpoint (``--model bpe``: built in a temp folder, random weights,
+the math task on our generated problems; its responses run to ``max_new_tokens``), each in a fresh process so its peak
 RSS is its own, and writes ``step_engines_<device>.csv`` / ``.png``: tokens/s of each phase (response tokens of the
 step over the phase's time) and peak memory. The vLLM rows include the weight sync after each update (in
 ``update``); engine start-up is outside the timed steps.
@@ -209,7 +210,7 @@ def compare_engines(args) -> None:
     """One fresh process per (model, engine); a table, ``step_engines_<device>.csv`` and a plot."""
     records = []
     for model in ("embedded", "bpe"):
-        for engine in ("hf", "vllm"):
+        for engine in ("loop", "hf", "vllm"):
             cmd = [sys.executable, __file__, "--model", model, "--engine", engine, "--json-only"]
             cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
             cmd += ["--num-rollouts", str(args.num_rollouts), "--max-new-tokens", str(args.max_new_tokens)]
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--num-rollouts", type=int, default=8, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
     parser.add_argument("--model", default="embedded", help="model path, 'embedded', or 'bpe' (built here)")
-    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="rollout engine")
+    parser.add_argument("--engine", default="loop", choices=["loop", "hf", "vllm"], help="rollout engine")
     parser.add_argument("--compare-engines", action="store_true", help="HF vs vLLM on the embedded and BPE models")
     parser.add_argument("--passes", action="store_true", help="compare the log-prob pass variants (see above)")
     parser.add_argument("--compare-processes", action="store_true", help="1 vs 2 processes (DDP, FSDP2)")

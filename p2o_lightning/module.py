@@ -33,7 +33,7 @@ from p2o_lightning.policy import (
 )
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
-from p2o_lightning.rollout import HFRolloutEngine, PromptEncoder, SamplingParams
+from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
 from p2o_lightning.step.distill import needs_context_logp, reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
@@ -81,7 +81,8 @@ class P2OModule(L.LightningModule):
         dtype: parameter dtype of policy and reference: ``float32`` | ``bfloat16`` | ``float16``.
         attn_implementation: HF attention kernel (``sdpa``, ``eager``, ``flash_attention_2`` needs the flash extra).
         gradient_checkpointing: recompute activations in backward to save memory.
-        rollout_engine: ``hf`` (transformers generate) | ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
+        rollout_engine: ``loop`` (our own decode loop on the policy, the default) | ``hf`` (transformers generate) |
+            ``vllm`` (a colocated ``vllm.LLM``, the optional extra).
         vllm_options: keyword arguments of the vLLM engine (``gpu_memory_utilization``, ``max_model_len``,
             ``kv_cache_memory_bytes``, ``sleep``; see :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine`).
         tis_cap: truncated importance sampling: weight each token's policy-gradient term by
@@ -141,7 +142,7 @@ class P2OModule(L.LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
-        rollout_engine: str = "hf",
+        rollout_engine: str = "loop",
         vllm_options: dict[str, Any] | None = None,
         tis_cap: float | None = None,
         seed: int = 0,
@@ -257,7 +258,7 @@ class P2OModule(L.LightningModule):
 
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
         """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        hf = isinstance(self.engine, HFRolloutEngine)  # FSDP2: HF generate() runs outside the wrapper's forward
+        hf = isinstance(self.engine, (HFRolloutEngine, LoopRolloutEngine))  # FSDP2: they run outside its forward
         with gathered(self.policy) if hf else contextlib.nullcontext():
             rollouts = self.engine.generate(prompts, sampling)
         grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])

@@ -7,9 +7,11 @@ which the trainer's own recomputation π_old is compared and, with truncated imp
 ``i*K .. i*K+K-1``. Prompts come back left-padded to a common length P and responses right-padded to R, so
 ``cat([prompt_ids, response_ids], 1)`` is a batch whose response tokens all start at column P.
 
-Engines: :class:`~p2o_lightning.rollout.hf.HFRolloutEngine` (``transformers``' ``generate``, any device, shares the
-policy's weights) and :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine` (a colocated ``vllm.LLM`` whose weights
-are synced from the policy after each PPO update; the optional extra ``vllm``, imported lazily). Both sample from a
+Engines: :class:`~p2o_lightning.rollout.loop.LoopRolloutEngine` (our own decode loop over the policy's HF model: one
+prefill per prompt, a preallocated KV cache, finished rows dropped),
+:class:`~p2o_lightning.rollout.hf.HFRolloutEngine` (``transformers``' ``generate``; both run on any device and share
+the policy's weights) and :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine` (a colocated ``vllm.LLM`` whose weights
+are synced from the policy after each PPO update; the optional extra ``vllm``, imported lazily). All sample from a
 fresh generation config: only temperature, top-p and the stop tokens shape sampling, never a checkpoint's
 ``generation_config.json`` defaults (repetition penalty, min-p, top-k ...), which would make rollouts silently
 off-policy.
@@ -27,10 +29,12 @@ from p2o_lightning.rollout.base import (
     response_mask_from_eos,
 )
 from p2o_lightning.rollout.hf import HFRolloutEngine
+from p2o_lightning.rollout.loop import LoopRolloutEngine
 
 __all__ = [
     "ROLLOUT_ENGINES",
     "HFRolloutEngine",
+    "LoopRolloutEngine",
     "PromptEncoder",
     "RolloutEngine",
     "Rollouts",

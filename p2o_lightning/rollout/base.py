@@ -160,7 +160,7 @@ def require_extra(module: str, extra: str, what: str) -> None:
         )
 
 
-ROLLOUT_ENGINES = ("hf", "vllm")
+ROLLOUT_ENGINES = ("loop", "hf", "vllm")  # loop: our own decode loop (rollout/loop.py)
 
 
 def check_rollout_engine(name: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from p2o_lightning.policy import resolve_model_path
 from p2o_lightning.rewards import GradeResult
-from p2o_lightning.rollout import HFRolloutEngine, Rollouts, SamplingParams
+from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, Rollouts, SamplingParams
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.plan import RolloutPlan
 
@@ -23,7 +23,9 @@ SampleFn = Callable[[list[str], list[str], SamplingParams], tuple[Rollouts, Grad
 
 
 def make_engine(name: str, lm, tokenizer, model_path: str, strategy, **vllm_options):
-    """The rollout engine: HF ``generate`` on the policy itself, or a colocated vLLM synced from it."""
+    """The rollout engine: our decode loop or HF ``generate`` on the policy itself, or a vLLM synced from it."""
+    if name == "loop":
+        return LoopRolloutEngine(lm, tokenizer)
     if name != "vllm":
         return HFRolloutEngine(lm, tokenizer)
     from p2o_lightning.rollout.vllm import VLLMRolloutEngine

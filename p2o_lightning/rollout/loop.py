@@ -1,0 +1,198 @@
+"""Our own decode loop on the policy's HF model: one prefill per prompt, a preallocated KV cache, finished rows dropped.
+
+HF ``generate`` spends a GRPO step's rollouts three ways that RL does not need (issue 18): each prompt is prefilled K
+times (``num_return_sequences`` expands the input before the prefill), every decode step pays ``generate``'s Python
+machinery (logits processors, stopping criteria, cache bookkeeping), and rows that hit EOS stay in the batch until the
+longest row ends — on the embedded world responses average ~5 tokens against a batch maximum of ~26, so most
+row-steps decode padding. This loop:
+
+1. prefills the B distinct prompts once (logits of the last position only) and repeats their KV K times, so the
+   K rollouts of a prompt share its prefill;
+2. keeps K/V in a :class:`PreallocatedLayer` per layer: one [M, H, P + R, D] buffer written in place (no
+   ``torch.cat`` per step, as ``DynamicCache`` does), attended over its filled length only (not the full
+   ``max_cache_len`` ``StaticCache`` attends over);
+3. drops finished rows: when rows emit an EOS the batch, its cache, mask and positions are compacted to the live
+   rows, so every decode step computes only rows still generating;
+4. samples from the processed distribution (temperature, top-p as HF's ``TopPLogitsWarper``) with one log-softmax
+   of the [n, V] logits row per step and a gather of the sampled token: ``sampling_logp`` needs no [R, M, V] scores.
+
+It runs on the policy's own parameters (no weight sync, like :class:`~p2o_lightning.rollout.hf.HFRolloutEngine`) and
+returns exactly what that engine returns: same left-padded prompts (``PromptEncoder``), responses cut at the first
+EOS, ``temperature == 0`` = greedy; greedy ids equal ``generate``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from p2o_lightning.rollout.base import PromptEncoder, Rollouts, SamplingParams, eos_token_ids
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's K/V in a buffer of ``max_len`` positions allocated at the first write, filled in place.
+
+    ``keys`` / ``values`` are views of the filled part, [n, H, length, D], so attention and the mask span the
+    tokens written so far, as with ``DynamicLayer``; rows are repeated (after the prefill) and compacted (when rows
+    finish) in the batch dimension by :meth:`batch_repeat_interleave` / :meth:`batch_select_indices`.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, dk = key_states.shape
+        self._keys = key_states.new_empty(b, h, self.max_len, dk)  # [n, H, P + R, D]
+        self._values = value_states.new_empty(b, h, self.max_len, value_states.shape[-1])
+        self.length = 0
+        self.is_initialized = True
+
+    def _view(self) -> tuple[Tensor, Tensor]:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        return self._view()
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row ``repeats`` times in a new buffer (the prefill's B rows → the B·K rollout rows)."""
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._view()
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep rows ``indices`` (ascending), moved to the front of the same buffer: no new allocation."""
+        if self.is_initialized:
+            n, filled = len(indices), slice(0, self.length)
+            self._keys[:n, :, filled] = self._keys[indices, :, filled]  # the right side is a copy: no aliasing
+            self._values[:n, :, filled] = self._values[indices, :, filled]
+            self._keys, self._values = self._keys[:n], self._values[:n]
+            self._view()
+
+
+def preallocated_cache(num_layers: int, max_len: int):
+    """A transformers ``Cache`` of :class:`PreallocatedLayer` s, one per decoder layer."""
+    return Cache(layers=[PreallocatedLayer(max_len) for _ in range(num_layers)])
+
+
+def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+    """Next tokens [n] and their log-probs [n] (float32) under the processed distribution of ``logits`` [n, V].
+
+    Greedy (``temperature <= 0``): the argmax and its log-softmax, as the HF engine records it. Otherwise the logits
+    are divided by T, cut to the top-p nucleus (HF's ``TopPLogitsWarper``: the smallest set of tokens whose mass
+    reaches ``top_p``), and a token is drawn from their softmax with the global torch RNG.
+    """
+    if temperature <= 0:
+        token = logits.argmax(dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+        return token, logp.gather(1, token[:, None]).squeeze(1)
+    scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+    if top_p < 1.0:
+        from transformers import TopPLogitsWarper
+
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    logp = torch.log_softmax(scores, dim=-1)  # [n, V], the one full-vocabulary row per step
+    token = torch.multinomial(logp.exp(), num_samples=1)  # [n, 1]
+    return token.squeeze(1), logp.gather(1, token).squeeze(1)
+
+
+class LoopRolloutEngine:
+    """Samples with our own decode loop over the HF model (see the module docstring); eval mode while sampling.
+
+    The prompts go through the same :class:`PromptEncoder` as the other engines (``self.prompts.render`` shows the
+    chat-templated text).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(model.generation_config, tokenizer)
+        self.prompts = PromptEncoder(tokenizer, self.eos_token_ids, chat_template)
+
+    @property
+    def use_chat_template(self) -> bool:
+        return self.prompts.use_chat_template
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        return self.prompts.encode_prompts(prompts, device)
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to do: the loop runs on the policy's own parameters."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = self.encode_prompts(prompts, device)  # [B, P]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            response_ids, sampling_logp = self._decode(prompt_ids, prompt_mask, sampling)
+        finally:
+            self.model.train(was_training)
+        response_ids, response_mask, sampling_logp, texts = self.prompts.finish(response_ids, sampling_logp)
+        k = sampling.n
+        return Rollouts(
+            prompt_ids.repeat_interleave(k, dim=0),
+            prompt_mask.repeat_interleave(k, dim=0),
+            response_ids,
+            response_mask,
+            texts,
+            sampling_logp,
+        )
+
+    def _decode(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> tuple[Tensor, Tensor]:
+        """Raw responses [M, steps] (pad after a row's EOS) and their sampling log-probs [M, steps]."""
+        k, r = sampling.n, sampling.max_new_tokens
+        p, m = prompt_ids.shape[1], prompt_ids.shape[0] * sampling.n
+        pad = self.tokenizer.pad_token_id
+        responses = prompt_ids.new_full((m, r), pad)  # [M, R]
+        logps = torch.zeros(m, r, dtype=torch.float32, device=prompt_ids.device)  # [M, R]
+        if r == 0 or m == 0:
+            return responses[:, :0], logps[:, :0]
+        eos = torch.tensor(self.eos_token_ids, device=prompt_ids.device)
+        cache = preallocated_cache(self.model.config.get_text_config().num_hidden_layers, p + r)
+        position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)  # as generate() sets them
+        out = self.model(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        cache.batch_repeat_interleave(k)  # the K rollouts of a prompt share its prefill
+        logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # [M, V]
+        mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), prompt_mask.new_ones(m, r)], dim=1)  # [M, P + R]
+        next_position = position_ids[:, -1:].repeat_interleave(k, dim=0) + 1  # [n, 1]
+        rows = torch.arange(m, device=prompt_ids.device)  # live row -> its row in the output
+        steps = 0
+        for t in range(r):
+            token, logp = sample_tokens(logits, sampling.temperature, sampling.top_p)  # [n], [n]
+            responses[rows, t], logps[rows, t] = token, logp
+            steps = t + 1
+            live = ~torch.isin(token, eos)
+            if t == r - 1:
+                break
+            if not bool(live.all()):
+                keep = live.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                rows, token, mask, next_position = rows[keep], token[keep], mask[keep], next_position[keep]
+                cache.batch_select_indices(keep)
+            out = self.model(
+                input_ids=token[:, None], attention_mask=mask[:, : p + t + 1], position_ids=next_position,
+                cache=cache, use_cache=True,
+            )  # fmt: skip
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        return responses[:, :steps], logps[:, :steps]

@@ -1,0 +1,119 @@
+"""Our own decode loop (``rollout_engine: loop``): greedy ids equal HF ``generate``'s, sampled tokens follow the
+model's distribution, sampling log-probs are the policy's, and the preallocated cache keeps rows apart when it
+repeats and compacts them."""
+
+import pytest
+import torch
+from helpers import response_logprobs, small_data, small_module, trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, SamplingParams
+from p2o_lightning.rollout.loop import preallocated_cache
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def greedy_pair(path, prompts, k, max_new_tokens):
+    model, tok = load(path)
+    ours = LoopRolloutEngine(model, tok).generate(prompts, SamplingParams(k, 0.0, 1.0, max_new_tokens))
+    # generate() refuses greedy with num_return_sequences > 1: each prompt repeated K times, n = 1
+    repeated = [p for p in prompts for _ in range(k)]
+    hf = HFRolloutEngine(model, tok).generate(repeated, SamplingParams(1, 0.0, 1.0, max_new_tokens))
+    return ours, hf
+
+
+def assert_same_rollouts(ours, hf):
+    assert torch.equal(ours.prompt_ids, hf.prompt_ids) and torch.equal(ours.prompt_mask, hf.prompt_mask)
+    assert torch.equal(ours.response_ids, hf.response_ids) and torch.equal(ours.response_mask, hf.response_mask)
+    assert ours.texts == hf.texts
+    torch.testing.assert_close(ours.sampling_logp, hf.sampling_logp, atol=1e-5, rtol=0)
+
+
+def test_greedy_ids_equal_generate_s_on_the_embedded_world(tiny_world):
+    prompts = ["12+34=", "5+6=", "123+4567=", "9+0=", "77+7="]  # different lengths: left padding differs per row
+    ours, hf = greedy_pair(tiny_world, prompts, k=3, max_new_tokens=20)
+    assert_same_rollouts(ours, hf)
+
+
+def test_greedy_ids_equal_generate_s_on_the_bpe_model(bpe_checkpoint, math_rows):
+    prompts = [r["prompt"] for r in math_rows[:4]]  # chat template, BPE, repetition_penalty 1.3 in its defaults
+    ours, hf = greedy_pair(bpe_checkpoint, prompts, k=2, max_new_tokens=16)
+    assert ours.response_mask.sum(1).unique().numel() > 1 or ours.truncated.all()  # rows of several lengths
+    assert_same_rollouts(ours, hf)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_are_the_policy_s(tiny_world, temperature):
+    model, tok = load(tiny_world)
+    torch.manual_seed(0)
+    rollouts = LoopRolloutEngine(model, tok).generate(["12+34=", "5+6="], SamplingParams(4, temperature, 1.0, 10))
+    assert rollouts.sampling_logp.shape == rollouts.response_ids.shape
+    assert (rollouts.sampling_logp * (1 - rollouts.response_mask)).abs().max() == 0  # 0 on padding
+    expected = response_logprobs(model, rollouts, temperature)  # full-logit forward, the oracle
+    torch.testing.assert_close(rollouts.sampling_logp, expected, atol=1e-5, rtol=0)
+
+
+def test_sampling_logprobs_under_top_p_are_renormalised(tiny_world):
+    model, tok = load(tiny_world)
+    torch.manual_seed(0)
+    rollouts = LoopRolloutEngine(model, tok).generate(["12+34="] * 4, SamplingParams(4, 1.0, 0.5, 10))
+    gap = (rollouts.sampling_logp - response_logprobs(model, rollouts)) * rollouts.response_mask  # -log(nucleus mass)
+    assert gap.min() >= -1e-5 and gap.max() > 1e-3
+
+
+def test_first_tokens_follow_the_model_s_distribution(tiny_world):
+    """Chi-square of 4,000 first tokens against the softmax of the prompt's next-token logits (100-token vocab)."""
+    model, tok = load(tiny_world)
+    engine = LoopRolloutEngine(model, tok)
+    prompt, n = "3+4=", 4000
+    ids, mask = engine.encode_prompts([prompt], torch.device("cpu"))
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits[0, -1].double() / 1.5, -1)  # [V]
+    torch.manual_seed(0)
+    rollouts = engine.generate([prompt], SamplingParams(n, 1.5, 1.0, 1))
+    counts = torch.bincount(rollouts.response_ids[:, 0], minlength=probs.numel()).double()
+    expected = probs * n
+    big = expected >= 5  # the chi-square approximation wants >= 5 expected per cell; the rest are pooled
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    observed, expected = observed[expected > 0], expected[expected > 0]  # no pooled cell when every cell is big
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    dof = observed.numel() - 1
+    assert dof >= 3  # T = 1.5 spreads the mass over several tokens
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5  # ~ the 99.9th percentile; a wrong distribution lands far above
+    torch.testing.assert_close(rollouts.sampling_logp[:, 0].double(), probs.log()[rollouts.response_ids[:, 0]])
+
+
+def test_preallocated_cache_repeats_and_compacts_rows():
+    cache = preallocated_cache(num_layers=1, max_len=5)
+    k = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1)  # [B=2, H=1, 3, D=1]: row 0 = 0,1,2; row 1 = 3,4,5
+    cache.update(k, -k, 0)
+    cache.batch_repeat_interleave(2)  # rows: 0, 0, 1, 1
+    keys, values = cache.update(torch.full((4, 1, 1, 1), 9.0), torch.zeros(4, 1, 1, 1), 0)
+    assert keys.shape == (4, 1, 4, 1) and cache.get_seq_length() == 4
+    cache.batch_select_indices(torch.tensor([1, 2]))  # keep a copy of row 0 and one of row 1
+    keys, values = cache.update(torch.full((2, 1, 1, 1), 7.0), torch.ones(2, 1, 1, 1), 0)
+    assert keys[:, 0, :, 0].tolist() == [[0, 1, 2, 9, 7], [3, 4, 5, 9, 7]]
+    assert values[:, 0, :, 0].tolist() == [[0, -1, -2, 0, 1], [-3, -4, -5, 0, 1]]
+
+
+def test_max_new_tokens_zero_and_eos_cut(tiny_world):
+    model, tok = load(tiny_world)
+    engine = LoopRolloutEngine(model, tok)
+    empty = engine.generate(["1+1="], SamplingParams(2, 1.0, 1.0, 0))
+    assert empty.response_ids.shape == (2, 1) and empty.texts == ["", ""]
+    torch.manual_seed(0)
+    rollouts = engine.generate(["12+34=", "5+6="], SamplingParams(4, 1.0, 1.0, 30))
+    ends = rollouts.response_mask.sum(1) - 1
+    last = rollouts.response_ids.gather(1, ends[:, None])[:, 0]
+    finished = ~rollouts.truncated
+    assert torch.isin(last[finished], torch.tensor(engine.eos_token_ids)).all()
+    assert (rollouts.response_ids[rollouts.response_mask == 0] == tok.pad_token_id).all()
+
+
+def test_trainer_runs_on_the_loop_engine(tiny_world, tmp_path):
+    module = small_module(tiny_world, rollout_engine="loop", val_num_samples=2)
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=small_data())
+    assert isinstance(module.engine, LoopRolloutEngine) and module.rollout_steps == 2

@@ -128,7 +128,21 @@ def _export(lm, tokenizer, out: Path) -> OSError | None:
 
 
 class MetricsPlot(L.Callback):
-    """At the end of fit, plot the CSV logger's ``metrics.csv`` into ``metrics.png`` beside it."""
+    """At the end of fit, plot the CSV logger's ``metrics.csv`` into ``metrics.png`` beside it.
+
+    Args:
+        reference: another run's ``metrics.csv`` (or an experiment's archived ``.csv.gz``) whose greedy validation
+            curves are drawn beside this run's (grey, dashed); checked when fit starts.
+        reference_label: its name in the legend.
+    """
+
+    def __init__(self, reference: str | None = None, reference_label: str = "reference") -> None:
+        self.reference = reference
+        self.reference_label = reference_label
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference is not None and not Path(self.reference).is_file():
+            raise FileNotFoundError(f"MetricsPlot reference={self.reference!r}: no such metrics file")
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -136,5 +150,8 @@ class MetricsPlot(L.Callback):
             logger.save()
         csv_path = run_dir(trainer) / "metrics.csv"
         if csv_path.is_file():
-            out = plot_metrics(csv_path, csv_path.with_name("metrics.png"), title=str(run_dir(trainer)))
+            out = plot_metrics(
+                csv_path, csv_path.with_name("metrics.png"), str(run_dir(trainer)), self.reference,
+                self.reference_label,
+            )  # fmt: skip
             rank_zero_debug(f"metrics: {csv_path}\nplot: {out}")

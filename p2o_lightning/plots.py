@@ -5,12 +5,15 @@ Per-step training curves are drawn raw and faint, with an exponential moving ave
 marked (they are few); all-wrong and all-right collapse have their own colours (red: no gradient because nothing is
 solved, green: no gradient because everything is); every P²O search is a dotted vertical line at the RL step it ran
 (from the run folder's ``p2o/search_*.json``, else from the ``p2o/searches`` counter). P²O panels appear when a run
-logged them: templated share and success, rescued groups, distilled greedy accuracy.
+logged them: templated share and success, rescued groups, distilled greedy accuracy. A reference run (another
+``metrics.csv``, or the ``.csv.gz`` an experiment archives) can be drawn beside the validation curves, grey and
+dashed, to see one run against another: P²O against GRPO 2K's committed curve.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 from pathlib import Path
@@ -23,9 +26,12 @@ P2O_KEYS = ("p2o/templated_share", "p2o/templated_success", "p2o/distilled_greed
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """``metrics.csv`` → {metric: [(step, value)]}, the last value per step kept (a resumed run re-logs steps)."""
+    """``metrics.csv`` (or ``.csv.gz``) → {metric: [(step, value)]}, the last value per step kept (a resumed run
+    re-logs steps).
+    """
     series: dict[str, dict[int, float]] = {}
-    with open(path, newline="") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         for row in csv.DictReader(f):
             step = int(float(row["step"]))
             for key, value in row.items():
@@ -135,15 +141,35 @@ def legend(ax, *others) -> None:
         ax.legend(handles, labels, fontsize=7, loc="best")
 
 
-def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
-    """One run's panels side by side, P²O searches marked, into ``out_png``."""
+def draw_reference(ax, keys: list[str], reference: dict, label: str) -> None:
+    """The reference run's greedy validation curves of ``keys``, grey and dashed, one legend entry."""
+    shown = [k for k in keys if k.endswith("/greedy_acc") and reference.get(k)]
+    for i, key in enumerate(shown):
+        points = reference[key]
+        ax.plot([s for s, _ in points], [v for _, v in points], color="0.45", ls="--", lw=1.0, marker="x", ms=3,
+                label=f"{label}: greedy (grey, dashed)" if i == 0 else None)  # fmt: skip
+
+
+def plot_metrics(
+    metrics_csv: str | os.PathLike,
+    out_png: str | os.PathLike,
+    title: str = "",
+    reference: str | os.PathLike | None = None,
+    reference_label: str = "reference",
+) -> Path:
+    """One run's panels side by side, P²O searches marked, into ``out_png``; with ``reference`` (a ``metrics.csv``
+    or ``.csv.gz``), that run's greedy validation curves beside this run's.
+    """
     plt = _plt()
+    ref = read_metrics(reference) if reference is not None else None
     series = read_metrics(metrics_csv)
     searches = search_steps(Path(metrics_csv).parent, series)
     layout = panels(series) or [("no metrics", [])]
     fig, axes = plt.subplots(1, len(layout), figsize=(5.2 * len(layout), 3.8), squeeze=False)
     for ax, (name, keys) in zip(axes[0], layout):
         right = draw_panel(ax, name, keys, series)
+        if ref is not None and any(k.startswith("val/") for k in keys):
+            draw_reference(ax, keys, ref, reference_label)
         mark_searches(ax, searches)
         ax.set_xlabel("RL step")
         ax.set_ylim(-0.02, 1.02)

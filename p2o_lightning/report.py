@@ -8,7 +8,8 @@ For each run folder (a ``metrics.csv`` from the CSV logger, and ``p2o/search_*.j
 - ``accuracy.png``: in-distribution and OOD validation accuracy (greedy) against the step, one line per run;
 - ``search.png``: every search's candidates' mean dev score in the order GEPA found them;
 
-into ``--out`` (default: the first run folder), redraws each run's own ``metrics.png``, and prints the best
+into ``--out`` (default: the first run folder), redraws each run's own ``metrics.png`` (with ``--reference``: another
+run's greedy validation curves beside it, e.g. GRPO 2K's archived ``.csv.gz``), and prints the best
 templates of every search with their dev scores.
 """
 
@@ -142,14 +143,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m p2o_lightning report", description=__doc__)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding a metrics.csv")
     parser.add_argument("--out", type=Path, default=None, help="where the side-by-side PNGs go")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="another run's metrics.csv (or an experiment's .csv.gz) drawn beside each run's "
+                             "validation curves in its metrics.png")  # fmt: skip
+    parser.add_argument("--reference-label", default=None, help="its name in the legend (default: its file name)")
     args = parser.parse_args(argv)
+    if args.reference is not None and not args.reference.is_file():
+        raise SystemExit(f"--reference {args.reference}: no such metrics file")
+    label = args.reference_label or (args.reference.name if args.reference else "reference")
     for run in args.run_dirs:
         if not (run / "metrics.csv").is_file():
             raise SystemExit(f"{run}: no metrics.csv (is this a run folder?)")
     out = args.out or args.run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     for run in args.run_dirs:
-        print(plot_metrics(run / "metrics.csv", run / "metrics.png", title=str(run)))
+        print(plot_metrics(run / "metrics.csv", run / "metrics.png", str(run), args.reference, label))
     print(plot_runs(args.run_dirs, out / "runs.png"))
     print(plot_curves(args.run_dirs, ["train/collapse_all_wrong"], "collapse (all-wrong groups)", out / "collapse.png"))
     keys = sorted({k for run in args.run_dirs for k in read_metrics(run / "metrics.csv") if k.endswith("/greedy_acc")})

@@ -204,3 +204,32 @@ def test_ema_and_search_steps_for_plots(tmp_path):
     rows += [f"0,{s},{s / 10},{1 - s / 10},{'0.5' if s % 4 == 0 else ''}" for s in range(10)]
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     assert plot_metrics(tmp_path / "metrics.csv", tmp_path / "metrics.png").stat().st_size > 10_000
+
+
+def test_plot_draws_a_reference_run_beside_the_validation_curves(tmp_path):
+    """A gzipped reference metrics file reads as the plain one, and its greedy curve lands in the validation panel."""
+    import gzip
+
+    import matplotlib.pyplot as plt
+
+    from p2o_lightning import plots
+
+    rows = ["epoch,step,train/reward,val/in_dist/greedy_acc,val/in_dist/mean@8"]
+    rows += [f"0,{s},{s / 10},{'0.25' if s % 4 == 0 else ''},{'0.2' if s % 4 == 0 else ''}" for s in range(10)]
+    text = "\n".join(rows) + "\n"
+    (tmp_path / "metrics.csv").write_text(text)
+    (tmp_path / "ref.csv.gz").write_bytes(gzip.compress(text.replace("0.25", "0.75").encode()))
+    reference = plots.read_metrics(tmp_path / "ref.csv.gz")
+    assert reference["val/in_dist/greedy_acc"] == [(0, 0.75), (4, 0.75), (8, 0.75)]
+    drawn = []
+    original = plots.draw_reference
+    plots.draw_reference = lambda ax, keys, ref, label: drawn.append(original(ax, keys, ref, label) or ax)
+    try:
+        plots.plot_metrics(tmp_path / "metrics.csv", tmp_path / "m.png", reference=tmp_path / "ref.csv.gz",
+                           reference_label="GRPO 2K")  # fmt: skip
+    finally:
+        plots.draw_reference = original
+    (ax,) = drawn  # the validation panel only
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["GRPO 2K: greedy (grey, dashed)"].get_ydata()) == [0.75, 0.75, 0.75]
+    plt.close("all")

@@ -16,6 +16,7 @@ of optimizer steps, data, learning rate and validation; only the method differs:
 | p2o_drop_failed      | configs/p2o-toy.yaml | ``model.drop_failed_templated=true``                         |
 | p2o_anchor           | configs/p2o-toy.yaml | ``model.anchor_weight=1.0`` (the skill anchor, not the paper) |
 | p2o_anchor_no_mask   | configs/p2o-toy.yaml | the skill anchor and ``model.context_ratio_bounds=null``     |
+| p2o_anchor_tau1 ...  | configs/p2o-toy.yaml | the skill anchor and one change (tau1, nonneg, plain1, lean) |
 | dapo                 | configs/toy.yaml     | DAPO's dynamic sampling: ``model.dynamic_sampling=filter``   |
 
     python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--lr 6e-5] [--max-steps 240]
@@ -95,6 +96,18 @@ SETTINGS = {
         [_set("model.anchor_weight", 1.0), _set("model.plain_advantage", "nonnegative")],
     ),
     "p2o_anchor_plain1": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0), _set("model.plain_rollouts", 1)]),
+    # the search's cost (issue 17): a 64-problem dev set, 1,000 metric calls, a stop after 12 iterations without a
+    # better best dev score, gepa's evaluation cache
+    "p2o_anchor_lean": (
+        "p2o-toy.yaml",
+        [
+            _set("model.anchor_weight", 1.0),
+            _callback_arg("dev_size", 64),
+            _callback_arg("max_metric_calls", 1000),
+            _callback_arg("search_patience", 12),
+            _callback_arg("cache_evaluation", True),
+        ],
+    ),
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
     "dapo": ("toy.yaml", [_set("model.dynamic_sampling", "filter"), _set("model.max_sampling_rounds", 3)]),
 }
@@ -321,6 +334,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     parser.add_argument("--k", type=int, default=8, help="K of GRPO and P²O (GRPO 2K uses 2K)")
     parser.add_argument("--lr", type=float, default=6e-5, help="the learning rate of every setting")
+    parser.add_argument("--lr-of", nargs="+", default=[], metavar="SETTING=LR",
+                        help="a setting's own rate (e.g. grpo_2k=2e-5: GRPO at its better rate)")  # fmt: skip
     parser.add_argument("--sweep-lr", type=float, nargs="+", default=None, help="run GRPO K at each of these lrs")
     parser.add_argument("--max-steps", type=int, default=240, help="optimizer steps of every run (10 epochs)")
     parser.add_argument("--val-every", type=int, default=24, help="validate every N steps (24: every epoch)")
@@ -334,6 +349,12 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    rates = {}
+    for item in args.lr_of:
+        setting, _, rate = item.partition("=")
+        if setting not in SETTINGS or not rate:
+            raise SystemExit(f"--lr-of {item!r}: expected SETTING=LR with SETTING one of {list(SETTINGS)}")
+        rates[setting] = float(rate)
 
     if args.sweep_lr:
         runs = {f"grpo_k@{lr:g}": [run_one("grpo_k", s, args, lr, f"sweep-grpo_k-lr{lr:g}-s{s}") for s in args.seeds]
@@ -343,7 +364,7 @@ def main() -> None:
         runs = {s: [p for p in paths if (p / "policy").is_dir()] for s, paths in found.items()}
         runs = {s: paths for s, paths in runs.items() if paths}
     else:
-        runs = {s: [run_one(s, seed, args, args.lr) for seed in args.seeds] for s in args.settings}
+        runs = {s: [run_one(s, seed, args, rates.get(s, args.lr)) for seed in args.seeds] for s in args.settings}
     summary: dict[str, dict[str, list[float]]] = {}
     for setting, paths in runs.items():
         per_seed = [summarise(p, args.steps_per_epoch) for p in paths]
@@ -357,7 +378,9 @@ def main() -> None:
         for s, v in summary.items()
     ]
     world = measured_on(args.world)
-    head = f"World {world['world']} (weights {world['weights']}), commit {world['commit']}, lr {args.lr:g}, "
+    own = ", ".join(f"{s} {r:g}" for s, r in rates.items())
+    head = f"World {world['world']} (weights {world['weights']}), commit {world['commit']}, lr {args.lr:g}"
+    head += f" ({own}), " if own else ", "
     head += f"{args.max_steps} steps, K={args.k}, {args.threads} thread(s) per run.\n"
     table = "\n".join([head, *lines, "", *verdict(summary, runs, args.method)])
     print(table)

@@ -88,11 +88,17 @@ def main(argv: list[str] | None = None) -> None:
         print(_describe(path))
         if not logged:
             print("(the cached build of this recipe, not built again: --force builds it anew)")
-        try:
-            reference = shipped.shipped_world(recipe)
-        except shipped.ShippedWorldError as error:
-            print(f"not compared with a shipped world: {error}")
+        if args.seed is not None:
+            print(f"another world (recipe seed {args.seed}), not compared with the shipped one; train on it with "
+                  f"model.model={path} data.world_seed={args.seed}")  # fmt: skip
+            reference = None
         else:
+            try:
+                reference = shipped.shipped_world(recipe)
+            except shipped.ShippedWorldError as error:
+                print(f"not compared with a shipped world: {error}")
+                reference = None
+        if reference is not None:
             print(shipped.describe_comparison(shipped.compare_weights(reference, path), path, reference))
         if args.ship:
             path = shipped.ship_world(path, recipe)

@@ -28,6 +28,7 @@ from p2o_lightning.policy import (
     gathered,
     load_causal_lm,
     load_policy,
+    load_reference,
     load_tokenizer,
     resolve_model_path,
 )
@@ -190,17 +191,27 @@ class P2OModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy, reference, self.tokenizer = load_policy(
+        self.policy, self.tokenizer = load_policy(
             hp.model, hp.dtype, hp.attn_implementation, hp.gradient_checkpointing, self.device_mesh
         )
-        self._reference = [reference.to(self.device)]
         vllm = dict(dtype=hp.dtype, seed=hp.seed, **(hp.vllm_options or {}))
         strategy = getattr(self._trainer, "strategy", None)
         self.engine = make_engine(hp.rollout_engine, self.policy.lm, self.tokenizer, hp.model, strategy, **vllm)
 
     @property
     def reference(self) -> PolicyLogProb:
-        """The frozen reference model (initial weights): eval mode, no grad, outside the optimizer."""
+        """The frozen reference model (initial weights): eval mode, no grad, outside the optimizer.
+
+        Loaded from the model path on first use (the KL term, self-reflection): a run without them never holds a
+        second copy. Loading draws no random numbers from the run's streams (exact resume holds).
+        """
+        if not self._reference:
+            hp = self.hparams
+            state = capture_rng_state()
+            try:
+                self._reference = [load_reference(hp.model, hp.dtype, hp.attn_implementation)]
+            finally:
+                restore_rng_state(state)
         ref = self._reference[0]
         if next(ref.parameters()).device != self.device:
             ref.to(self.device)

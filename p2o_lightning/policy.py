@@ -123,9 +123,9 @@ class PolicyLogProb(nn.Module):
 
 def load_policy(
     path: str, dtype: str, attn_implementation: str | None, gradient_checkpointing: bool, device_mesh=None
-) -> tuple[PolicyLogProb, PolicyLogProb, Any]:
-    """``(policy, reference, tokenizer)``: the trained policy (train mode; FSDP2-sharded when a device mesh is
-    given) and a frozen copy of the initial weights (eval mode, no grad), both loaded from ``path``.
+) -> tuple[PolicyLogProb, Any]:
+    """``(policy, tokenizer)``: the trained policy loaded from ``path`` (train mode; FSDP2-sharded when a device
+    mesh is given). The frozen reference is :func:`load_reference`, loaded where it is needed.
     """
     lm, tokenizer = load_causal_lm(path, dtype, attn_implementation)
     if gradient_checkpointing:
@@ -134,8 +134,13 @@ def load_policy(
     policy = PolicyLogProb(lm.train())  # from_pretrained returns eval mode
     if device_mesh is not None:  # ModelParallelStrategy: FSDP2, one unit per decoder layer + the rest
         fully_shard_policy(policy, device_mesh)
+    return policy, tokenizer
+
+
+def load_reference(path: str, dtype: str, attn_implementation: str | None) -> PolicyLogProb:
+    """The frozen reference: the initial weights at ``path``, eval mode, no grad, outside any optimizer."""
     ref_lm, _ = load_causal_lm(path, dtype, attn_implementation)
-    return policy, PolicyLogProb(ref_lm).eval().requires_grad_(False), tokenizer
+    return PolicyLogProb(ref_lm).eval().requires_grad_(False)
 
 
 def fully_shard_policy(policy: PolicyLogProb, device_mesh) -> None:

@@ -275,3 +275,21 @@ def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
     assert full["metric_calls"] >= 120 > 4 * stopped["metric_calls"]
     assert len(stopped["dev_mean"]) == len(stopped["templates"]) == len(stopped["dev_scores"])
     assert set(stopped["assignments"]) <= set(pool) and all(len(t) == 4 for t in stopped["assignments"].values())
+
+
+def test_reference_is_loaded_only_when_used(tiny_world):
+    """kl_coef 0 and no self-reflection: the frozen copy is never loaded; first use loads the initial weights, frozen,
+    without touching the run's RNG."""
+    module = loaded(small_module(tiny_world))
+    assert module._reference == []
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(1.0)  # training moved the policy; the reference keeps the checkpoint's weights
+    rng = torch.get_rng_state()
+    ref = module.reference
+    assert torch.equal(rng, torch.get_rng_state())
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    fresh = loaded(small_module(tiny_world))
+    for (name, a), b in zip(ref.named_parameters(), fresh.policy.parameters()):
+        assert torch.equal(a, b), name
+    assert module.reference is ref  # loaded once

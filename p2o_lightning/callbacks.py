@@ -245,6 +245,7 @@ class P2OCallback(L.Callback):
             ("p2o/assigned_prompts", len(self.assignments)),
             ("p2o/best_dev_score", max(record["dev_mean"])),
             ("time/search_s", record.get("seconds", 0.0)),  # what the search costs: wall time, greedy evaluations
+            ("time/search_cpu_s", record.get("cpu_seconds", 0.0)),  # ... and this process's CPU time
             ("p2o/search_metric_calls", record.get("metric_calls", 0)),  # examples scored (gepa's budget unit)
             ("p2o/search_evaluations", record.get("evaluations", 0)),  # scorer calls: one generate per 64 examples
         ):

@@ -5,10 +5,10 @@ below 450, at most ``dev_size``), runs :func:`gepa.optimize` from the empty temp
 ``parents_per_iteration`` parents per iteration, strict-improvement acceptance, no merge, a budget in metric calls,
 optionally a stop after ``search_patience`` iterations without a better best dev score and gepa's evaluation
 cache), with candidates scored by the current policy (:class:`~p2o_lightning.prompt.adapter.P2OAdapter`), and
-assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search record:
-candidates, dev scores, Pareto front, discovery counts, cost (metric calls, scorer evaluations, seconds) and the
-assignments. :class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on which rank, the record's
-file, the broadcast, the logged metrics).
+assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search
+record: candidates, dev scores, Pareto front, discovery counts, cost (metric calls, scorer evaluations, wall and CPU
+seconds) and the assignments. :class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on
+which rank, the record's file, the broadcast, the logged metrics).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def search_templates(
     train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
     adapter = P2OAdapter(module, max_new_tokens=max_new_tokens, scorer=scorer)
     patience = settings.search_patience
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = gepa.optimize(
         seed_candidate={COMPONENT: ""},
         trainset=train,
@@ -92,7 +92,7 @@ def search_templates(
         run_dir=None,
         **reflection.gepa_kwargs(),
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     templates = [c[COMPONENT] for c in result.candidates]
     dev_prompts = [ex["prompt"] for ex in dev]
     dev_scores = [{dev_prompts[i]: float(v) for i, v in sub.items()} for sub in result.val_subscores]
@@ -114,6 +114,7 @@ def search_templates(
         "cover": template_cover(templates, dev_scores),
         "assignments": assignments,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # this process's CPU time: with one torch thread, the search's cost on a core
     }
 
 

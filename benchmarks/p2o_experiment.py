@@ -7,16 +7,19 @@ of optimizer steps, data, learning rate and validation; only the method differs:
 |----------------------|----------------------|--------------------------------------------------------------|
 | grpo_k               | configs/toy.yaml     | K rollouts                                                   |
 | grpo_2k              | configs/toy.yaml     | 2K rollouts                                                  |
-| p2o                  | configs/p2o-toy.yaml | its defaults: K rollouts, 2 of a templated group's K plain   |
+| p2o                  | configs/p2o-toy.yaml | none: the skill anchor, the lean search (what it ships)      |
+| p2o_paper_loss       | configs/p2o-toy.yaml | ``model.anchor_weight=0`` (the paper's loss)                 |
 | p2o_no_distill       | configs/p2o-toy.yaml | ``model.distill=false`` (gradient on the templated prompt)   |
 | p2o_one_template     | configs/p2o-toy.yaml | one template for all K rollouts of a prompt                  |
-| p2o_no_ratio_mask    | configs/p2o-toy.yaml | ``model.context_ratio_bounds=null``                          |
-| p2o_plain0           | configs/p2o-toy.yaml | ``model.plain_rollouts=0`` (all K templated, the paper's)    |
-| p2o_forever          | configs/p2o-toy.yaml | ``template_lifetime: forever`` (templates never expire)      |
-| p2o_drop_failed      | configs/p2o-toy.yaml | ``model.drop_failed_templated=true``                         |
-| p2o_anchor           | configs/p2o-toy.yaml | ``model.anchor_weight=1.0`` (the skill anchor, not the paper) |
-| p2o_anchor_no_mask   | configs/p2o-toy.yaml | the skill anchor and ``model.context_ratio_bounds=null``     |
-| p2o_anchor_tau1 ...  | configs/p2o-toy.yaml | the skill anchor and one change (tau1, nonneg, plain1, lean) |
+| p2o_paper            | configs/p2o-toy.yaml | the paper's loss and the full search (dev 300, 1,500 calls)  |
+| p2o_no_ratio_mask    | configs/p2o-toy.yaml | p2o_paper and ``model.context_ratio_bounds=null``            |
+| p2o_plain0           | configs/p2o-toy.yaml | p2o_paper and ``model.plain_rollouts=0`` (all K templated)   |
+| p2o_forever          | configs/p2o-toy.yaml | p2o_paper and ``template_lifetime: forever``                 |
+| p2o_drop_failed      | configs/p2o-toy.yaml | p2o_paper and ``model.drop_failed_templated=true``           |
+| p2o_anchor           | configs/p2o-toy.yaml | the skill anchor with the full search                        |
+| p2o_anchor_no_mask   | configs/p2o-toy.yaml | p2o_anchor and ``model.context_ratio_bounds=null``           |
+| p2o_anchor_tau1 ...  | configs/p2o-toy.yaml | p2o_anchor and one change (tau1, nonneg, plain1)             |
+| p2o_anchor_lean      | configs/p2o-toy.yaml | the skill anchor and the lean search (= p2o)                 |
 | dapo                 | configs/toy.yaml     | DAPO's dynamic sampling: ``model.dynamic_sampling=filter``   |
 
     python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--lr 6e-5] [--max-steps 240]
@@ -74,30 +77,38 @@ def _callback_arg(key: str, value):
     return edit
 
 
+# the search of the runs before configs/p2o-toy.yaml became the winning setting (dev 300, 1,500 calls, no stop)
+FULL_SEARCH = [
+    _callback_arg("dev_size", 300),
+    _callback_arg("max_metric_calls", 1500),
+    _callback_arg("search_patience", None),
+    _callback_arg("cache_evaluation", False),
+]
+PAPER_LOSS = [_set("model.anchor_weight", 0.0)]
+ANCHOR = [_set("model.anchor_weight", 1.0), *FULL_SEARCH]
+
 SETTINGS = {
     "grpo_k": ("toy.yaml", []),
     "grpo_2k": ("toy.yaml", [_set("model.num_rollouts", lambda a: 2 * a.k)]),
+    # P²O as configs/p2o-toy.yaml ships it (the skill anchor, the lean search) and the paper's ablations of it
     "p2o": ("p2o-toy.yaml", []),
+    "p2o_paper_loss": ("p2o-toy.yaml", PAPER_LOSS),
     "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
     "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("group_diversity", False)]),
-    "p2o_no_ratio_mask": ("p2o-toy.yaml", [_set("model.context_ratio_bounds", None)]),
-    "p2o_plain0": ("p2o-toy.yaml", [_set("model.plain_rollouts", 0)]),
-    "p2o_forever": ("p2o-toy.yaml", [_callback_arg("template_lifetime", "forever")]),
-    "p2o_drop_failed": ("p2o-toy.yaml", [_set("model.drop_failed_templated", True)]),
-    "p2o_anchor": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0)]),
-    "p2o_anchor_no_mask": (
-        "p2o-toy.yaml",
-        [_set("model.anchor_weight", 1.0), _set("model.context_ratio_bounds", None)],
-    ),
+    # the earlier runs' settings: the paper's loss with the full search, and its variations
+    "p2o_paper": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH]),
+    "p2o_no_ratio_mask": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.context_ratio_bounds", None)]),
+    "p2o_plain0": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.plain_rollouts", 0)]),
+    "p2o_forever": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _callback_arg("template_lifetime", "forever")]),
+    "p2o_drop_failed": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.drop_failed_templated", True)]),
+    "p2o_anchor": ("p2o-toy.yaml", ANCHOR),
+    "p2o_anchor_no_mask": ("p2o-toy.yaml", [*ANCHOR, _set("model.context_ratio_bounds", None)]),
     # the valley (issue 17), one change at a time from p2o_anchor
-    "p2o_anchor_tau1": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0), _callback_arg("tau", 1)]),
-    "p2o_anchor_nonneg": (
-        "p2o-toy.yaml",
-        [_set("model.anchor_weight", 1.0), _set("model.plain_advantage", "nonnegative")],
-    ),
-    "p2o_anchor_plain1": ("p2o-toy.yaml", [_set("model.anchor_weight", 1.0), _set("model.plain_rollouts", 1)]),
+    "p2o_anchor_tau1": ("p2o-toy.yaml", [*ANCHOR, _callback_arg("tau", 1)]),
+    "p2o_anchor_nonneg": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_advantage", "nonnegative")]),
+    "p2o_anchor_plain1": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_rollouts", 1)]),
     # the search's cost (issue 17): a 64-problem dev set, 1,000 metric calls, a stop after 12 iterations without a
-    # better best dev score, gepa's evaluation cache
+    # better best dev score, gepa's evaluation cache: what configs/p2o-toy.yaml ships
     "p2o_anchor_lean": (
         "p2o-toy.yaml",
         [
@@ -111,7 +122,7 @@ SETTINGS = {
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
     "dapo": ("toy.yaml", [_set("model.dynamic_sampling", "filter"), _set("model.max_sampling_rounds", 3)]),
 }
-DEFAULT_SETTINGS = [s for s in SETTINGS if s not in ("p2o_drop_failed", "dapo") and not s.startswith("p2o_anchor")]
+DEFAULT_SETTINGS = ["grpo_k", "grpo_2k", "p2o", "p2o_paper_loss", "p2o_no_distill", "p2o_one_template"]
 SPLITS = ("in_dist", "hard", "ood")
 SUBSETS = ("easy",)  # the in-dist subset whose valley the issue names (val/easy/greedy_acc)
 
@@ -132,6 +143,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: 
     if args.world is not None:  # another world: its weights, and the data splits of its recipe's seed
         config["model"]["model"] = str(args.world)
         config["data"]["world_seed"] = json.loads((args.world / "recipe.json").read_text())["seed"]
+        for callback in config["trainer"]["callbacks"]:  # the config's reference curve is the shipped world's
+            if callback["class_path"].endswith("MetricsPlot"):
+                callback.pop("init_args", None)
     config["trainer"].update(
         max_steps=args.max_steps,
         val_check_interval=args.val_every,

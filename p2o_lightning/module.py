@@ -35,7 +35,7 @@ from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
 from p2o_lightning.rollout import HFRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
-from p2o_lightning.step.distill import needs_context_logp, reprompt
+from p2o_lightning.step.distill import reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logprobs, rollout_mismatch
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
@@ -299,24 +299,26 @@ class P2OModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None
-        with_context = needs_context_logp(rollouts, hp.context_ratio_bounds, hp.anchor_weight)
-        # one update: π_old = π_θ detached, from the update's forward (TIS needs π_old before the update)
-        need_old = hp.tis_cap is not None or not self.ppo.fuses_old_logprobs(rollouts)
-        rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, self.ppo.logprob, need_old, with_context)
-        rollouts = apply_tis(rollouts, hp.tis_cap)  # truncated importance sampling (with tis_cap)
+        plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
+        lp = self.ppo.logprob
+        rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context)
+        mismatch = None
+        if plan.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
+            mismatch, tis = rollout_mismatch(rollouts, hp.tis_cap)
+            rollouts = apply_tis(rollouts, tis)
         times["logprob"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         opt = self.optimizers()
         stats, rollouts = self.ppo(
-            rollouts, self.policy, ops, self.manual_backward, opt.zero_grad, self._optimizer_step, self._where
+            rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, self._optimizer_step, self._where
         )
         self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         times["update"] = time.perf_counter() - t0
         self.rollout_steps += 1
 
         metrics = train_metrics(rollouts, times, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
-        stats.update(rollout_mismatch(rollouts, hp.tis_cap)[0])  # π_old vs π_rollout
+        stats.update(mismatch if mismatch is not None else rollout_mismatch(rollouts, None)[0])  # the update's π_old
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
         metrics.update(sampling_metrics(seen, rounds))

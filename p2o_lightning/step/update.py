@@ -27,7 +27,7 @@ from torch import Tensor
 
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.distill import anchor_mask, needs_context_logp
+from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
 from p2o_lightning.step.stats import UpdateStats
 
@@ -93,6 +93,22 @@ class PPOSettings:
             )
 
 
+@dataclass(frozen=True)
+class LogProbPlan:
+    """The log-prob passes of one step, decided once (:meth:`PPOUpdate.plan`): the log-prob stage and the update
+    both read it.
+    """
+
+    old_pass: bool  # the log-prob stage computes π_old (+ entropy) of every row; else the update's forward gives it
+    context: bool  # some row is distilled and log π(y|t(x)) is needed (ratio mask, rollout mismatch, anchor)
+    anchored: bool  # the skill anchor: the update needs log π(y|t(x)) of the distilled rows with a gradient
+
+    @property
+    def update_context(self) -> bool:
+        """The update's forward also scores the sampled prompts: π_old's context when it gives π_old, or the anchor."""
+        return (not self.old_pass and self.context) or self.anchored
+
+
 def single_update(settings: PPOSettings, num_groups: int) -> bool:
     """One PPO epoch and one mini-batch: π_old = π_θ at the only update (no separate old log-prob pass needed)."""
     return settings.ppo_epochs == 1 and (settings.mini_batch_groups is None or settings.mini_batch_groups >= num_groups)
@@ -147,9 +163,21 @@ class PPOUpdate:
         tokens_scope = self.loss.context_mask_scope == "tokens" and self.loss.context_ratio_bounds is not None
         return single_update(self.settings, batch.num_groups) and not (batch.reprompted and tokens_scope)
 
+    def plan(self, batch: RolloutBatch, tis_cap: float | None) -> LogProbPlan:
+        """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
+        update), the context log-probs when a row is distilled and something reads them, the anchor's.
+        """
+        anchor = self.settings.anchor_weight
+        return LogProbPlan(
+            old_pass=tis_cap is not None or not self.fuses_old_logprobs(batch),
+            context=needs_context_logp(batch, self.loss.context_ratio_bounds, anchor),
+            anchored=anchor > 0 and batch.reprompted,
+        )
+
     def __call__(
         self,
         batch: RolloutBatch,
+        plan: LogProbPlan,
         policy,
         ops,
         backward: Callable[[Tensor], None],
@@ -162,9 +190,9 @@ class PPOUpdate:
         G, K = batch.num_groups, batch.group_size
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
-        fused_old = batch.old_logp is None  # single update: π_old comes from this forward
-        anchored = s.anchor_weight > 0 and batch.reprompted  # the skill anchor needs log π(y|t(x)) with grad
-        with_context = (fused_old and needs_context_logp(batch, bounds)) or anchored
+        fused_old = not plan.old_pass  # single update: π_old comes from this forward
+        anchored = plan.anchored  # the skill anchor needs log π(y|t(x)) with grad
+        with_context = plan.update_context
         anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
@@ -176,8 +204,9 @@ class PPOUpdate:
             for group_ids in groups.split(s.mini_batch_groups or G):
                 rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(device)  # [mini·K]
                 kept = mask[rows]  # [mini·K, R] the tokens a token-mean divides by
-                if bounds and batch.context_logp is not None and self.loss.context_mask_scope == "tokens":  # cut
-                    kept = kept * ops.context_ratio_mask(batch.old_logp[rows], batch.context_logp[rows], *bounds)
+                keep = context_mask(batch, bounds, rows) if self.loss.context_mask_scope == "tokens" else None
+                if keep is not None:  # the tokens scope: a token the context ratio mask drops leaves the mean
+                    kept = kept * keep
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
                 for micro in rows.split(lp.micro_batch_size):

@@ -22,6 +22,7 @@ from torch import nn
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
+from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,
     context_length,
@@ -42,7 +43,7 @@ from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
 from p2o_lightning.step.sample import make_engine, sample_rows
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
-from p2o_lightning.step.update import LossSettings, OptimizerStep, PPOSettings, PPOUpdate, lr_schedule, total_updates
+from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
 from p2o_lightning.tasks import get_task
 
 __all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm", "resolve_model_path"]
@@ -183,7 +184,7 @@ class P2OModule(L.LightningModule):
         # P²O: prompt text -> the K templates its rollouts are sampled with (set by P2OCallback, keyed by content)
         self.template_assignments: dict[str, list[str]] = {}
         self.val_metrics = nn.ModuleDict()
-        self._optimizer_step = OptimizerStep(self, max_grad_norm)
+        self._optimizer_step = OptimizerStep(max_grad_norm)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -245,7 +246,8 @@ class P2OModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._optimizer_step.clip(optimizer)  # inside opt.step(), after the fp16 GradScaler unscaled the gradients
+        # inside opt.step(), after the fp16 GradScaler unscaled the gradients
+        self._optimizer_step.clip(self.policy.parameters(), self.trainer, self._where())
 
     def _where(self) -> str:
         return f"at global step {self.global_step} (rollout step {self.rollout_steps})"
@@ -310,8 +312,9 @@ class P2OModule(L.LightningModule):
 
         t0 = time.perf_counter()
         opt = self.optimizers()
+        optimizer_step = partial(self._optimizer_step, opt, self.lr_schedulers())  # -> (grad norm, skipped)
         stats, rollouts = self.ppo(
-            rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, self._optimizer_step, self._where
+            rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where
         )
         self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         times["update"] = time.perf_counter() - t0

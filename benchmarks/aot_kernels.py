@@ -1,9 +1,9 @@
 """AOT table: every Triton kernel case compiled for sm_80 / sm_90 / sm_100 on this CPU-only machine (no GPU).
 
-For each kernel × launch config × dtype (and each feature constexpr's other values; the cases of
-:mod:`p2o_lightning.kernels.aot`), the cubin's registers per thread, spill instructions, stack, shared memory per
-block and the tensor-core instruction its matmuls became, with the ``ptxas`` Triton ships. These are compiler
-outputs, not GPU measurements: nothing here ran on a GPU.
+For each kernel × launch config × dtype (and each feature constexpr's other values: the cases
+:mod:`p2o_lightning.kernels.aot` makes of each space of :mod:`p2o_lightning.kernels.catalog`), the cubin's registers
+per thread, spill instructions, stack, shared memory per block and the tensor-core instruction its matmuls became,
+with the ``ptxas`` Triton ships. These are compiler outputs, not GPU measurements: nothing here ran on a GPU.
 
     python benchmarks/aot_kernels.py             # ~7 min cold on one core; seconds with Triton's cache warm
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, versions, write_csv  # noqa: E402
 
-from p2o_lightning.kernels import aot  # noqa: E402
+from p2o_lightning.kernels import aot, catalog  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [
@@ -70,7 +70,7 @@ def main() -> None:
     ptxas = aot.ptxas_versions()
     env.update(ptxas=ptxas.get("ptxas", "-"), ptxas_blackwell=ptxas.get("ptxas-blackwell", "-"))
     env["device"] = f"none: AOT on {env['device']}"
-    rows = aot.compile_all(tuple(args.archs), log=lambda msg: print(msg, flush=True))
+    rows = aot.compile_all(catalog.spaces(), tuple(args.archs), log=lambda msg: print(msg, flush=True))
     out_rows = []
     for r in rows:
         row = dict(env, **r, shared_limit=aot.ARCHS[r["arch"]][1])

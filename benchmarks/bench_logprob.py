@@ -508,6 +508,8 @@ def config_model(out: Path) -> None:
     print(head)
     print("-" * len(head))
     rows = []
+    resources = {"forward": tuning.resources_of(logprob.FORWARD_SPACE)}
+    resources["backward"] = tuning.resources_of(logprob.BACKWARD_SPACE)
     for gpu in tuning.GPUS.values():
         for kernel, contexts in (("forward", 1), ("forward", 2), ("backward", 1)):
             configs = (logprob.FORWARD_CONFIGS if kernel == "forward" else logprob.BACKWARD_CONFIGS)[torch.bfloat16]
@@ -520,9 +522,10 @@ def config_model(out: Path) -> None:
                     launched = logprob.per_context(dict(config, num_stages=config.get("num_stages", 3)), c_pad)
                     feats = (("ENTROPY", True),) + ((("C_PAD", c_pad),) if kernel == "forward" else ())
                     base = dict(config, num_stages=config.get("num_stages", 3))
-                    res = tuning._resources(kernel, "bf16", tuple(base.items()), feats, gpu.arch)
+                    res = resources[kernel]("bf16", tuple(base.items()), feats, gpu.arch)
                     shape = (n, h, v, contexts) if kernel == "forward" else (rows_n, h, vc, 1)
-                    pred = tuning.predict(kernel, gpu, "bf16", launched, res, *shape)
+                    split = logprob.split_plan(shape[0], shape[1], c_pad, gpu.sms) if kernel == "forward" else None
+                    pred = tuning.predict(kernel, gpu, "bf16", launched, res, *shape, split=split)
                     slices = -(-v // vc) if kernel == "backward" else 1
                     pred["model_ms"] *= slices  # every slice of the vocabulary
                     preds.append((launched, res, pred))

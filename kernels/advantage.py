@@ -39,12 +39,13 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+from .aot import KernelSpace
 
 __all__ = ["group_advantage", "group_advantage_and_collapse"]
 
 MAX_K = 256  # rollouts per group a launch supports (one group's rewards are one program's registers)
 # The launch configs of a GPU launch: ~4K rewards per program (BLOCK_B groups × K rounded up to a power of 2), 4
-# warps; compiled for sm_80, sm_90 and sm_100 by the AOT test (kernels/aot.py).
+# warps; compiled for sm_80, sm_90 and sm_100 by the AOT test (SPACES below, kernels/aot.py).
 CONFIGS = tuple(dict(BLOCK_B=4096 // k, BLOCK_K=k) for k in (2**i for i in range(1, MAX_K.bit_length())))
 NUM_WARPS = 4
 
@@ -82,6 +83,24 @@ def _group_advantage_kernel(
         adv = centered
     tl.store(A_ptr + groups[:, None] * stride_ab + cols[None, :], adv.to(A_ptr.dtype.element_ty), mask=ok)
     tl.store(F_ptr + groups, collapsed.to(tl.int8), mask=groups < B)
+
+
+# The launch space (:class:`.aot.KernelSpace`): what the launcher below may pass the kernel.
+SPACES = (
+    KernelSpace(
+        "group_advantage",
+        _group_advantage_kernel,
+        pointers=dict(R_ptr="in", A_ptr="in", F_ptr="*i8"),
+        scalars=dict(eps="fp32"),
+        configs=tuple(dict(c, num_warps=NUM_WARPS, num_stages=3) for c in CONFIGS),
+        dtypes={
+            "fp32": ("fp32", {"COMPUTE": tl.float32}),
+            "bf16": ("fp32", {"COMPUTE": tl.float32}),
+            "fp16": ("fp32", {"COMPUTE": tl.float32}),
+        },  # float64 rewards also run (COMPUTE=fp64), not compiled here: ~30 s a case cold, 255 registers
+        features=dict(NORM_BY_STD=(True, False)),
+    ),
+)
 
 
 def group_advantage_and_collapse(

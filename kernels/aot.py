@@ -2,28 +2,28 @@
 
 Triton's wheel ships ``ptxas`` (and ``ptxas-blackwell``), ``cuobjdump`` and ``nvdisasm``, so
 ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))`` produces the
-cubin a GPU would run, with no driver. This module declares, next to nothing else, the *launch space* of every
-``@triton.jit`` kernel of the package — the launch configs its launcher can choose (the very tuples the launchers
-and ``triton.autotune`` use), the dtypes it supports and the values of its feature constexprs — compiles its cases
-and reads back what the hardware would be asked for: registers per thread, spilled bytes (local memory), shared
-memory per block, the stack frame (where ptxas puts spilled registers: ``ptxas -v`` reports "N bytes stack frame,
-N bytes spill stores" together for these kernels, which have no calls or local arrays), and whether the matmuls
-became ``wgmma`` (sm_90) / ``tcgen05`` (sm_100) / ``mma`` (sm_80).
+cubin a GPU would run, with no driver. A :class:`KernelSpace` is the *launch space* of one ``@triton.jit`` kernel —
+the launch configs its launcher can choose (the very tuples the launchers and ``triton.autotune`` use), the dtypes
+it supports and the values of its feature constexprs; each kernel module declares its spaces next to its kernels
+(``SPACES`` of :mod:`.logprob`, :mod:`.loss`, :mod:`.advantage`, gathered by :mod:`.catalog`). This module compiles
+a space's cases and reads back what the hardware would be asked for: registers per thread, spilled bytes (local
+memory), shared memory per block, the stack frame (where ptxas puts spilled registers: ``ptxas -v`` reports "N bytes
+stack frame, N bytes spill stores" together for these kernels, which have no calls or local arrays), and whether the
+matmuls became ``wgmma`` (sm_90) / ``tcgen05`` (sm_100) / ``mma`` (sm_80). It imports no kernel module.
 
 Cases of a space: every launch config × every dtype with the features at their heaviest setting (the first value
 of each, the most code), plus every other feature value one at a time on the first config and dtype. A constexpr
-of a kernel that no space names is an error (:func:`check_space`), so a new one cannot slip past the test.
+of a kernel that its space does not name is an error (:func:`check_space`), so a new one cannot slip past the test.
 
-Used by ``tests/test_kernels_aot.py`` (the limits), ``benchmarks/aot_kernels.py`` (the committed table) and the
-launch-config model of :mod:`.tuning` (occupancy from registers and shared memory). Pointers are compiled as
-16-byte aligned and the integer arguments marked ``aligned`` as multiples of 16, as a launch on torch tensors with
-H a multiple of 16 specialises them.
+Used by ``tests/test_kernels_aot.py`` (the limits, through ``python -m p2o_lightning.kernels.catalog``),
+``benchmarks/aot_kernels.py`` (the committed table) and the launch-config model of :mod:`.tuning` (occupancy from
+registers and shared memory). Pointers are compiled as 16-byte aligned and the integer arguments marked ``aligned``
+as multiples of 16, as a launch on torch tensors with H a multiple of 16 specialises them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 import re
@@ -39,7 +39,9 @@ from triton.compiler import ASTSource
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 
-__all__ = ["ARCHS", "Case", "KernelSpace", "Resources", "cases", "check_space", "compile_case", "spaces"]
+__all__ = [
+    "ARCHS", "Case", "KernelSpace", "Resources", "cases", "check_space", "compile_all", "compile_case", "find_case",
+]  # fmt: skip
 
 # arch → (name, largest shared memory per block in bytes, with the opt-in) — CUDA programming guide, table 23
 ARCHS = {
@@ -114,116 +116,6 @@ def _kernels_loaded_compiled() -> None:
         raise RuntimeError("AOT compilation needs the compiled kernels: unset TRITON_INTERPRET (run in a subprocess)")
 
 
-@functools.cache
-def spaces() -> tuple[KernelSpace, ...]:
-    """The launch space of every ``@triton.jit`` kernel of the package (entry points, not ``@jit`` helpers)."""
-    _kernels_loaded_compiled()
-    import torch
-    import triton.language as tl
-
-    from . import advantage, logprob, loss
-
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-    def by_name(configs: dict) -> dict:
-        return {names[d]: tuple(dict(c, num_stages=c.get("num_stages", 3)) for c in cs) for d, cs in configs.items()}
-
-    half = {"bf16": ("fp32", {"PRECISION": None}), "fp16": ("fp32", {"PRECISION": None}),
-            "fp32": ("fp32", {"PRECISION": "ieee"})}  # fmt: skip  # bf16 first: the feature variants
-    logprob_common = dict(dtypes=half, matmul=True, aligned=("H", "stride_hc", "stride_hn", "stride_wv", "stride_dz"))
-    loss_dtypes = {
-        "fp32": ("fp32", {"COMPUTE": tl.float32}),
-        "bf16": ("fp32", {"COMPUTE": tl.float32}),
-        "fp16": ("fp32", {"COMPUTE": tl.float32}),
-        "fp64": ("fp64", {"COMPUTE": tl.float64}),
-    }
-    loss_pointers = dict(LOGP_ptr="in", OLD_ptr="in", ADV_ptr="in", MASK_ptr="*u8", REF_ptr="in", CTX_ptr="in",
-                         PARAMS_ptr="compute")  # fmt: skip
-    loss_features = dict(
-        ADV_PER_TOKEN=(True, False), DUAL=(True, False), HAS_REF=(True, False), KL_EST=(3, 1, 2),
-        KL_IN_LOSS=(True, False), HAS_CTX=(True, False), PG_ONLY=(True, False),
-    )  # fmt: skip
-    block_ts = tuple(dict(BLOCK_T=b, num_warps=loss.NUM_WARPS, num_stages=3) for b in loss.BLOCK_TS)
-    return (
-        KernelSpace(
-            "logprob_forward",
-            logprob._logprob_forward_kernel,
-            pointers=dict(
-                H_ptr="in", W_ptr="in", TGT_ptr="*i64", MAX_ptr="*fp32", SUM_ptr="*fp32", PZ_ptr="*fp32", ZT_ptr="*fp32"
-            ),
-            scalars=dict(inv_temperature="fp32"),
-            configs=by_name(logprob.FORWARD_CONFIGS),
-            features=dict(ENTROPY=(True, False), C_PAD=(2, 1, 4), UPCAST=(False,)),
-            adapt=lambda config, feats: logprob.per_context(config, feats["C_PAD"]),
-            **logprob_common,
-        ),
-        KernelSpace(
-            "logprob_backward",
-            logprob._logprob_backward_kernel,
-            pointers=dict(
-                H_ptr="in",
-                W_ptr="in",
-                TGT_ptr="*i64",
-                LSE_ptr="*fp32",
-                PZ_ptr="*fp32",
-                G_ptr="*fp32",
-                E_ptr="*fp32",
-                DZ_ptr="in",
-            ),
-            scalars=dict(inv_temperature="fp32"),
-            configs=by_name(logprob.BACKWARD_CONFIGS),
-            features=dict(ENTROPY=(True, False), UPCAST=(False,)),
-            **logprob_common,
-        ),
-        KernelSpace(
-            "policy_loss_forward",
-            loss._policy_loss_forward_kernel,
-            pointers=dict(loss_pointers, PART_ptr="compute"),
-            configs=block_ts,
-            dtypes=loss_dtypes,
-            features=loss_features,
-        ),
-        KernelSpace(
-            "policy_loss_backward",
-            loss._policy_loss_backward_kernel,
-            pointers=dict(loss_pointers, W_ptr="compute", G_ptr="compute", GRAD_ptr="compute"),
-            configs=block_ts,
-            dtypes=loss_dtypes,
-            features=loss_features,
-        ),
-        KernelSpace(
-            "policy_loss_finalize",
-            loss._policy_loss_finalize_kernel,
-            pointers=dict(
-                PART_ptr="compute", DEN_ptr="compute", LOSS_ptr="compute", STATS_ptr="*fp32", W_ptr="compute"
-            ),
-            scalars=dict(den_value="fp32"),
-            configs=tuple(dict(BLOCK_B=b, num_warps=loss.NUM_WARPS, num_stages=3) for b in loss.BLOCK_TS),
-            dtypes={k: (c, {"COMPUTE": v["COMPUTE"]}) for k, (c, v) in loss_dtypes.items() if k in ("fp32", "fp64")},
-            features=dict(
-                AGG=(1, 0, 2),
-                HAS_DEN=(True, False),
-                DEN_TENSOR=(True, False),
-                HAS_REF=(True, False),
-                PG_ONLY=(True, False),
-            ),
-        ),  # fmt: skip
-        KernelSpace(
-            "group_advantage",
-            advantage._group_advantage_kernel,
-            pointers=dict(R_ptr="in", A_ptr="in", F_ptr="*i8"),
-            scalars=dict(eps="fp32"),
-            configs=tuple(dict(c, num_warps=advantage.NUM_WARPS, num_stages=3) for c in advantage.CONFIGS),
-            dtypes={
-                "fp32": ("fp32", {"COMPUTE": tl.float32}),
-                "bf16": ("fp32", {"COMPUTE": tl.float32}),
-                "fp16": ("fp32", {"COMPUTE": tl.float32}),
-            },  # float64 rewards also run (COMPUTE=fp64), not compiled here: ~30 s a case cold, 255 registers
-            features=dict(NORM_BY_STD=(True, False)),
-        ),  # fmt: skip
-    )
-
-
 def check_space(space: KernelSpace) -> None:
     """Raise ValueError naming every constexpr of the kernel that the space does not set, or sets twice."""
     constexprs = [p.name for p in space.kernel.params if p.is_constexpr]
@@ -242,7 +134,7 @@ def check_space(space: KernelSpace) -> None:
     if missing or unknown:
         raise ValueError(
             f"{space.name}: the launch space does not match the kernel's constexprs: missing {missing}, unknown "
-            f"{unknown}; declare every constexpr a launcher can pass in kernels/aot.py::spaces()"
+            f"{unknown}; declare every constexpr a launcher can pass in the kernel's SPACES, next to it"
         )
 
 
@@ -321,9 +213,8 @@ def compile_case(case: Case, arch: int) -> Resources:
     )  # fmt: skip
 
 
-def find_case(space_name: str, dtype: str, config: dict, features: dict) -> Case:
-    """The case of ``space_name`` with this dtype, launch config and features (the others at their heaviest)."""
-    space = next(s for s in spaces() if s.name == space_name)
+def find_case(space: KernelSpace, dtype: str, config: dict, features: dict) -> Case:
+    """The case of ``space`` with this dtype, launch config and features (the others at their heaviest)."""
     feats = {k: v[0] for k, v in space.features.items()} | features
     launched = space.adapt(dict(config), feats) if space.adapt else dict(config)
     return Case(space, launched, dtype, feats)
@@ -341,14 +232,17 @@ def ptxas_versions() -> dict[str, str]:
     return out
 
 
-def compile_all(archs: tuple[int, ...] = tuple(ARCHS), log: Callable[[str], None] | None = None) -> list[dict]:
+def compile_all(
+    spaces: tuple[KernelSpace, ...], archs: tuple[int, ...] = tuple(ARCHS), log: Callable[[str], None] | None = None
+) -> list[dict]:
     """Check every space, compile every case for every arch; one row per (case, arch), ``error`` set on failure.
 
     A cold compile takes ~0.5 s (elementwise kernels) to ~3.5 s (the matmul kernels) per case and arch on one core;
     Triton's on-disk cache (``TRITON_CACHE_DIR``) makes a rerun of unchanged kernels take seconds.
     """
+    _kernels_loaded_compiled()
     rows = []
-    for space in spaces():
+    for space in spaces:
         check_space(space)
         for case in cases(space):
             for arch in archs:
@@ -365,19 +259,3 @@ def compile_all(archs: tuple[int, ...] = tuple(ARCHS), log: Callable[[str], None
                         + (row["error"] or f"{row['registers']} regs, {row['shared_bytes']} B")
                     )
     return rows
-
-
-def main() -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="AOT-compile every kernel case; one JSON line per (case, arch)")
-    parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    rows = compile_all(tuple(args.archs))
-    args.out.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -89,6 +89,8 @@ from torch import Tensor
 from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+from .aot import KernelSpace
+from .tuning import as_config, backward_perf_model, forward_perf_model
 
 __all__ = ["linear_logprob", "linear_logprob_multi"]
 
@@ -306,6 +308,49 @@ def per_context(config: dict, c_pad: int) -> dict:
     return dict(config, BLOCK_N=max(16, config["BLOCK_N"] // c_pad))
 
 
+def _by_name(configs: dict) -> dict[str, tuple[dict, ...]]:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return {names[d]: tuple(dict(c, num_stages=c.get("num_stages", 3)) for c in cs) for d, cs in configs.items()}
+
+
+# The launch spaces (:class:`.aot.KernelSpace`): what the launchers below may pass each kernel, compiled for every
+# GPU architecture by the AOT test and read back by the performance model. bf16 first: the feature variants.
+_HALF = {"bf16": ("fp32", {"PRECISION": None}), "fp16": ("fp32", {"PRECISION": None}),
+         "fp32": ("fp32", {"PRECISION": "ieee"})}  # fmt: skip
+_COMMON = dict(dtypes=_HALF, matmul=True, aligned=("H", "stride_hc", "stride_hn", "stride_wv", "stride_dz"))
+FORWARD_SPACE = KernelSpace(
+    "logprob_forward",
+    _logprob_forward_kernel,
+    pointers=dict(
+        H_ptr="in", W_ptr="in", TGT_ptr="*i64", MAX_ptr="*fp32", SUM_ptr="*fp32", PZ_ptr="*fp32", ZT_ptr="*fp32"
+    ),
+    scalars=dict(inv_temperature="fp32"),
+    configs=_by_name(FORWARD_CONFIGS),
+    features=dict(ENTROPY=(True, False), C_PAD=(2, 1, 4), UPCAST=(False,)),
+    adapt=lambda config, feats: per_context(config, feats["C_PAD"]),
+    **_COMMON,
+)
+BACKWARD_SPACE = KernelSpace(
+    "logprob_backward",
+    _logprob_backward_kernel,
+    pointers=dict(
+        H_ptr="in",
+        W_ptr="in",
+        TGT_ptr="*i64",
+        LSE_ptr="*fp32",
+        PZ_ptr="*fp32",
+        G_ptr="*fp32",
+        E_ptr="*fp32",
+        DZ_ptr="in",
+    ),  # fmt: skip
+    scalars=dict(inv_temperature="fp32"),
+    configs=_by_name(BACKWARD_CONFIGS),
+    features=dict(ENTROPY=(True, False), UPCAST=(False,)),
+    **_COMMON,
+)
+SPACES = (FORWARD_SPACE, BACKWARD_SPACE)
+
+
 def _forward_config(n: int, v: int, h: int, c_pad: int) -> dict[str, int] | None:
     """A fixed config of the forward kernel (the interpreter's), or None: autotune over FORWARD_CONFIGS (GPU)."""
     if _interpreted():  # numpy runs one program at a time: few, large tiles
@@ -324,30 +369,59 @@ def _backward_config(rows: int, v: int) -> dict[str, int] | None:
     return None
 
 
+def prune_for_contexts(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune's early prune: the forward configs for C_PAD stacked contexts (same tile height, fewer rows each)."""
+    c_pad = kwargs.get("C_PAD", 1)
+    out = []
+    for c in configs:
+        new = per_context(dict(c.kwargs), c_pad)
+        out.append(triton.Config(new, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
 @functools.cache
 def _tuned(kernel: str, dtype: torch.dtype) -> triton.runtime.Autotuner:
-    """The autotuned forward / backward kernel for ``dtype``: the model of :mod:`.tuning` ranks the configs, autotune
-    times the TOP_K best on the device (once per key, in the process).
+    """The autotuned forward / backward kernel for ``dtype``: the model of :mod:`.tuning` ranks the configs (from the
+    AOT resources of this module's launch spaces), autotune times the TOP_K best on the device (once per key, in the
+    process).
     """
-    from . import tuning
-
     if kernel == "forward":
         fn, configs, key = _logprob_forward_kernel, FORWARD_CONFIGS[dtype], ["V", "H", "C_PAD", "ENTROPY"]
-        prune = {"early_config_prune": tuning.prune_for_contexts, "perf_model": tuning.forward_perf_model}
+        prune = {"early_config_prune": prune_for_contexts, "perf_model": forward_perf_model(FORWARD_SPACE)}
     else:
         fn, configs, key = _logprob_backward_kernel, BACKWARD_CONFIGS[dtype], ["Vc", "H", "ENTROPY"]
-        prune = {"perf_model": tuning.backward_perf_model}
-    return triton.autotune([tuning.as_config(c) for c in configs], key=key, prune_configs_by=dict(prune, top_k=TOP_K))(
-        fn
-    )
+        prune = {"perf_model": backward_perf_model(BACKWARD_SPACE)}
+    return triton.autotune([as_config(c) for c in configs], key=key, prune_configs_by=dict(prune, top_k=TOP_K))(fn)
 
 
-def _num_splits(row_blocks: int, v_tiles: int, group_n: int, device: torch.device) -> int:
-    """Vocabulary splits: one group of row blocks × the splits ≈ 2 programs per SM (1 split in the interpreter)."""
+def _sms(device: torch.device) -> int | None:
+    """The SMs of the CUDA device a launch runs on; None in the interpreter or off CUDA (one vocabulary split)."""
     if _interpreted() or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(row_blocks: int, v_tiles: int, group_n: int, sms: int | None) -> int:
+    """Vocabulary splits: one group of row blocks × the splits ≈ 2 programs per SM (1 split without ``sms``)."""
+    if sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(v_tiles, triton.cdiv(2 * sms, min(group_n, row_blocks))))
+
+
+def split_plan(n: int, v: int, c_pad: int, sms: int | None, config: dict | None = None) -> tuple[int, int]:
+    """The forward's split-V plan → (splits, vocabulary columns per split), for N rows of C_PAD contexts on a device
+    of ``sms`` SMs (None: one split), with a fixed ``config`` or (None) whichever one autotune picks.
+
+    The one place the plan is made: the launcher launches it and passes it to the kernel, where the performance
+    model of :mod:`.tuning` reads it. Under autotune the plan cannot depend on the config picked: whole SPLIT_UNIT
+    columns each (the last split partial), for a nominal 64-row tile in groups of 16 row blocks.
+    """
+    unit, block_n, group_n = (SPLIT_UNIT, max(16, 64 // c_pad), 16) if config is None else (
+        config["BLOCK_V"], config["BLOCK_N"], config["GROUP_N"])  # fmt: skip
+    v_units = triton.cdiv(v, unit)
+    splits = _num_splits(triton.cdiv(n, block_n), v_units, group_n, sms)
+    cols_per_split = unit * triton.cdiv(v_units, min(splits, v_units))
+    return triton.cdiv(v, cols_per_split), cols_per_split  # every split starts on a column < V
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -368,13 +442,7 @@ def linear_logprob_forward(
     v = weight.shape[0]
     c_pad = triton.next_power_of_2(n_ctx)
     config = _forward_config(n, v, h, c_pad)
-    # the splits do not depend on the config autotune picks: whole SPLIT_UNIT columns each, the last one partial
-    unit, block_n, group_n = (SPLIT_UNIT, max(16, 64 // c_pad), 16) if config is None else (
-        config["BLOCK_V"], config["BLOCK_N"], config["GROUP_N"])  # fmt: skip
-    v_units = triton.cdiv(v, unit)
-    splits = _num_splits(triton.cdiv(n, block_n), v_units, group_n, hidden.device)
-    cols_per_split = unit * triton.cdiv(v_units, min(splits, v_units))
-    splits = triton.cdiv(v, cols_per_split)  # every split starts on a column < V
+    splits, cols_per_split = split_plan(n, v, c_pad, _sms(hidden.device), config)
 
     part = torch.empty(4 if return_entropy else 3, splits, n_ctx * n, device=hidden.device, dtype=torch.float32)
     part_max, part_sum, part_zt = part[0], part[1], part[2]  # each (S, C·N)

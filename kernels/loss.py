@@ -64,6 +64,7 @@ from torch import Tensor
 from p2o_lightning.ops import _KL_ESTIMATORS, _LOSS_AGGS, check_policy_loss_args
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+from .aot import KernelSpace
 
 __all__ = ["policy_loss"]
 
@@ -407,10 +408,54 @@ def _interpreted() -> bool:
 
 
 # The launch configs of a GPU launch (tokens / sequences per step of a program's loop, 4 warps): compiled for sm_80,
-# sm_90 and sm_100 by the AOT test (kernels/aot.py). Below 128 a tile would leave threads idle anyway; 1024 spilled
+# sm_90 and sm_100 by the AOT test (SPACES below). Below 128 a tile would leave threads idle anyway; 1024 spilled
 # (float64 forward: 656 bytes a thread; finalize).
 BLOCK_TS = (128, 256, 512)
 NUM_WARPS = 4
+
+# The launch spaces (:class:`.aot.KernelSpace`): what the launchers below may pass each kernel.
+_DTYPES = {
+    "fp32": ("fp32", {"COMPUTE": tl.float32}),
+    "bf16": ("fp32", {"COMPUTE": tl.float32}),
+    "fp16": ("fp32", {"COMPUTE": tl.float32}),
+    "fp64": ("fp64", {"COMPUTE": tl.float64}),
+}
+_POINTERS = dict(LOGP_ptr="in", OLD_ptr="in", ADV_ptr="in", MASK_ptr="*u8", REF_ptr="in", CTX_ptr="in",
+                 PARAMS_ptr="compute")  # fmt: skip
+_FEATURES = dict(
+    ADV_PER_TOKEN=(True, False), DUAL=(True, False), HAS_REF=(True, False), KL_EST=(3, 1, 2),
+    KL_IN_LOSS=(True, False), HAS_CTX=(True, False), PG_ONLY=(True, False),
+)  # fmt: skip
+_BLOCK_T_CONFIGS = tuple(dict(BLOCK_T=b, num_warps=NUM_WARPS, num_stages=3) for b in BLOCK_TS)
+SPACES = (
+    KernelSpace(
+        "policy_loss_forward",
+        _policy_loss_forward_kernel,
+        pointers=dict(_POINTERS, PART_ptr="compute"),
+        configs=_BLOCK_T_CONFIGS,
+        dtypes=_DTYPES,
+        features=_FEATURES,
+    ),
+    KernelSpace(
+        "policy_loss_backward",
+        _policy_loss_backward_kernel,
+        pointers=dict(_POINTERS, W_ptr="compute", G_ptr="compute", GRAD_ptr="compute"),
+        configs=_BLOCK_T_CONFIGS,
+        dtypes=_DTYPES,
+        features=_FEATURES,
+    ),
+    KernelSpace(
+        "policy_loss_finalize",
+        _policy_loss_finalize_kernel,
+        pointers=dict(PART_ptr="compute", DEN_ptr="compute", LOSS_ptr="compute", STATS_ptr="*fp32", W_ptr="compute"),
+        scalars=dict(den_value="fp32"),
+        configs=tuple(dict(BLOCK_B=b, num_warps=NUM_WARPS, num_stages=3) for b in BLOCK_TS),
+        dtypes={k: (c, {"COMPUTE": v["COMPUTE"]}) for k, (c, v) in _DTYPES.items() if k in ("fp32", "fp64")},
+        features=dict(
+            AGG=(1, 0, 2), HAS_DEN=(True, False), DEN_TENSOR=(True, False), HAS_REF=(True, False), PG_ONLY=(True, False)
+        ),
+    ),
+)
 
 
 def _block_t(t: int) -> int:

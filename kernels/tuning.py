@@ -3,6 +3,8 @@ r"""The launch-config model of the log-prob kernels: bytes moved, FLOPs and occu
 ``triton.autotune`` would time every config on first use; with this model as its ``perf_model`` it times only
 the ``TOP_K`` configs the model ranks first (:mod:`.logprob`), and ``bench_logprob.py --model-gpu`` prints the
 model's predictions for the A100, H100 and H200 — **a model, not a measurement**: no GPU was at hand to fit it.
+The launcher hands the model what it needs — the kernel's launch space (:func:`forward_perf_model`) and the forward's
+split plan, which it passes the kernel (:func:`.logprob.split_plan`) — so this module never imports it.
 
 Per config, with the registers and shared memory the AOT compile reports for the device's architecture
 (:mod:`.aot`)::
@@ -28,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import triton
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 
-__all__ = ["GPUS", "GPU", "as_config", "backward_perf_model", "forward_perf_model", "predict", "prune_for_contexts"]
+__all__ = ["GPUS", "GPU", "as_config", "backward_perf_model", "forward_perf_model", "predict", "resources_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +67,6 @@ def as_config(config: dict) -> triton.Config:
     return triton.Config(kwargs, num_warps=config["num_warps"], num_stages=config.get("num_stages", 3))
 
 
-def prune_for_contexts(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune's early prune: the forward configs for C_PAD stacked contexts (same tile height, fewer rows each)."""
-    from .logprob import per_context
-
-    c_pad = kwargs.get("C_PAD", 1)
-    out = []
-    for c in configs:
-        new = per_context(dict(c.kwargs), c_pad)
-        out.append(triton.Config(new, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
-
-
 def occupancy(gpu: GPU, registers: int, shared: int, warps: int) -> int:
     """Programs resident per SM, from the AOT resource numbers (registers allocated in units of 8 per thread)."""
     regs = max(8, math.ceil(registers / 8) * 8)
@@ -84,12 +75,14 @@ def occupancy(gpu: GPU, registers: int, shared: int, warps: int) -> int:
     return max(0, min(by_regs, by_smem, gpu.max_warps_per_sm // warps, 32))
 
 
-def predict(kernel: str, gpu: GPU, dtype: str, config: dict, resources, n: int, v: int, h: int, c: int = 1) -> dict:
-    """Predicted time and its terms for one launch of the forward (``kernel="forward"``, C contexts of N rows) or the
-    ∂L/∂z kernel (``"backward"``, N rows × V columns of one slice) with ``config`` (after :func:`per_context`).
+def predict(
+    kernel: str, gpu: GPU, dtype: str, config: dict, resources, n: int, v: int, h: int, c: int = 1,
+    split: tuple[int, int] | None = None,
+) -> dict:  # fmt: skip
+    """Predicted time and its terms for one launch of the forward (``kernel="forward"``, C contexts of N rows, its
+    ``split`` plan (splits, columns per split) from :func:`.logprob.split_plan`) or the ∂L/∂z kernel (``"backward"``,
+    N rows × V columns of one slice) with ``config`` (after :func:`.logprob.per_context`).
     """
-    from .logprob import SPLIT_UNIT
-
     e = _ESIZE[dtype]
     block_n, block_v, group = config["BLOCK_N"], config["BLOCK_V"], config["GROUP_N"]
     warps = config["num_warps"]
@@ -98,10 +91,7 @@ def predict(kernel: str, gpu: GPU, dtype: str, config: dict, resources, n: int, 
     row_blocks = triton.cdiv(n, block_n)
     resident = occupancy(gpu, resources.registers, resources.shared_bytes, warps)
     if kernel == "forward":  # the launcher's split plan
-        units = triton.cdiv(v, SPLIT_UNIT)
-        splits = max(1, min(units, triton.cdiv(2 * gpu.sms, min(16, triton.cdiv(n, max(16, 64 // c_pad))))))
-        cols_per_split = SPLIT_UNIT * triton.cdiv(units, splits)
-        splits = triton.cdiv(v, cols_per_split)
+        splits, cols_per_split = split
         programs = row_blocks * splits
         tiles = programs * triton.cdiv(cols_per_split, block_v)
         out_bytes = 16 * c * n * splits
@@ -156,12 +146,18 @@ def _device_gpu() -> GPU:
     )  # fmt: skip
 
 
-@functools.cache
-def _resources(kernel: str, dtype: str, config: tuple, features: tuple, arch: int):
-    from . import aot
+def resources_of(space):
+    """The AOT resources of ``space``'s cases for an arch: ``(dtype, config items, feature items, arch) →``
+    :class:`.aot.Resources`, compiled once per case in the process.
+    """
 
-    case = aot.find_case(f"logprob_{kernel}", dtype, dict(config), dict(features))
-    return aot.compile_case(case, arch)
+    @functools.cache
+    def resources(dtype: str, config: tuple, features: tuple, arch: int):
+        from . import aot
+
+        return aot.compile_case(aot.find_case(space, dtype, dict(config), dict(features)), arch)
+
+    return resources
 
 
 def _dtype_name(tensor) -> str:
@@ -175,20 +171,34 @@ def _config_of(kwargs: dict) -> dict:
     return {k: kwargs[k] for k in keys}
 
 
-def forward_perf_model(**kwargs) -> float:
-    """Autotune's perf_model for the forward kernel: the predicted ms (smaller is better)."""
-    gpu, dtype = _device_gpu(), _dtype_name(kwargs["H_ptr"])
-    config = _config_of(kwargs)
-    # the AOT case's BLOCK_N is per context after per_context(): recover the one-context BLOCK_N it came from
-    base = dict(config, BLOCK_N=config["BLOCK_N"] * kwargs["C_PAD"])
-    feats = (("ENTROPY", kwargs["ENTROPY"]), ("C_PAD", kwargs["C_PAD"]))
-    res = _resources("forward", dtype, tuple(base.items()), feats, gpu.arch)
-    return predict("forward", gpu, dtype, config, res, kwargs["N"], kwargs["V"], kwargs["H"], kwargs["C"])["model_ms"]
+def forward_perf_model(space) -> Callable[..., float]:
+    """Autotune's perf_model for the forward kernel of ``space``: the predicted ms (smaller is better) of a launch,
+    with the split plan the launcher passed the kernel (``n_splits``, ``cols_per_split``).
+    """
+    resources = resources_of(space)
+
+    def model(**kwargs) -> float:
+        gpu, dtype = _device_gpu(), _dtype_name(kwargs["H_ptr"])
+        config = _config_of(kwargs)
+        # the AOT case's BLOCK_N is per context after per_context(): recover the one-context BLOCK_N it came from
+        base = dict(config, BLOCK_N=config["BLOCK_N"] * kwargs["C_PAD"])
+        feats = (("ENTROPY", kwargs["ENTROPY"]), ("C_PAD", kwargs["C_PAD"]))
+        res = resources(dtype, tuple(base.items()), feats, gpu.arch)
+        split = (kwargs["n_splits"], kwargs["cols_per_split"])
+        n, v, h, c = kwargs["N"], kwargs["V"], kwargs["H"], kwargs["C"]
+        return predict("forward", gpu, dtype, config, res, n, v, h, c, split=split)["model_ms"]
+
+    return model
 
 
-def backward_perf_model(**kwargs) -> float:
-    """Autotune's perf_model for the ∂L/∂z kernel: the predicted ms of one vocabulary slice."""
-    gpu, dtype = _device_gpu(), _dtype_name(kwargs["H_ptr"])
-    config = _config_of(kwargs)
-    res = _resources("backward", dtype, tuple(config.items()), (("ENTROPY", kwargs["ENTROPY"]),), gpu.arch)
-    return predict("backward", gpu, dtype, config, res, kwargs["R"], kwargs["Vc"], kwargs["H"])["model_ms"]
+def backward_perf_model(space) -> Callable[..., float]:
+    """Autotune's perf_model for the ∂L/∂z kernel of ``space``: the predicted ms of one vocabulary slice."""
+    resources = resources_of(space)
+
+    def model(**kwargs) -> float:
+        gpu, dtype = _device_gpu(), _dtype_name(kwargs["H_ptr"])
+        config = _config_of(kwargs)
+        res = resources(dtype, tuple(config.items()), (("ENTROPY", kwargs["ENTROPY"]),), gpu.arch)
+        return predict("backward", gpu, dtype, config, res, kwargs["R"], kwargs["Vc"], kwargs["H"])["model_ms"]
+
+    return model

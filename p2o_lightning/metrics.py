@@ -1,7 +1,8 @@
 """Metrics of a GRPO batch that need care across ranks: the collapse rate of P²O's premise.
 
-A group (the K rollouts of one prompt) has *collapsed* when its rewards have no spread: every advantage is zero and
-the prompt contributes no gradient. ``all_wrong`` groups are P²O's hard samples; ``all_right`` ones are already
+A group (the K rollouts of one prompt) has *collapsed* when its rewards have no spread
+(:func:`p2o_lightning.ops.collapsed_groups`, the one definition): every advantage is zero and the prompt contributes
+no gradient. ``all_wrong`` groups are P²O's hard samples; ``all_right`` ones are already
 solved. The metric sums counts across ranks (torchmetrics ``dist_reduce_fx="sum"``) before dividing.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from p2o_lightning.ops import collapsed_groups
 
 
 class CollapseRate(Metric):
@@ -33,7 +36,7 @@ class CollapseRate(Metric):
         correct = rewards >= self.success_threshold
         self.all_wrong += (~correct).all(dim=1).sum()
         self.all_right += correct.all(dim=1).sum()
-        self.collapsed += (rewards == rewards[:, :1]).all(dim=1).sum()
+        self.collapsed += collapsed_groups(rewards).sum()
         self.groups += rewards.shape[0]
 
     def compute(self) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from torch import nn
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import get_ops
+from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,
     context_length,
@@ -36,14 +37,14 @@ from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
-from p2o_lightning.step.distill import needs_context_logp, reprompt
+from p2o_lightning.step.distill import reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logprobs, rollout_mismatch
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
 from p2o_lightning.step.sample import make_engine, sample_rows
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
-from p2o_lightning.step.update import LossSettings, OptimizerStep, PPOSettings, PPOUpdate, lr_schedule, total_updates
+from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
 from p2o_lightning.tasks import get_task
 
 __all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm", "resolve_model_path"]
@@ -185,7 +186,7 @@ class P2OModule(L.LightningModule):
         # P²O: prompt text -> the K templates its rollouts are sampled with (set by P2OCallback, keyed by content)
         self.template_assignments: dict[str, list[str]] = {}
         self.val_metrics = nn.ModuleDict()
-        self._optimizer_step = OptimizerStep(self, max_grad_norm)
+        self._optimizer_step = OptimizerStep(max_grad_norm)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -257,7 +258,8 @@ class P2OModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._optimizer_step.clip(optimizer)  # inside opt.step(), after the fp16 GradScaler unscaled the gradients
+        # inside opt.step(), after the fp16 GradScaler unscaled the gradients
+        self._optimizer_step.clip(self.policy.parameters(), self.trainer, self._where())
 
     def _where(self) -> str:
         return f"at global step {self.global_step} (rollout step {self.rollout_steps})"
@@ -311,24 +313,27 @@ class P2OModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None
-        with_context = needs_context_logp(rollouts, hp.context_ratio_bounds, hp.anchor_weight)
-        # one update: π_old = π_θ detached, from the update's forward (TIS needs π_old before the update)
-        need_old = hp.tis_cap is not None or not self.ppo.fuses_old_logprobs(rollouts)
-        rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, self.ppo.logprob, need_old, with_context)
-        rollouts = apply_tis(rollouts, hp.tis_cap)  # truncated importance sampling (with tis_cap)
+        plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
+        lp = self.ppo.logprob
+        rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context)
+        mismatch = None
+        if plan.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
+            mismatch, tis = rollout_mismatch(rollouts, hp.tis_cap)
+            rollouts = apply_tis(rollouts, tis)
         times["logprob"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         opt = self.optimizers()
+        optimizer_step = partial(self._optimizer_step, opt, self.lr_schedulers())  # -> (grad norm, skipped)
         stats, rollouts = self.ppo(
-            rollouts, self.policy, ops, self.manual_backward, opt.zero_grad, self._optimizer_step, self._where
+            rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where
         )
         self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         times["update"] = time.perf_counter() - t0
         self.rollout_steps += 1
 
         metrics = train_metrics(rollouts, times, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
-        stats.update(rollout_mismatch(rollouts, hp.tis_cap)[0])  # π_old vs π_rollout
+        stats.update(mismatch if mismatch is not None else rollout_mismatch(rollouts, None)[0])  # the update's π_old
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
         metrics.update(sampling_metrics(seen, rounds))

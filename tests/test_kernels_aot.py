@@ -36,9 +36,8 @@ def rows(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "aot.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(aot_cache_dir()))
-    proc = subprocess.run(
-        [sys.executable, "-m", "p2o_lightning.kernels.aot", "--out", str(out)], env=env, capture_output=True, text=True
-    )
+    command = [sys.executable, "-m", "p2o_lightning.kernels.catalog", "--out", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -89,8 +88,8 @@ def test_a_kernel_constexpr_missing_from_its_space_is_named():
     """check_space fails on a space that forgets a constexpr (what a new kernel option without AOT rows would be)."""
     code = (
         "import dataclasses\n"
-        "from p2o_lightning.kernels import aot\n"
-        "space = next(s for s in aot.spaces() if s.name == 'policy_loss_forward')\n"
+        "from p2o_lightning.kernels import aot, catalog\n"
+        "space = next(s for s in catalog.spaces() if s.name == 'policy_loss_forward')\n"
         "feats = {k: v for k, v in space.features.items() if k != 'PG_ONLY'}\n"
         "aot.check_space(dataclasses.replace(space, features=feats))\n"
     )
@@ -124,11 +123,13 @@ tuning._device_gpu = lambda: tuning.GPUS["H100"]
 fwd = logprob._tuned("forward", torch.bfloat16)
 class Hidden:
     dtype = torch.bfloat16
-pruned = tuning.prune_for_contexts(fwd.configs, {}, C_PAD=2)
-args = dict(H_ptr=Hidden(), N=16384, V=151936, H=4096, C=2, C_PAD=2, ENTROPY=True)
+pruned = fwd.early_config_prune(fwd.configs, {}, C_PAD=2)
+n_splits, cols_per_split = logprob.split_plan(16384, 151936, 2, tuning.GPUS["H100"].sms)
+args = dict(H_ptr=Hidden(), N=16384, V=151936, H=4096, C=2, C_PAD=2, ENTROPY=True, n_splits=n_splits,
+            cols_per_split=cols_per_split)
 print(json.dumps({"keys": fwd.keys, "top_k": fwd.configs_top_k, "n_configs": len(fwd.configs),
                   "block_n": [c.kwargs["BLOCK_N"] for c in pruned],
-                  "ms": [tuning.forward_perf_model(**args, **c.all_kwargs()) for c in pruned]}))
+                  "ms": [fwd.perf_model(**args, **c.all_kwargs()) for c in pruned]}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(aot_cache_dir()))

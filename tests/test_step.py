@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from p2o_lightning.module import P2OModule  # noqa: E402
 from p2o_lightning.ops import get_ops  # noqa: E402
+from p2o_lightning.optim import OptimizerStep  # noqa: E402
 from p2o_lightning.rollout import SamplingParams  # noqa: E402
 from p2o_lightning.step.distill import reprompt  # noqa: E402
 from p2o_lightning.step.logprobs import token_logprobs  # noqa: E402
 from p2o_lightning.step.sample import sample_rollouts  # noqa: E402
 from p2o_lightning.step.stats import UpdateStats, rank_reduction, reduction  # noqa: E402
-from p2o_lightning.step.update import OptimizerStep  # noqa: E402
 from p2o_lightning.tasks.addition import world_splits  # noqa: E402
 
 
@@ -177,24 +177,20 @@ def test_optimizer_step_clips_with_the_fsdp1_roots_norm(monkeypatch):
     _FakeFSDP1Root.__init__(root, global_norm=5.0)
     policy = torch.nn.Module()
     policy.p = params[0]
-    module = SimpleNamespace(
-        policy=policy,
-        trainer=SimpleNamespace(strategy=SimpleNamespace(model=root), precision_plugin=SimpleNamespace()),
-        _where=lambda: "at global step 0",
-    )
-    step = OptimizerStep(module, max_grad_norm=1.0)
-    step.clip(optimizer=None)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=root), precision_plugin=SimpleNamespace())
+    step = OptimizerStep(max_grad_norm=1.0)
+    step.clip(policy.parameters(), trainer, "at global step 0")
     assert root.calls == [1.0] and step.grad_norm == 5.0  # the root clipped, by the global norm
     torch.testing.assert_close(params[0].grad, torch.full((3,), 2.0))  # torch.nn.utils did not clip the shard
     # without FSDP1 the plain clip runs: norm √12, clipped to 1
-    module.trainer.strategy.model = policy
-    step.clip(optimizer=None)
+    trainer.strategy.model = policy
+    step.clip(policy.parameters(), trainer, "at global step 0")
     assert step.grad_norm == pytest.approx(12**0.5)
     torch.testing.assert_close(params[0].grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
     # a non-finite norm stops training (no GradScaler), naming the step
     params[0].grad = torch.tensor([float("inf"), 0.0, 0.0])
     with pytest.raises(FloatingPointError, match="non-finite gradient norm .* at global step 0"):
-        step.clip(optimizer=None)
+        step.clip(policy.parameters(), trainer, "at global step 0")
 
 
 def test_fp16_overflow_skips_the_step_and_logs_it(tiny_world, tmp_path):

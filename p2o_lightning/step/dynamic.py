@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from p2o_lightning.ops import collapsed_groups
 from p2o_lightning.step.batch import RolloutBatch, cat_batches
 
 DYNAMIC_SAMPLING = ("off", "filter")
@@ -37,8 +38,8 @@ def check_dynamic_sampling(mode: str, max_rounds: int, datamodule=None) -> None:
 
 
 def informative_groups(rewards: torch.Tensor) -> list[bool]:
-    """[G] the group's K rewards are not all equal (``rewards``: [G, K])."""
-    return (rewards != rewards[:, :1]).any(dim=1).tolist()
+    """[G] the group's K rewards are not all equal (``rewards``: [G, K]; :func:`p2o_lightning.ops.collapsed_groups`)."""
+    return (~collapsed_groups(rewards)).tolist()
 
 
 def dynamic_sample(

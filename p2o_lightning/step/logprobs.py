@@ -4,9 +4,11 @@ One pass over the rows in micro-batches. When some row is distilled (trained und
 each micro-batch runs the decoder on both prompts and scores both contexts with **one** ``linear_logprob_multi``
 call, so the LM head weight is streamed once for log π(y|x) and log π(y|t(x)) (both backends; the Triton kernel
 multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The reference model (only when
-``kl_coef > 0``) is a second pass. When the PPO update is a single one (``PPOUpdate.fuses_old_logprobs``), π_old
-is π_θ at that update, detached: the update's forward gives it and the context, and this stage computes only the
-reference. The engine's sampling log-probs are compared with π_old here too (:func:`rollout_mismatch`, TIS).
+``kl_coef > 0``) is a second pass. Which passes run is the step's :class:`~p2o_lightning.step.update.LogProbPlan`
+(``PPOUpdate.plan``): when the PPO update is a single one, π_old is π_θ at that update, detached, the update's
+forward gives it and the context, and this stage computes only the reference. The engine's sampling log-probs are
+compared with π_old once it is known (:func:`rollout_mismatch`: before the update, where TIS weights the
+advantages, :func:`apply_tis`; after it when the update gives π_old).
 """
 
 from __future__ import annotations
@@ -130,8 +132,10 @@ def rollout_mismatch(batch: RolloutBatch, tis_cap: float | None) -> tuple[dict[s
     return stats, tis
 
 
-def apply_tis(batch: RolloutBatch, tis_cap: float | None) -> RolloutBatch:
-    """With ``tis_cap``, per-token advantages [M, R] weighted by the TIS weights: w·pg equals pg with w·A, as w > 0."""
-    if tis_cap is None:
+def apply_tis(batch: RolloutBatch, tis: Tensor | None) -> RolloutBatch:
+    """Per-token advantages [M, R] weighted by the TIS weights ``tis`` of :func:`rollout_mismatch` (None: unchanged):
+    w·pg equals pg with w·A, as w > 0.
+    """
+    if tis is None:
         return batch
-    return batch.with_(advantages=batch.advantages[:, None] * rollout_mismatch(batch, tis_cap)[1])
+    return batch.with_(advantages=batch.advantages[:, None] * tis)

@@ -23,8 +23,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from p2o_lightning.ops import context_ratio_mask
+from p2o_lightning.ops import collapsed_groups
 from p2o_lightning.step.batch import RolloutBatch
+from p2o_lightning.step.distill import context_mask
 
 REDUCTIONS: dict[str, str] = {
     # the PPO loss and its terms (ops.policy_loss's stats)
@@ -163,7 +164,7 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
     in_group = groups.repeat_interleave(K)  # [M]
     flat = rewards.view(-1)
     plain_in_group = in_group & ~rows
-    rescued = groups & (rewards != rewards[:, :1]).any(dim=1)
+    rescued = groups & ~collapsed_groups(rewards)
     metrics = {
         "p2o/templated_share": groups.float().mean(),
         "p2o/templated_success": flat[rows].mean() if rows.any() else zero,
@@ -173,8 +174,9 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
     }
     first4, rest = zero, zero
     distilled = batch.distilled  # [M]
-    if context_ratio_bounds is not None and batch.context_logp is not None and distilled.any():
-        cut = (~context_ratio_mask(batch.old_logp, batch.context_logp, *context_ratio_bounds)).float() * mask
+    kept = context_mask(batch, context_ratio_bounds)  # [M, R] or None
+    if kept is not None and distilled.any():
+        cut = (~kept).float() * mask
         cut, resp = cut[distilled], mask[distilled]  # [M, R] → the distilled rows
         first4 = cut[:, :4].sum() / resp[:, :4].sum().clamp(min=1)
         rest = cut[:, 4:].sum() / resp[:, 4:].sum().clamp(min=1)
@@ -188,8 +190,8 @@ def p2o_metrics(batch: RolloutBatch, context_ratio_bounds: tuple[float, float] |
 
 def sampling_metrics(seen: RolloutBatch, rounds: int) -> dict[str, float]:
     """Dynamic sampling: the rounds run and the groups without reward spread among all sampled (1 and 0 when off)."""
-    informative = (seen.rewards != seen.rewards[:, :1]).any(dim=1)
-    return {"train/sampling_rounds": float(rounds), "train/dropped_groups": float((~informative).sum())}
+    dropped = collapsed_groups(seen.rewards)  # [G]
+    return {"train/sampling_rounds": float(rounds), "train/dropped_groups": float(dropped.sum())}
 
 
 def log_step(module, metrics: Mapping[str, Tensor | float], rewards: Tensor) -> None:

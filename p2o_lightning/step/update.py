@@ -11,8 +11,9 @@ as TRL and verl do), the entropy and, for distilled rows, log π(y|t(x)) come fr
 ``linear_logprob_multi`` call. The one exception is the ``tokens`` scope of the context ratio mask, whose token-mean
 divides by the tokens the mask keeps: those are known only from π_old, so the old pass runs first.
 
-Gradient clipping and the non-finite checks live with the optimizer step (the module's ``optimizer_step``
-callable, see :func:`clip_grad_norm`); a step that the fp16 GradScaler skipped is counted, not fatal.
+Gradient clipping and the non-finite checks live with the optimizer step (the ``optimizer_step`` callable the
+module passes, :class:`p2o_lightning.optim.OptimizerStep`); a step that the fp16 GradScaler skipped is counted, not
+fatal.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.distill import anchor_mask, needs_context_logp
+from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
 from p2o_lightning.step.stats import UpdateStats
 
@@ -93,41 +94,25 @@ class PPOSettings:
             )
 
 
+@dataclass(frozen=True)
+class LogProbPlan:
+    """The log-prob passes of one step, decided once (:meth:`PPOUpdate.plan`): the log-prob stage and the update
+    both read it.
+    """
+
+    old_pass: bool  # the log-prob stage computes π_old (+ entropy) of every row; else the update's forward gives it
+    context: bool  # some row is distilled and log π(y|t(x)) is needed (ratio mask, rollout mismatch, anchor)
+    anchored: bool  # the skill anchor: the update needs log π(y|t(x)) of the distilled rows with a gradient
+
+    @property
+    def update_context(self) -> bool:
+        """The update's forward also scores the sampled prompts: π_old's context when it gives π_old, or the anchor."""
+        return (not self.old_pass and self.context) or self.anchored
+
+
 def single_update(settings: PPOSettings, num_groups: int) -> bool:
     """One PPO epoch and one mini-batch: π_old = π_θ at the only update (no separate old log-prob pass needed)."""
     return settings.ppo_epochs == 1 and (settings.mini_batch_groups is None or settings.mini_batch_groups >= num_groups)
-
-
-def lr_schedule(optimizer, warmup: float, total: int, cosine: bool) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` updates (a value in (0, 1): a share of ``total``), then constant or cosine."""
-    warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if not cosine or total <= warmup:
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def clip_grad_norm(params: list[Tensor], max_norm: float | None, fsdp_root=None) -> float:
-    """Clip the global gradient norm to ``max_norm`` (None or 0: measure only) and return the norm before clipping.
-
-    Under FSDP1 (``fsdp_root``: the ``FullyShardedDataParallel`` root the strategy wrapped) each rank holds a flat
-    shard of every gradient, so ``torch.nn.utils.clip_grad_norm_`` would clip each rank by its own shard's norm: the
-    root's ``clip_grad_norm_`` all-reduces the shards' squared norms first. Under FSDP2 the gradients are DTensors
-    and the norm is one too (its ``full_tensor`` is the global norm); under DDP they are already all-reduced.
-    """
-    max_norm = max_norm or float("inf")
-    if fsdp_root is not None:
-        norm = fsdp_root.clip_grad_norm_(max_norm)
-    else:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 class PPOUpdate:
@@ -147,9 +132,21 @@ class PPOUpdate:
         tokens_scope = self.loss.context_mask_scope == "tokens" and self.loss.context_ratio_bounds is not None
         return single_update(self.settings, batch.num_groups) and not (batch.reprompted and tokens_scope)
 
+    def plan(self, batch: RolloutBatch, tis_cap: float | None) -> LogProbPlan:
+        """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
+        update), the context log-probs when a row is distilled and something reads them, the anchor's.
+        """
+        anchor = self.settings.anchor_weight
+        return LogProbPlan(
+            old_pass=tis_cap is not None or not self.fuses_old_logprobs(batch),
+            context=needs_context_logp(batch, self.loss.context_ratio_bounds, anchor),
+            anchored=anchor > 0 and batch.reprompted,
+        )
+
     def __call__(
         self,
         batch: RolloutBatch,
+        plan: LogProbPlan,
         policy,
         ops,
         backward: Callable[[Tensor], None],
@@ -162,9 +159,9 @@ class PPOUpdate:
         G, K = batch.num_groups, batch.group_size
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
-        fused_old = batch.old_logp is None  # single update: π_old comes from this forward
-        anchored = s.anchor_weight > 0 and batch.reprompted  # the skill anchor needs log π(y|t(x)) with grad
-        with_context = (fused_old and needs_context_logp(batch, bounds)) or anchored
+        fused_old = not plan.old_pass  # single update: π_old comes from this forward
+        anchored = plan.anchored  # the skill anchor needs log π(y|t(x)) with grad
+        with_context = plan.update_context
         anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
@@ -176,8 +173,9 @@ class PPOUpdate:
             for group_ids in groups.split(s.mini_batch_groups or G):
                 rows = (group_ids[:, None] * K + torch.arange(K)).flatten().to(device)  # [mini·K]
                 kept = mask[rows]  # [mini·K, R] the tokens a token-mean divides by
-                if bounds and batch.context_logp is not None and self.loss.context_mask_scope == "tokens":  # cut
-                    kept = kept * ops.context_ratio_mask(batch.old_logp[rows], batch.context_logp[rows], *bounds)
+                keep = context_mask(batch, bounds, rows) if self.loss.context_mask_scope == "tokens" else None
+                if keep is not None:  # the tokens scope: a token the context ratio mask drops leaves the mean
+                    kept = kept * keep
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
                 for micro in rows.split(lp.micro_batch_size):
@@ -223,50 +221,3 @@ class PPOUpdate:
         if fused_old:
             batch = batch.with_(old_logp=old_all, entropy=entropy_all, context_logp=context_all)
         return stats.result(), batch
-
-
-class OptimizerStep:
-    """One optimizer step of a manually optimised module: clip, check, step, schedule.
-
-    Lightning runs the module's ``on_before_optimizer_step`` inside ``opt.step()``, after the fp16 GradScaler has
-    unscaled the gradients: :meth:`clip` is called there, so the norm is of the true gradients (clipping before
-    ``opt.step()`` would clip scaled ones). A non-finite norm stops training, unless a GradScaler will skip the
-    step and lower its scale: then the step is counted as skipped and the LR schedule does not advance.
-    """
-
-    def __init__(self, module, max_grad_norm: float | None) -> None:
-        self.module = module
-        self.max_grad_norm = max_grad_norm
-        self.grad_norm = 0.0
-
-    def clip(self, optimizer) -> None:
-        module = self.module
-        from torch.distributed.fsdp import FullyShardedDataParallel  # FSDP1
-
-        root = module.trainer.strategy.model  # FSDP1 wraps the LightningModule: the root knows the global norm
-        root = root if isinstance(root, FullyShardedDataParallel) else None
-        params = [p for p in module.policy.parameters() if p.grad is not None]
-        self.grad_norm = clip_grad_norm(params, self.max_grad_norm, root)
-        scaled = getattr(module.trainer.precision_plugin, "scaler", None) is not None
-        if not math.isfinite(self.grad_norm) and not scaled:
-            raise FloatingPointError(
-                f"non-finite gradient norm ({self.grad_norm}) {module._where()}; stopping before the optimizer "
-                "step, no checkpoint is written"
-            )
-
-    def __call__(self) -> tuple[float, bool]:
-        """Returns (gradient norm before clipping, whether the GradScaler skipped the step)."""
-        self.module.optimizers().step()
-        skipped = not math.isfinite(self.grad_norm)  # reached only under a GradScaler, which skipped the step
-        if not skipped:
-            self.module.lr_schedulers().step()
-        return self.grad_norm, skipped
-
-
-def total_updates(trainer, ppo_epochs: int, mini_batch_size: int | None) -> int:
-    """Optimizer steps of the whole run (``max_steps`` counts them under manual optimisation)."""
-    if trainer.max_steps and trainer.max_steps > 0:
-        return trainer.max_steps
-    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None) or 1
-    per_batch = ppo_epochs * math.ceil(batch / (mini_batch_size or batch))
-    return max(1, int(trainer.estimated_stepping_batches) * per_batch)

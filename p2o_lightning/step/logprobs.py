@@ -7,6 +7,14 @@ multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The 
 ``kl_coef > 0``) is a second pass. When the PPO update is a single one (``PPOUpdate.fuses_old_logprobs``), π_old
 is π_θ at that update, detached: the update's forward gives it and the context, and this stage computes only the
 reference. The engine's sampling log-probs are compared with π_old here too (:func:`rollout_mismatch`, TIS).
+
+**Trimmed micro-batches.** Each forward (:func:`forward_rows`, this stage's and the update's) runs on its rows'
+own widths, not the batch's: the prompt columns that are left padding in every row of the micro-batch and the
+response columns past its longest response are dropped (:func:`trimmed_widths`), and the [m, R'] outputs are padded
+back to [m, R] with zeros, which is what the padded forward gives there (masked targets score 0 log-prob and 0
+entropy). Positions are numbered from the attention mask (``PolicyLogProb``: cumsum − 1), so dropping columns that
+are padding everywhere changes no position and no attention; the results equal the padded forward's up to float
+rounding (``LogProbSettings.trim=False`` runs it at full width).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from p2o_lightning.ops import tis_weights
@@ -26,6 +35,24 @@ class LogProbSettings:
     temperature: float  # the sampling temperature (1 for greedy): log-probs of the distribution sampled from
     chunk_size: int  # tokens per chunk of the log-prob op
     micro_batch_size: int  # rows per forward
+    trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
+
+
+def trimmed_widths(response_mask: Tensor, *prompt_masks: Tensor) -> tuple[int, list[int]]:
+    """A micro-batch's own widths, from its [m, R] response mask and its [m, P] left-padded prompt masks: the number
+    of response columns up to the last one unmasked in some row (at least 1), and for each prompt mask its first
+    column that is not padding in every row (at most P − 1, so that some position predicts the first response
+    token). One device-to-host copy.
+    """
+    used = torch.cat([response_mask.any(0), *(m.any(0) for m in prompt_masks)]).cpu()  # [R + P + ...] bool
+    response_cols = used[: response_mask.shape[1]].nonzero()  # [n, 1]
+    width = int(response_cols[-1, 0]) + 1 if len(response_cols) else 1
+    starts, offset = [], response_mask.shape[1]
+    for mask in prompt_masks:
+        cols = used[offset : offset + mask.shape[1]].nonzero()
+        starts.append(min(int(cols[0, 0]), mask.shape[1] - 1) if len(cols) else mask.shape[1] - 1)
+        offset += mask.shape[1]
+    return width, starts
 
 
 def forward_rows(
@@ -40,23 +67,39 @@ def forward_rows(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None
     (``context_logp`` with a gradient when ``context_grad``).
+
+    With ``settings.trim`` the forward runs on the rows' own widths (:func:`trimmed_widths`, for the sampled
+    prompt's context too) and its outputs are padded back to R with zeros (what a masked target scores).
     """
     response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
+    prompt, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]  # [m, P]
+    gen, gen_mask = (batch.gen_ids[rows], batch.gen_mask[rows]) if with_context else (None, None)  # [m, Pg]
+    full_width = response.shape[1]
+    if settings.trim:
+        width, starts = trimmed_widths(response_mask, prompt_mask, *([gen_mask] if with_context else []))
+        response, response_mask = response[:, :width], response_mask[:, :width]  # [m, R']
+        prompt, prompt_mask = prompt[:, starts[0] :], prompt_mask[:, starts[0] :]  # [m, P']
+        if with_context:
+            gen, gen_mask = gen[:, starts[1] :], gen_mask[:, starts[1] :]  # [m, Pg']
     context = None, None
     if with_context:
-        context = (torch.cat([batch.gen_ids[rows], response], 1), torch.cat([batch.gen_mask[rows], response_mask], 1))
-    return model(
-        torch.cat([batch.prompt_ids[rows], response], 1),  # [m, P + R]
-        torch.cat([batch.prompt_mask[rows], response_mask], 1),
-        response.masked_fill(response_mask == 0, -100),  # [m, R] targets
+        context = (torch.cat([gen, response], 1), torch.cat([gen_mask, response_mask], 1))
+    outs = model(
+        torch.cat([prompt, response], 1),  # [m, P' + R']
+        torch.cat([prompt_mask, response_mask], 1),
+        response.masked_fill(response_mask == 0, -100),  # [m, R'] targets
         ops,
         temperature=settings.temperature,
         return_entropy=return_entropy,
         chunk_size=settings.chunk_size,
-        context_ids=context[0],  # [m, Pg + R]
+        context_ids=context[0],  # [m, Pg' + R']
         context_mask=context[1],
         context_grad=context_grad,
     )
+    pad = full_width - response.shape[1]
+    if pad:  # zeros beyond the longest response: what the padded forward gives for masked targets
+        outs = tuple(None if x is None else F.pad(x, (0, pad)) for x in outs)
+    return outs  # each [m, R] or None
 
 
 def token_logprobs(

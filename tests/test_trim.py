@@ -1,7 +1,9 @@
-"""Trimmed micro-batches (``LogProbSettings.trim``): each forward on its rows' own widths gives the padded forward's
-log-probs, entropies, context log-probs, losses and gradients, on random-length rollouts (GRPO and P²O rows)."""
+"""Trimmed micro-batches (``LogProbSettings.trim``) and micro-batches by a token budget (``micro_batch_tokens``): each
+forward on its rows' own widths gives the padded forward's log-probs, entropies, context log-probs, losses and
+gradients, on random-length rollouts (GRPO and P²O rows)."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from helpers import small_module
 
 from p2o_lightning.ops import get_ops
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.logprobs import LogProbSettings, rollout_logprobs, trimmed_widths
+from p2o_lightning.step.logprobs import LogProbSettings, micro_batches, rollout_logprobs, trimmed_widths
 from p2o_lightning.step.plan import RolloutPlan
 from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
 
@@ -25,6 +27,28 @@ def test_trimmed_widths_by_hand():
     # no response token at all: one column still; an empty prompt keeps its last column (it predicts y_1)
     assert trimmed_widths(torch.zeros(2, 5), torch.zeros(2, 4)) == (1, [3])
     assert trimmed_widths(torch.ones(2, 5), torch.ones(2, 4)) == (5, [0])  # nothing to drop
+
+
+def test_micro_batches_by_rows_and_by_tokens():
+    prompt_len, response_len = torch.tensor([2, 5, 3, 5, 1, 4]), torch.tensor([6, 0, 1, 5, 2, 3])
+    batch = SimpleNamespace(
+        prompt_mask=(torch.arange(6) >= 6 - prompt_len[:, None]).long(),
+        response_mask=(torch.arange(8) < response_len[:, None]).long(),
+    )
+    rows = torch.arange(6)
+    by_rows = micro_batches(batch, rows, LogProbSettings(1.0, 8, micro_batch_size=4))
+    assert [m.tolist() for m in by_rows] == [[0, 1, 2, 3], [4, 5]]
+
+    # lengths 8 5 4 10 3 7, longest first: rows 3 (5+5), 0 (2+6), 5 (4+3), 1 (5+0), 2 (3+1), 4 (1+2)
+    def by_tokens(budget, cap=4):
+        settings = LogProbSettings(1.0, 8, micro_batch_size=cap, micro_batch_tokens=budget)
+        return [m.tolist() for m in micro_batches(batch, rows, settings)]
+
+    assert by_tokens(24) == [[3, 0], [5, 1, 2], [4]]  # 2 x (5 + 6), 3 x (5 + 3); a 4th row: 4 x 8 > 24
+    assert by_tokens(100) == [[3, 0, 5, 1], [2, 4]]  # at most micro_batch_size rows
+    assert by_tokens(9) == [[3], [0], [5], [1], [2], [4]]  # no two rows fit; row 3 (10 tokens) runs alone
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        LogProbSettings(1.0, 8, 4, micro_batch_tokens=0)
 
 
 def _left_padded(gen: torch.Generator, lengths: torch.Tensor, width: int, vocab: int, pad: int):
@@ -76,15 +100,15 @@ def _random_batch(vocab: int, pad: int, templated: bool, seed: int = 0) -> Rollo
     )
 
 
-def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: LossSettings):
-    """One PPO update stage from ``policy0`` (a copy, SGD lr 0.1): (stats, batch out, gradients of every optimizer
-    step, the input widths of every forward)."""
+def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: LossSettings, tokens: int | None):
+    """One PPO update stage from ``policy0`` (a copy, SGD lr 0.1) with micro-batches of 5 rows, or of ``tokens``:
+    (stats, batch out, gradients of every optimizer step, the input widths of every forward)."""
     policy = copy.deepcopy(policy0)
     widths = []
     hook = lambda m, args, kw: widths.append((args[0].shape[1], kw.get("context_ids")))  # noqa: E731
     policy.register_forward_pre_hook(hook, with_kwargs=True)
     ops = get_ops("torch", "cpu")
-    settings = LogProbSettings(1.0, 7, micro_batch_size=5, trim=trim)
+    settings = LogProbSettings(1.0, 7, micro_batch_size=5, trim=trim, micro_batch_tokens=tokens)
     update = PPOUpdate(ppo, loss, settings)
     with_context = batch.reprompted
     if loss.kl_coef > 0:  # the policy itself stands in for the reference: the no-grad pass, trimmed or not
@@ -112,22 +136,30 @@ def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: Lo
     return stats, out, grads, widths
 
 
-CASES = {
-    "grpo-kl": (False, PPOSettings(1, None), LossSettings(kl_coef=0.05)),
-    "p2o-anchor": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings()),
-    "p2o-two-epochs-tokens-scope": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens")),
+CASES = {  # rows templated, PPO settings, loss settings, micro_batch_tokens of the trimmed run
+    "grpo-kl": (False, PPOSettings(1, None), LossSettings(kl_coef=0.05), None),
+    "grpo-kl-seq-mean-by-tokens": (
+        False,
+        PPOSettings(1, None),
+        LossSettings(kl_coef=0.05, loss_agg="seq-mean-token-mean"),
+        40,
+    ),
+    "p2o-anchor": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings(), None),
+    "p2o-anchor-by-tokens": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings(), 40),
+    "p2o-two-epochs-tokens-scope": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), None),
+    "p2o-two-epochs-by-tokens": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), 40),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trimmed_update_equals_the_padded_one(tiny_world, case):
-    templated, ppo, loss = CASES[case]
+    templated, ppo, loss, tokens = CASES[case]
     module = small_module(tiny_world)
     module.configure_model()
     batch = _random_batch(module.policy.lm.config.vocab_size, module.tokenizer.pad_token_id, templated)
     assert batch.reprompted == templated
-    padded = _update(module.policy, batch, False, ppo, loss)
-    trimmed = _update(module.policy, batch, True, ppo, loss)
+    padded = _update(module.policy, batch, False, ppo, loss, None)
+    trimmed = _update(module.policy, batch, True, ppo, loss, tokens)
 
     # the trimmed forwards are narrower (the test is not vacuous); the padded ones are all P + R (Pg + R) wide
     assert {w for w, _ in padded[3]} == {P + R}

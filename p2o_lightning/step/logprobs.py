@@ -14,7 +14,9 @@ response columns past its longest response are dropped (:func:`trimmed_widths`),
 back to [m, R] with zeros, which is what the padded forward gives there (masked targets score 0 log-prob and 0
 entropy). Positions are numbered from the attention mask (``PolicyLogProb``: cumsum − 1), so dropping columns that
 are padding everywhere changes no position and no attention; the results equal the padded forward's up to float
-rounding (``LogProbSettings.trim=False`` runs it at full width).
+rounding (``LogProbSettings.trim=False`` runs it at full width). With ``micro_batch_tokens`` the rows are sorted by
+length before they are cut into micro-batches (:func:`micro_batches`), so that each one's widths are close to its
+rows' lengths; the loss is normalised by the whole mini-batch, so only the order of gradient accumulation changes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,36 @@ class LogProbSettings:
     chunk_size: int  # tokens per chunk of the log-prob op
     micro_batch_size: int  # rows per forward
     trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
+    micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= 1 (or None: by rows)")
+
+
+def micro_batches(batch: RolloutBatch, rows: Tensor, settings: LogProbSettings) -> list[Tensor]:
+    """``rows`` in micro-batches: ``micro_batch_size`` rows each, in order; with ``micro_batch_tokens``, the rows
+    sorted by length (trained prompt + response tokens, longest first) and cut where a micro-batch's trimmed forward
+    (its rows × (longest prompt + longest response)) would pass the budget, at most ``micro_batch_size`` rows each
+    (a row over the budget alone). The sampled prompt's context forward, when there is one, is not counted.
+    """
+    if settings.micro_batch_tokens is None:
+        return list(rows.split(settings.micro_batch_size))
+    prompt_len = batch.prompt_mask[rows].sum(1)
+    response_len = batch.response_mask[rows].sum(1)
+    lengths = torch.stack([prompt_len, response_len], 1).cpu()  # [n, 2]: one device-to-host copy
+    order = torch.sort(lengths.sum(1), descending=True, stable=True).indices
+    cuts, start, widest = [], 0, (0, 0)
+    for i, row in enumerate(order.tolist()):
+        p, r = lengths[row].tolist()
+        widest_next = (max(widest[0], p), max(widest[1], r))
+        count = i - start + 1
+        if count > 1 and (count > settings.micro_batch_size or count * sum(widest_next) > settings.micro_batch_tokens):
+            cuts.append(i - start)
+            start, widest_next = i, (p, r)
+        widest = widest_next
+    cuts.append(len(order) - start)
+    return list(rows[order.to(rows.device)].split(cuts))
 
 
 def trimmed_widths(response_mask: Tensor, *prompt_masks: Tensor) -> tuple[int, list[int]]:
@@ -116,11 +148,10 @@ def token_logprobs(
     prompt).
     """
     rows = torch.arange(batch.response_ids.shape[0], device=batch.response_ids.device)
-    outs = [
-        forward_rows(model, batch, micro, ops, settings, return_entropy, with_context)
-        for micro in rows.split(settings.micro_batch_size)
-    ]
-    return tuple(torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
+    micros = micro_batches(batch, rows, settings)
+    outs = [forward_rows(model, batch, micro, ops, settings, return_entropy, with_context) for micro in micros]
+    order = torch.cat(micros).argsort()  # back to the batch's row order (micro-batches by tokens are sorted)
+    return tuple(torch.cat([o[i] for o in outs])[order] if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ grading them; ``time/logprob_s``: old log-probs and entropy of every rollout, no
 forward + loss + backward + optimizer step). The first step is a warm-up and is dropped.
 
     python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine loop|hf|vllm]
-                                    [--model bpe]
+                                    [--model bpe] [--no-trim] [--micro-batch-tokens N]
     python benchmarks/bench_step.py --passes [--steps 6]
     python benchmarks/bench_step.py --compare-engines [--steps 4]       # in .venv-vllm
     python benchmarks/bench_step.py --compare-processes [--steps 6]
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import resource
@@ -63,11 +64,18 @@ PHASES = ("generate", "grade", "logprob", "update")  # generate + grade = the mo
 
 
 class PhaseTimes(Callback):
-    """The module's phase timers, with its rollout time split into the engine's ``generate`` and the grading."""
+    """The module's phase timers, with its rollout time split into the engine's ``generate`` and the grading, and
+    the positions the policy's forwards ran on (``forward_positions``: rows × width of every log-prob and update
+    forward of the step, the sampled prompt's context included; the padding they hold is compute too), and the
+    process's CPU time in the log-prob and update stages (``logprob_cpu`` / ``update_cpu``: unlike wall time, not
+    lengthened by other processes on the same cores).
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self.generate_s = 0.0
+        self.positions = 0
+        self.cpu_s = {"logprob_cpu": 0.0, "update_cpu": 0.0}
 
     def on_train_start(self, trainer, pl_module) -> None:
         engine_generate = pl_module.engine.generate
@@ -81,13 +89,51 @@ class PhaseTimes(Callback):
 
         pl_module.engine.generate = timed  # this instance only, for the benchmark
 
+        def count(module, args, kwargs):
+            context = kwargs.get("context_ids")
+            self.positions += args[0].numel() + (0 if context is None else context.numel())
+
+        pl_module.policy.register_forward_pre_hook(count, with_kwargs=True)
+        import p2o_lightning.module as module_mod
+
+        module_mod.rollout_logprobs = self.cpu_timed(module_mod.rollout_logprobs, "logprob_cpu")
+        pl_module.ppo = CpuTimedUpdate(pl_module.ppo, self.cpu_timed(pl_module.ppo, "update_cpu"))
+
+    def cpu_timed(self, fn, key: str):
+        """``fn`` with the process CPU seconds of each call added to ``self.cpu_s[key]``."""
+
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.cpu_s[key] += time.process_time() - t0
+
+        return timed
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
         row = {p: float(m[f"time/{p}_s"]) for p in ("logprob", "update")}
         row["generate"], row["grade"] = self.generate_s, float(m["time/rollout_s"]) - self.generate_s
         self.generate_s = 0.0
+        row["forward_positions"], self.positions = float(self.positions), 0
+        row.update(self.cpu_s)
+        self.cpu_s = dict.fromkeys(self.cpu_s, 0.0)
         row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.hparams.num_rollouts
         self.rows.append(row)
+
+
+class CpuTimedUpdate:
+    """The module's update stage (``PPOUpdate``) whose calls go through ``timed``; its attributes are the stage's."""
+
+    def __init__(self, update, timed) -> None:
+        self.update, self.timed = update, timed
+
+    def __getattr__(self, name):
+        return getattr(self.update, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.timed(*args, **kwargs)
 
 
 def build_bpe_model(folder: Path) -> tuple[str, str]:
@@ -141,6 +187,10 @@ def run_steps(args, tmp: Path) -> dict:
     )
     if getattr(args, "variant", None):
         setup_variant(module, args.variant)
+    if getattr(args, "no_trim", False):  # every forward at the batch's padded widths (the code before trimming)
+        module.ppo.logprob = dataclasses.replace(module.ppo.logprob, trim=False)
+    if getattr(args, "micro_batch_tokens", None):  # micro-batches by a token budget, rows sorted by length
+        module.ppo.logprob = dataclasses.replace(module.ppo.logprob, micro_batch_tokens=args.micro_batch_tokens)
     timer = PhaseTimes()
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -172,6 +222,8 @@ def run_steps(args, tmp: Path) -> dict:
     record.update({f"{p}_ms": round(med[p], 2) for p in PHASES})
     record["total_ms"] = round(sum(med.values()), 2)
     record["response_tokens"] = round(tokens, 1)
+    record["forward_positions"] = statistics.median(r["forward_positions"] for r in rows)
+    record.update({f"{k}_ms": round(statistics.median(r[k] for r in rows) * 1e3, 2) for k in timer.cpu_s})
     record.update({f"{p}_tokens_per_s": round(tokens / med[p] * 1e3, 1) for p in PHASES})
     record["response_tokens_per_s"] = round(tokens / sum(med.values()) * 1e3, 1)
     record["peak_rss_mb"] = round(rss["max"], 1)
@@ -302,6 +354,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads in all for --compare-processes (default: every core)")
     parser.add_argument("--strategy", default="single", choices=["single", "ddp", "fsdp2"], help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--no-trim", action="store_true", help="forwards at the batch's padded widths, untrimmed")
+    parser.add_argument("--micro-batch-tokens", type=int, help="micro-batches by this token budget (rows by length)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in its own process (--passes runs it)
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

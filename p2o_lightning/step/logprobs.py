@@ -9,6 +9,16 @@ multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The 
 forward gives it and the context, and this stage computes only the reference. The engine's sampling log-probs are
 compared with π_old once it is known (:func:`rollout_mismatch`: before the update, where TIS weights the
 advantages, :func:`apply_tis`; after it when the update gives π_old).
+
+**Trimmed micro-batches.** Each forward (:func:`forward_rows`, this stage's and the update's) runs on its rows'
+own widths, not the batch's: the prompt columns that are left padding in every row of the micro-batch and the
+response columns past its longest response are dropped (:func:`trimmed_widths`), and the [m, R'] outputs are padded
+back to [m, R] with zeros, which is what the padded forward gives there (masked targets score 0 log-prob and 0
+entropy). Positions are numbered from the attention mask (``PolicyLogProb``: cumsum − 1), so dropping columns that
+are padding everywhere changes no position and no attention; the results equal the padded forward's up to float
+rounding (``LogProbSettings.trim=False`` runs it at full width). With ``micro_batch_tokens`` the rows are sorted by
+length before they are cut into micro-batches (:func:`micro_batches`), so that each one's widths are close to its
+rows' lengths; the loss is normalised by the whole mini-batch, so only the order of gradient accumulation changes.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from p2o_lightning.ops import tis_weights
@@ -28,6 +39,64 @@ class LogProbSettings:
     temperature: float  # the sampling temperature (1 for greedy): log-probs of the distribution sampled from
     chunk_size: int  # tokens per chunk of the log-prob op
     micro_batch_size: int  # rows per forward
+    trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
+    micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= 1 (or None: by rows)")
+
+
+def micro_batches(batch: RolloutBatch, rows: Tensor, settings: LogProbSettings) -> list[Tensor]:
+    """``rows`` in micro-batches: ``micro_batch_size`` rows each, in order; with ``micro_batch_tokens``, the rows
+    sorted by length (trained prompt + response tokens, longest first) and cut where a micro-batch's trimmed forward
+    (its rows × (longest prompt + longest response)) would pass the budget, at most ``micro_batch_size`` rows each
+    (a row over the budget alone). The sampled prompt's context forward, when there is one, is not counted.
+
+    Under ``torch.distributed`` every rank must run as many forwards and backwards (DDP's gradient all-reduce and
+    FSDP2's all-gathers are collectives): the ranks agree on the largest count (an all-reduce) and a rank with fewer
+    micro-batches halves its largest ones until it has as many (each rank holds as many rows, so it can).
+    """
+    if settings.micro_batch_tokens is None:
+        return list(rows.split(settings.micro_batch_size))
+    prompt_len = batch.prompt_mask[rows].sum(1)
+    response_len = batch.response_mask[rows].sum(1)
+    lengths = torch.stack([prompt_len, response_len], 1).cpu()  # [n, 2]: one device-to-host copy
+    order = torch.sort(lengths.sum(1), descending=True, stable=True).indices
+    cuts, start, widest = [], 0, (0, 0)
+    for i, row in enumerate(order.tolist()):
+        p, r = lengths[row].tolist()
+        widest_next = (max(widest[0], p), max(widest[1], r))
+        count = i - start + 1
+        if count > 1 and (count > settings.micro_batch_size or count * sum(widest_next) > settings.micro_batch_tokens):
+            cuts.append(i - start)
+            start, widest_next = i, (p, r)
+        widest = widest_next
+    cuts.append(len(order) - start)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([len(cuts)], device=rows.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        while len(cuts) < int(count):
+            i = max(range(len(cuts)), key=cuts.__getitem__)  # the largest micro-batch: ≥ 2 rows, as count ≤ rows
+            cuts[i : i + 1] = [cuts[i] - cuts[i] // 2, cuts[i] // 2]
+    return list(rows[order.to(rows.device)].split(cuts))
+
+
+def trimmed_widths(response_mask: Tensor, *prompt_masks: Tensor) -> tuple[int, list[int]]:
+    """A micro-batch's own widths, from its [m, R] response mask and its [m, P] left-padded prompt masks: the number
+    of response columns up to the last one unmasked in some row (at least 1), and for each prompt mask its first
+    column that is not padding in every row (at most P − 1, so that some position predicts the first response
+    token). One device-to-host copy.
+    """
+    used = torch.cat([response_mask.any(0), *(m.any(0) for m in prompt_masks)]).cpu()  # [R + P + ...] bool
+    response_cols = used[: response_mask.shape[1]].nonzero()  # [n, 1]
+    width = int(response_cols[-1, 0]) + 1 if len(response_cols) else 1
+    starts, offset = [], response_mask.shape[1]
+    for mask in prompt_masks:
+        cols = used[offset : offset + mask.shape[1]].nonzero()
+        starts.append(min(int(cols[0, 0]), mask.shape[1] - 1) if len(cols) else mask.shape[1] - 1)
+        offset += mask.shape[1]
+    return width, starts
 
 
 def forward_rows(
@@ -42,23 +111,39 @@ def forward_rows(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None
     (``context_logp`` with a gradient when ``context_grad``).
+
+    With ``settings.trim`` the forward runs on the rows' own widths (:func:`trimmed_widths`, for the sampled
+    prompt's context too) and its outputs are padded back to R with zeros (what a masked target scores).
     """
     response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
+    prompt, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]  # [m, P]
+    gen, gen_mask = (batch.gen_ids[rows], batch.gen_mask[rows]) if with_context else (None, None)  # [m, Pg]
+    full_width = response.shape[1]
+    if settings.trim:
+        width, starts = trimmed_widths(response_mask, prompt_mask, *([gen_mask] if with_context else []))
+        response, response_mask = response[:, :width], response_mask[:, :width]  # [m, R']
+        prompt, prompt_mask = prompt[:, starts[0] :], prompt_mask[:, starts[0] :]  # [m, P']
+        if with_context:
+            gen, gen_mask = gen[:, starts[1] :], gen_mask[:, starts[1] :]  # [m, Pg']
     context = None, None
     if with_context:
-        context = (torch.cat([batch.gen_ids[rows], response], 1), torch.cat([batch.gen_mask[rows], response_mask], 1))
-    return model(
-        torch.cat([batch.prompt_ids[rows], response], 1),  # [m, P + R]
-        torch.cat([batch.prompt_mask[rows], response_mask], 1),
-        response.masked_fill(response_mask == 0, -100),  # [m, R] targets
+        context = (torch.cat([gen, response], 1), torch.cat([gen_mask, response_mask], 1))
+    outs = model(
+        torch.cat([prompt, response], 1),  # [m, P' + R']
+        torch.cat([prompt_mask, response_mask], 1),
+        response.masked_fill(response_mask == 0, -100),  # [m, R'] targets
         ops,
         temperature=settings.temperature,
         return_entropy=return_entropy,
         chunk_size=settings.chunk_size,
-        context_ids=context[0],  # [m, Pg + R]
+        context_ids=context[0],  # [m, Pg' + R']
         context_mask=context[1],
         context_grad=context_grad,
     )
+    pad = full_width - response.shape[1]
+    if pad:  # zeros beyond the longest response: what the padded forward gives for masked targets
+        outs = tuple(None if x is None else F.pad(x, (0, pad)) for x in outs)
+    return outs  # each [m, R] or None
 
 
 def token_logprobs(
@@ -75,11 +160,10 @@ def token_logprobs(
     prompt).
     """
     rows = torch.arange(batch.response_ids.shape[0], device=batch.response_ids.device)
-    outs = [
-        forward_rows(model, batch, micro, ops, settings, return_entropy, with_context)
-        for micro in rows.split(settings.micro_batch_size)
-    ]
-    return tuple(torch.cat([o[i] for o in outs]) if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
+    micros = micro_batches(batch, rows, settings)
+    outs = [forward_rows(model, batch, micro, ops, settings, return_entropy, with_context) for micro in micros]
+    order = torch.cat(micros).argsort()  # back to the batch's row order (micro-batches by tokens are sorted)
+    return tuple(torch.cat([o[i] for o in outs])[order] if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
 
 
 @torch.no_grad()

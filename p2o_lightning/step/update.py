@@ -2,8 +2,9 @@
 
 Each pass shuffles the G groups (the K rollouts of a prompt stay together) and splits them into mini-batches of
 ``mini_batch_groups``; each mini-batch is one optimizer step, its loss accumulated over micro-batches of
-``micro_batch_size`` rows, each normalised by the whole mini-batch (``num_tokens`` / ``num_seqs`` of
-:func:`p2o_lightning.ops.policy_loss`) so that the micro-batch gradients add up to the mini-batch's.
+``micro_batch_size`` rows (or by a token budget: :func:`~p2o_lightning.step.logprobs.micro_batches`), each
+normalised by the whole mini-batch (``num_tokens`` / ``num_seqs`` of :func:`p2o_lightning.ops.policy_loss`) so that
+the micro-batch gradients add up to the mini-batch's.
 
 **One update, no old pass.** With one PPO epoch and one mini-batch (:func:`single_update`, the default configs)
 π_old is π_θ before its only update, so the update's own forward gives it: ``old_logp = logp.detach()`` (ratio 1,
@@ -29,7 +30,7 @@ from torch import Tensor
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp
-from p2o_lightning.step.logprobs import LogProbSettings, forward_rows
+from p2o_lightning.step.logprobs import LogProbSettings, forward_rows, micro_batches
 from p2o_lightning.step.stats import UpdateStats
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -178,7 +179,7 @@ class PPOUpdate:
                     kept = kept * keep
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
-                for micro in rows.split(lp.micro_batch_size):
+                for micro in micro_batches(batch, rows, lp):  # by rows, or by tokens
                     logp, entropy, live_context = forward_rows(
                         policy, batch, micro, ops, lp, fused_old, with_context, context_grad=anchored
                     )

@@ -68,7 +68,11 @@ def search_templates(
     dev = [{"prompt": p, "answer": a} for p, a in hard[:n_dev]]
     train = [{"prompt": p, "answer": a} for p, a in hard[n_dev:]]
     adapter = P2OAdapter(module, max_new_tokens=max_new_tokens, scorer=scorer)
-    patience = settings.search_patience
+    backend = dict(reflection.gepa_kwargs())
+    stops = backend.pop("stop_callbacks", None)  # a teacher's own stop (it went down) joins the patience stop
+    stops = [] if stops is None else list(stops) if isinstance(stops, (list, tuple)) else [stops]
+    if settings.search_patience is not None:
+        stops.append(NoImprovementStopper(settings.search_patience))
     start, cpu_start = time.perf_counter(), time.process_time()
     result = gepa.optimize(
         seed_candidate={COMPONENT: ""},
@@ -81,7 +85,7 @@ def search_templates(
         sampling_strategy=IndependentSampling(settings.parents_per_iteration),
         use_merge=False,
         max_metric_calls=settings.max_metric_calls,
-        stop_callbacks=None if patience is None else NoImprovementStopper(patience),
+        stop_callbacks=stops or None,
         cache_evaluation=settings.cache_evaluation,
         skip_perfect_score=True,
         acceptance_criterion="strict_improvement",
@@ -90,7 +94,7 @@ def search_templates(
         display_progress_bar=False,
         logger=_QuietLogger(),
         run_dir=None,
-        **reflection.gepa_kwargs(),
+        **backend,
     )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     templates = [c[COMPONENT] for c in result.candidates]

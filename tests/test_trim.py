@@ -121,11 +121,11 @@ def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: Lo
     ops = get_ops("torch", "cpu")
     settings = LogProbSettings(1.0, 7, micro_batch_size=5, trim=trim, micro_batch_tokens=tokens)
     update = PPOUpdate(ppo, loss, settings)
-    with_context = batch.reprompted
+    plan = update.plan(batch, None)  # the step's passes, as the module decides them
     if loss.kl_coef > 0:  # the policy itself stands in for the reference: the no-grad pass, trimmed or not
         batch = rollout_logprobs(policy, copy.deepcopy(policy0), batch, ops, settings, need_old=False)
-    if not update.fuses_old_logprobs(batch):
-        batch = rollout_logprobs(policy, None, batch, ops, settings, need_old=True, with_context=with_context)
+    if plan.old_pass:
+        batch = rollout_logprobs(policy, None, batch, ops, settings, need_old=True, with_context=plan.context)
     params = list(policy.parameters())
     grads = []
 
@@ -142,7 +142,7 @@ def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: Lo
             p.grad = None
 
     torch.manual_seed(0)  # the same group shuffle
-    stats, out = update(batch, policy, ops, lambda loss: loss.backward(), zero_grad, step, lambda: "in the test")
+    stats, out = update(batch, plan, policy, ops, lambda loss: loss.backward(), zero_grad, step, lambda: "in the test")
     widths = [(w, None if c is None else c.shape[1]) for w, c in widths]
     return stats, out, grads, widths
 

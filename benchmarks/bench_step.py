@@ -66,13 +66,16 @@ PHASES = ("generate", "grade", "logprob", "update")  # generate + grade = the mo
 class PhaseTimes(Callback):
     """The module's phase timers, with its rollout time split into the engine's ``generate`` and the grading, and
     the positions the policy's forwards ran on (``forward_positions``: rows × width of every log-prob and update
-    forward of the step, the sampled prompt's context included; the padding they hold is compute too).
+    forward of the step, the sampled prompt's context included; the padding they hold is compute too), and the
+    process's CPU time in the log-prob and update stages (``logprob_cpu`` / ``update_cpu``: unlike wall time, not
+    lengthened by other processes on the same cores).
     """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self.generate_s = 0.0
         self.positions = 0
+        self.cpu_s = {"logprob_cpu": 0.0, "update_cpu": 0.0}
 
     def on_train_start(self, trainer, pl_module) -> None:
         engine_generate = pl_module.engine.generate
@@ -91,6 +94,22 @@ class PhaseTimes(Callback):
             self.positions += args[0].numel() + (0 if context is None else context.numel())
 
         pl_module.policy.register_forward_pre_hook(count, with_kwargs=True)
+        import p2o_lightning.module as module_mod
+
+        module_mod.rollout_logprobs = self.cpu_timed(module_mod.rollout_logprobs, "logprob_cpu")
+        pl_module.ppo = CpuTimedUpdate(pl_module.ppo, self.cpu_timed(pl_module.ppo, "update_cpu"))
+
+    def cpu_timed(self, fn, key: str):
+        """``fn`` with the process CPU seconds of each call added to ``self.cpu_s[key]``."""
+
+        def timed(*args, **kwargs):
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.cpu_s[key] += time.process_time() - t0
+
+        return timed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
@@ -98,8 +117,23 @@ class PhaseTimes(Callback):
         row["generate"], row["grade"] = self.generate_s, float(m["time/rollout_s"]) - self.generate_s
         self.generate_s = 0.0
         row["forward_positions"], self.positions = float(self.positions), 0
+        row.update(self.cpu_s)
+        self.cpu_s = dict.fromkeys(self.cpu_s, 0.0)
         row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.hparams.num_rollouts
         self.rows.append(row)
+
+
+class CpuTimedUpdate:
+    """The module's update stage (``PPOUpdate``) whose calls go through ``timed``; its attributes are the stage's."""
+
+    def __init__(self, update, timed) -> None:
+        self.update, self.timed = update, timed
+
+    def __getattr__(self, name):
+        return getattr(self.update, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.timed(*args, **kwargs)
 
 
 def build_bpe_model(folder: Path) -> tuple[str, str]:
@@ -189,6 +223,7 @@ def run_steps(args, tmp: Path) -> dict:
     record["total_ms"] = round(sum(med.values()), 2)
     record["response_tokens"] = round(tokens, 1)
     record["forward_positions"] = statistics.median(r["forward_positions"] for r in rows)
+    record.update({f"{k}_ms": round(statistics.median(r[k] for r in rows) * 1e3, 2) for k in timer.cpu_s})
     record.update({f"{p}_tokens_per_s": round(tokens / med[p] * 1e3, 1) for p in PHASES})
     record["response_tokens_per_s"] = round(tokens / sum(med.values()) * 1e3, 1)
     record["peak_rss_mb"] = round(rss["max"], 1)

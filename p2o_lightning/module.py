@@ -66,6 +66,9 @@ class P2OModule(L.LightningModule):
         ppo_epochs: passes over one rollout batch.
         ppo_mini_batch_size: prompts per PPO update (None: the whole batch, one update per pass).
         micro_batch_size: sequences per forward / backward (gradient accumulation inside a mini-batch).
+        micro_batch_tokens: with a value, micro-batches by a token budget: rows sorted by length and cut where
+            rows × (longest prompt + longest response) would pass it, at most ``micro_batch_size`` rows each
+            (None: ``micro_batch_size`` rows in order). Either way each forward runs on its rows' own widths.
         clip_low: PPO ratio clip below (1 - clip_low).
         clip_high: PPO ratio clip above (1 + clip_high); > clip_low is DAPO's clip-higher.
         clip_ratio_c: dual-clip bound for negative advantages (None: off).
@@ -127,6 +130,7 @@ class P2OModule(L.LightningModule):
         ppo_epochs: int = 1,
         ppo_mini_batch_size: int | None = None,
         micro_batch_size: int = 32,
+        micro_batch_tokens: int | None = None,
         clip_low: float = 0.2,
         clip_high: float = 0.28,
         clip_ratio_c: float | None = None,
@@ -168,7 +172,12 @@ class P2OModule(L.LightningModule):
         loss = LossSettings(
             clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, loss_agg, context_ratio_bounds, context_mask_scope
         )
-        logprob = LogProbSettings(temperature if temperature > 0 else 1.0, logprob_chunk_size, micro_batch_size)
+        logprob = LogProbSettings(
+            temperature if temperature > 0 else 1.0,
+            logprob_chunk_size,
+            micro_batch_size,
+            micro_batch_tokens=micro_batch_tokens,
+        )
         self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight), loss, logprob)
         self.task = get_task(task)
         # a missing folder / config / weights / tokenizer, or a shipped world that fails its checks, named before

@@ -51,6 +51,17 @@ def test_micro_batches_by_rows_and_by_tokens():
         LogProbSettings(1.0, 8, 4, micro_batch_tokens=0)
 
 
+def test_micro_batches_by_tokens_are_as_many_on_every_rank(monkeypatch):
+    # another rank cut its rows into 5 micro-batches: this one (3 by its budget) halves its largest ones to match
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.fill_(max(int(t), 5)))
+    batch = SimpleNamespace(prompt_mask=torch.ones(6, 2), response_mask=torch.ones(6, 3))  # every row 5 tokens
+    settings = LogProbSettings(1.0, 8, micro_batch_size=8, micro_batch_tokens=10)
+    assert [m.tolist() for m in micro_batches(batch, torch.arange(6), settings)] == [[0], [1], [2], [3], [4, 5]]
+    settings = LogProbSettings(1.0, 8, micro_batch_size=8, micro_batch_tokens=5)  # 6 here: already the most
+    assert len(micro_batches(batch, torch.arange(6), settings)) == 6
+
+
 def _left_padded(gen: torch.Generator, lengths: torch.Tensor, width: int, vocab: int, pad: int):
     ids = torch.randint(3, vocab, (len(lengths), width), generator=gen)
     mask = (torch.arange(width) >= width - lengths[:, None]).long()

@@ -50,6 +50,10 @@ def micro_batches(batch: RolloutBatch, rows: Tensor, settings: LogProbSettings) 
     sorted by length (trained prompt + response tokens, longest first) and cut where a micro-batch's trimmed forward
     (its rows × (longest prompt + longest response)) would pass the budget, at most ``micro_batch_size`` rows each
     (a row over the budget alone). The sampled prompt's context forward, when there is one, is not counted.
+
+    Under ``torch.distributed`` every rank must run as many forwards and backwards (DDP's gradient all-reduce and
+    FSDP2's all-gathers are collectives): the ranks agree on the largest count (an all-reduce) and a rank with fewer
+    micro-batches halves its largest ones until it has as many (each rank holds as many rows, so it can).
     """
     if settings.micro_batch_tokens is None:
         return list(rows.split(settings.micro_batch_size))
@@ -67,6 +71,12 @@ def micro_batches(batch: RolloutBatch, rows: Tensor, settings: LogProbSettings) 
             start, widest_next = i, (p, r)
         widest = widest_next
     cuts.append(len(order) - start)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([len(cuts)], device=rows.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        while len(cuts) < int(count):
+            i = max(range(len(cuts)), key=cuts.__getitem__)  # the largest micro-batch: ≥ 2 rows, as count ≤ rows
+            cuts[i : i + 1] = [cuts[i] - cuts[i] // 2, cuts[i] // 2]
     return list(rows[order.to(rows.device)].split(cuts))
 
 

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2o_lightning.plots import read_metrics  # noqa: E402
+from p2o_lightning.prompt.record import read_records  # noqa: E402
 
 
 def _p2o_callback(config: dict) -> dict:
@@ -195,16 +196,15 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
         out[f"{subset}_start"] = greedy[0] if greedy else nan
         out[f"{subset}_min"] = min(greedy) if greedy else nan
     wrong = _values(m, "train/collapse_all_wrong")[-steps_per_epoch:]
-    searches = sorted((run / "p2o").glob("search_*.json"))
-    records = [json.loads(path.read_text()) for path in searches]
-    search_s = sum(r.get("seconds", 0.0) for r in records)
-    search_cpu_s = sum(r.get("cpu_seconds", float("nan")) for r in records) if records else 0.0
+    records = read_records(run)
+    search_s = sum(r.seconds for r in records)
+    search_cpu_s = sum(r.cpu_seconds for r in records)
     distilled = _values(m, "p2o/distilled_greedy_acc")
     wall_s = float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else nan
     out.update(
         collapse_all_wrong=sum(wrong) / max(len(wrong), 1),
         rescued_groups=sum(_values(m, "p2o/rescued_groups")),
-        searches=len(searches),
+        searches=len(records),
         distilled_acc=distilled[-1] if distilled else nan,
         wall_s=wall_s,
         cpu_s=float((run / "cpu_time_s").read_text()) if (run / "cpu_time_s").exists() else nan,

@@ -9,7 +9,9 @@ through :class:`~p2o_lightning.prompt.scorer.CollectiveScorer`; the reflection b
 :mod:`~p2o_lightning.prompt.reflection` writes children; ``search_patience`` and ``cache_evaluation`` cut its cost).
 
 The search's set cover + weighted K-template assignment (:mod:`~p2o_lightning.prompt.assignment`) gives each hard
-prompt its templates; rank 0 broadcasts them and every rank hands them to the module, keyed by prompt text. The
+prompt its templates; rank 0 writes the search's :class:`~p2o_lightning.prompt.record.SearchRecord` to the run's
+``p2o/search_<i>.json`` and broadcasts it, and every rank hands its assignments to the module, keyed by prompt text
+(the collapse trigger reads the all-wrong share the module returns with each step's outputs). The
 module samples those prompts' rollouts from templated prompts and distils them into the plain prompt (context
 distillation; :mod:`p2o_lightning.step.plan`).
 
@@ -27,6 +29,7 @@ assignments and the search history are in the checkpoint, so a resumed run conti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from functools import partial
@@ -38,6 +41,7 @@ import torch
 
 from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import score_examples
+from p2o_lightning.prompt.record import SearchRecord
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 from p2o_lightning.prompt.scorer import CollectiveScorer
 from p2o_lightning.prompt.search import SearchSettings, search_templates
@@ -126,14 +130,16 @@ class P2OCallback(L.Callback):
         self.collapse_threshold = collapse_threshold
         self.collapse_window = collapse_window
         self.min_hard_samples = min_hard_samples
-        self.dev_size = dev_size
-        self.max_metric_calls = max_metric_calls
-        self.search_patience = search_patience
-        self.cache_evaluation = cache_evaluation
-        self.parents_per_iteration = parents_per_iteration
-        self.reflection_minibatch_size = reflection_minibatch_size
+        self.search_settings = SearchSettings(
+            dev_size=dev_size,
+            max_metric_calls=max_metric_calls,
+            search_patience=search_patience,
+            cache_evaluation=cache_evaluation,
+            parents_per_iteration=parents_per_iteration,
+            reflection_minibatch_size=reflection_minibatch_size,
+            group_diversity=group_diversity,
+        )
         self.max_new_tokens = max_new_tokens
-        self.group_diversity = group_diversity
         self.template_lifetime = template_lifetime
         self.hardness = hardness
         self.clear_pool_after_search = clear_pool_after_search
@@ -144,7 +150,7 @@ class P2OCallback(L.Callback):
         self.assignments: dict[str, list[str]] = {}  # prompt -> K templates
         self.assigned_answers: dict[str, str] = {}  # prompt -> gold answer, of the prompts holding templates
         self.assigned_epoch = -1  # the epoch the current assignments were made in (they last through the next)
-        self.searches: list[dict[str, Any]] = []  # one record per search: candidates, dev scores, front, ...
+        self.searches: list[SearchRecord] = []  # one per search: candidates, dev scores, front, assignments, cost
         self.recent_all_wrong: list[float] = []
         self.last_search_step = -(10**9)
         self.examples_scored = 0  # search examples this rank scored (its share of every evaluation); not saved
@@ -169,7 +175,7 @@ class P2OCallback(L.Callback):
         local = [(p, a) for p, a, h in zip(outputs["prompts"], outputs["answers"], hard.tolist()) if h]
         for prompt, answer in _gather(trainer, local):
             self.hard_pool[prompt] = answer
-        self.recent_all_wrong.append(float(trainer.callback_metrics.get("train/collapse_all_wrong", 0.0)))
+        self.recent_all_wrong.append(float(outputs["all_wrong"]))  # the step's all-wrong share over all ranks
         self.recent_all_wrong = self.recent_all_wrong[-self.collapse_window :]
         pl_module.log("p2o/hard_pool", float(len(self.hard_pool)), on_step=True)
         step = pl_module.rollout_steps
@@ -220,12 +226,12 @@ class P2OCallback(L.Callback):
         max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
         scorer = CollectiveScorer(partial(score_examples, pl_module, max_new_tokens=max_new))
 
-        def run_search() -> dict[str, Any]:
+        def run_search() -> SearchRecord:
             try:
-                return self._run_gepa(trainer, pl_module, step, scorer)
+                return self._run_search(trainer, pl_module, scorer, max_new)
             except ReflectionError as err:  # a teacher that went down mid-run costs this search, not the run
                 log.error(f"P²O search at RL step {step} skipped: {err}")
-                return {"rollout_step": step, "error": str(err), "assignments": {}, "dev_mean": [0.0]}
+                return SearchRecord.skipped(step, trainer.current_epoch, str(err))
 
         # rank 0 runs GEPA; every rank scores its share of each evaluation (under FSDP2 all run the forward)
         record = scorer.drive(run_search)
@@ -234,8 +240,8 @@ class P2OCallback(L.Callback):
         self.searches.append(record)
         if self.template_lifetime == "epoch":
             self.assignments, self.assigned_answers = {}, {}
-        self.assignments.update(record["assignments"])
-        self.assigned_answers.update({p: self.hard_pool[p] for p in record["assignments"] if p in self.hard_pool})
+        self.assignments.update(record.assignments)
+        self.assigned_answers.update({p: self.hard_pool[p] for p in record.assignments if p in self.hard_pool})
         self.assigned_epoch = trainer.current_epoch
         pl_module.template_assignments = self.assignments
         if self.clear_pool_after_search:
@@ -243,43 +249,33 @@ class P2OCallback(L.Callback):
         for key, value in (
             ("p2o/searches", len(self.searches)),
             ("p2o/assigned_prompts", len(self.assignments)),
-            ("p2o/best_dev_score", max(record["dev_mean"])),
-            ("time/search_s", record.get("seconds", 0.0)),  # what the search costs: wall time, greedy evaluations
-            ("time/search_cpu_s", record.get("cpu_seconds", 0.0)),  # ... and this process's CPU time
-            ("p2o/search_metric_calls", record.get("metric_calls", 0)),  # examples scored (gepa's budget unit)
-            ("p2o/search_evaluations", record.get("evaluations", 0)),  # scorer calls: one generate per 64 examples
+            ("p2o/best_dev_score", record.best_dev_score),
+            ("time/search_s", record.seconds),  # what the search costs: wall time, greedy evaluations
+            ("time/search_cpu_s", record.cpu_seconds),  # ... and this process's CPU time
+            ("p2o/search_metric_calls", record.metric_calls),  # examples scored (gepa's budget unit)
+            ("p2o/search_evaluations", record.evaluations),  # scorer calls: one generate per 64 examples
         ):
             pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
-    def _run_gepa(self, trainer, pl_module, step: int, scorer: CollectiveScorer) -> dict[str, Any]:
-        """:func:`~p2o_lightning.prompt.search.search_templates` on the hard pool; the record goes to ``p2o/``."""
-        settings = SearchSettings(
-            dev_size=self.dev_size,
-            max_metric_calls=self.max_metric_calls,
-            search_patience=self.search_patience,
-            cache_evaluation=self.cache_evaluation,
-            parents_per_iteration=self.parents_per_iteration,
-            reflection_minibatch_size=self.reflection_minibatch_size,
-            group_diversity=self.group_diversity,
-        )
+    def _run_search(self, trainer, pl_module, scorer: CollectiveScorer, max_new_tokens: int) -> SearchRecord:
+        """:func:`~p2o_lightning.prompt.search.search_templates` on the hard pool, placed in the run and written to
+        its ``p2o/`` folder (rank 0).
+        """
+        index = len(self.searches)
         found = search_templates(
-            pl_module, self.hard_pool, self.reflection, settings,
-            num_rollouts=pl_module.hparams.num_rollouts,
-            max_new_tokens=self.max_new_tokens or pl_module.hparams.max_new_tokens,
-            seed=self.seed, index=len(self.searches), scorer=scorer,
+            pl_module, self.hard_pool, self.reflection, self.search_settings,
+            num_rollouts=pl_module.hparams.num_rollouts, max_new_tokens=max_new_tokens,
+            seed=self.seed, index=index, scorer=scorer,
         )  # fmt: skip
-        record = {"rollout_step": step, "epoch": trainer.current_epoch, **found}
-        dev_mean, templates = record["dev_mean"], record["templates"]
-        best = max(range(len(templates)), key=lambda c: dev_mean[c])
+        record = dataclasses.replace(found, rollout_step=pl_module.rollout_steps, epoch=trainer.current_epoch)
+        best = record.best
         log.warning(
-            f"P²O search {len(self.searches)} at RL step {step}: {record['num_hard']} hard samples, {len(templates)} "
-            f"candidates, {record['metric_calls']} metric calls ({record['evaluations']} evaluations) "
-            f"in {record['seconds']:.0f}s; best dev {dev_mean[best]:.3f} ({templates[best]!r}); "
-            f"{len(record['assignments'])} prompts assigned templates"
+            f"P²O search {index} at RL step {record.rollout_step}: {record.num_hard} hard samples, "
+            f"{len(record.templates)} candidates, {record.metric_calls} metric calls ({record.evaluations} "
+            f"evaluations) in {record.seconds:.0f}s; best dev {record.best_dev_score:.3f} "
+            f"({record.templates[best]!r}); {len(record.assignments)} prompts assigned templates"
         )
-        out = run_dir(trainer) / "p2o"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"search_{len(self.searches):03d}.json").write_text(json.dumps(record, indent=1))
+        record.write(run_dir(trainer) / "p2o", index)
         return record
 
     # ------------------------------------------------------------------ state
@@ -289,7 +285,7 @@ class P2OCallback(L.Callback):
             "assignments": {k: list(v) for k, v in self.assignments.items()},
             "assigned_answers": dict(self.assigned_answers),
             "assigned_epoch": self.assigned_epoch,
-            "searches": self.searches,
+            "searches": [record.to_dict() for record in self.searches],
             "recent_all_wrong": list(self.recent_all_wrong),
             "last_search_step": self.last_search_step,
         }
@@ -302,7 +298,7 @@ class P2OCallback(L.Callback):
         self.assignments = {k: list(v) for k, v in state["assignments"].items()}
         self.assigned_answers = dict(state.get("assigned_answers", {}))
         self.assigned_epoch = state.get("assigned_epoch", -1)
-        self.searches = list(state["searches"])
+        self.searches = [SearchRecord.from_dict(record) for record in state["searches"]]
         self.recent_all_wrong = list(state["recent_all_wrong"])
         self.last_search_step = state["last_search_step"]
         if "reflection" in state and hasattr(self.reflection, "load_state_dict"):

@@ -37,11 +37,12 @@ from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rng_state, restore_rng_state
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
+from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logprobs, rollout_mismatch
 from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
-from p2o_lightning.step.sample import make_engine, sample_rows
+from p2o_lightning.step.sample import make_engine, sample_rollouts
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
 from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
@@ -310,7 +311,11 @@ class P2OModule(L.LightningModule):
 
         t0 = time.perf_counter()
         sampling = SamplingParams(hp.num_rollouts, hp.temperature, hp.top_p, hp.max_new_tokens)
-        sample_groups = partial(sample_rows, self.sample, self.plan, sampling)  # data rows -> graded RolloutBatch
+
+        def sample_groups(rows: list[dict]) -> RolloutBatch:  # data rows -> their planned, graded rollouts
+            plan = self.plan([row["prompt"] for row in rows])
+            return sample_rollouts(self.sample, plan, [row["answer"] for row in rows], sampling)
+
         draw = getattr(self.trainer.datamodule, "extra_batch", None)  # DAPO's further rounds draw more prompts
         rounds = hp.max_sampling_rounds if hp.dynamic_sampling == "filter" else 1
         any_rank = partial(self.trainer.strategy.reduce_boolean_decision, all=False)  # ranks take equal rounds
@@ -346,8 +351,9 @@ class P2OModule(L.LightningModule):
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
         metrics.update(sampling_metrics(seen, rounds))
-        log_step(self, metrics, seen.rewards)  # collapse over every sampled group, the dropped ones too
-        return seen.outputs()  # every group sampled, dropped ones included: the P²O callback's hard samples
+        collapse = log_step(self, metrics, seen.rewards)  # collapse over every sampled group, the dropped ones too
+        # every group sampled, dropped ones included: the P²O callback's hard samples and its collapse trigger
+        return {**seen.outputs(), "all_wrong": collapse["collapse_all_wrong"]}
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

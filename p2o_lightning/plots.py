@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import os
 from pathlib import Path
+
+from p2o_lightning.prompt.record import read_records
 
 EMA_ALPHA = 0.1  # weight of the newest point in the moving average of per-step curves
 COLLAPSE_COLOURS = {"train/collapse_all_wrong": "tab:red", "train/collapse_all_right": "tab:green"}
@@ -53,12 +54,7 @@ def search_steps(folder: str | os.PathLike, series: dict | None = None) -> list[
     """RL steps at which P²O searches ran: ``p2o/search_*.json``'s ``rollout_step``, else where ``p2o/searches``
     grew in ``series``.
     """
-    steps = []
-    for path in sorted((Path(folder) / "p2o").glob("search_*.json")):
-        try:
-            steps.append(int(json.loads(path.read_text())["rollout_step"]))
-        except (ValueError, KeyError, TypeError, OSError):
-            continue  # a record being written, or of another format: not a step to mark
+    steps = [r.rollout_step for r in read_records(folder, strict=False) if r.rollout_step >= 0]  # a cut copy: skipped
     if not steps and series and "p2o/searches" in series:
         last = 0.0
         for step, count in series["p2o/searches"]:

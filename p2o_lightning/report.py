@@ -16,7 +16,6 @@ templates of every search with their dev scores.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from p2o_lightning.plots import (
@@ -29,6 +28,7 @@ from p2o_lightning.plots import (
     read_metrics,
     search_steps,
 )
+from p2o_lightning.prompt.record import read_records
 
 
 def _plt():
@@ -101,19 +101,15 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     return out
 
 
-def load_searches(run: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run / "p2o").glob("search_*.json"))]
-
-
 def plot_searches(runs: list[Path], out: Path) -> Path | None:
     """Candidates' mean dev score in discovery order, per search; the seed (empty template) is candidate 0."""
-    searches = [(run, i, s) for run in runs for i, s in enumerate(load_searches(run))]
+    searches = [(run, i, s) for run in runs for i, s in enumerate(read_records(run))]
     if not searches:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for run, i, s in searches:
-        ax.plot(range(len(s["dev_mean"])), s["dev_mean"], marker="o", ms=3, label=f"{_label(run)} search {i}")
+        ax.plot(range(len(s.dev_mean)), s.dev_mean, marker="o", ms=3, label=f"{_label(run)} search {i}")
     ax.set_xlabel("candidate (order found)")
     ax.set_ylabel("mean dev score (greedy, current policy)")
     ax.set_title("GEPA candidates on the hard dev split")
@@ -128,14 +124,13 @@ def plot_searches(runs: list[Path], out: Path) -> Path | None:
 
 def best_templates(run: Path, top: int = 3) -> list[str]:
     lines = []
-    for i, s in enumerate(load_searches(run)):
-        order = sorted(range(len(s["templates"])), key=lambda c: -s["dev_mean"][c])[:top]
+    for i, s in enumerate(read_records(run)):
         head = (
-            f"{_label(run)} search {i} (RL step {s['rollout_step']}, {s['num_hard']} hard, "
-            f"{len(s['templates'])} candidates, {s['metric_calls']} metric calls):"
+            f"{_label(run)} search {i} (RL step {s.rollout_step}, {s.num_hard} hard, {len(s.templates)} candidates, "
+            f"{s.metric_calls} metric calls):"
         )
         lines.append(head)
-        lines += [f"  {s['dev_mean'][c]:.3f}  {s['templates'][c]!r}" for c in order]
+        lines += [f"  {s.dev_mean[c]:.3f}  {s.templates[c]!r}" for c in s.ranked(top)]
     return lines
 
 

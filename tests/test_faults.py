@@ -69,11 +69,11 @@ def test_search_survives_a_failing_teacher(tiny_world, tmp_path, mode):
         server.server_close()
     assert t.global_step == 2 and len(callback.searches) == 1
     search = callback.searches[0]
-    assert "error" not in search and search["templates"] == [""]  # the search ran, its proposals were skipped
+    assert search.error is None and search.templates == [""]  # the search ran, its proposals were skipped
     # every failed reflection is counted; three in a row end the search at the next iteration (gepa retries a failed
     # proposal once on its own, so 2 iterations x 2 calls), far below its 200-call budget
     assert teacher.failures == _FailingTeacher.reflections == 4
-    assert search["metric_calls"] < 200
+    assert search.metric_calls < 200
 
 
 KILL_DURING_SAVE = """

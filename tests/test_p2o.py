@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.callbacks import P2OCallback
 from p2o_lightning.prompt.adapter import P2OAdapter
+from p2o_lightning.prompt.record import SearchRecord, read_records
 from p2o_lightning.prompt.reflection import OfflineProposer
 
 
@@ -54,15 +55,35 @@ def test_callback_state_round_trip():
     callback = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=3))
     callback.hard_pool = {"12345+67890=": "80235"}
     callback.assignments = {"99999+1=": ["Add the digits."] * 4}
-    callback.searches = [{"templates": ["", "Add."], "dev_mean": [0.0, 0.5], "assignments": {}}]
+    callback.searches = [SearchRecord(rollout_step=3, templates=["", "Add."], dev_mean=[0.0, 0.5])]
     callback.recent_all_wrong = [0.5, 0.75]
     callback.last_search_step = 12
     callback.reflection.mutate("add", 3)
     state = callback.state_dict()
     other = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=0))
     other.load_state_dict(state)
-    assert other.state_dict() == state
+    assert other.state_dict() == state and other.searches == callback.searches
     assert other.reflection.mutate("add", 2) == callback.reflection.mutate("add", 2)
+
+
+def test_search_record_file_round_trip(tmp_path):
+    """A record is written atomically and read back equal; a file that is not one is named, or passed over."""
+    record = SearchRecord(
+        rollout_step=24, epoch=0, num_hard=3, num_train=2, num_dev=1, templates=["", "Add."], parents=[[None], [0]],
+        dev_mean=[0.0, 1.0], dev_scores=[{"1+1=": 0.0}, {"1+1=": 1.0}], pareto_front={"1+1=": [1]},
+        discovery_eval_counts=[0, 3], metric_calls=4, evaluations=2, cover=[1], assignments={"1+1=": ["Add."] * 2},
+        seconds=1.5, cpu_seconds=1.25,
+    )  # fmt: skip
+    path = record.write(tmp_path / "p2o", 0)
+    assert path.name == "search_000.json" and not list((tmp_path / "p2o").glob("*.tmp"))
+    assert SearchRecord.read(path) == record and record.best == 1 and record.ranked(1) == [1]
+    assert SearchRecord.skipped(5, 1, "teacher down").best is None
+    (tmp_path / "p2o" / "search_001.json").write_text('{"rollout_st')  # a copy cut short
+    with pytest.raises(ValueError, match=r"search_001.json: not a search record"):
+        read_records(tmp_path)
+    assert read_records(tmp_path, strict=False) == [record]
+    with pytest.raises(ValueError, match=r"unknown fields \['dev_means'\]"):
+        SearchRecord.from_dict({"dev_means": [0.0]})
 
 
 def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
@@ -86,13 +107,14 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
     resumed = run(tmp_path / "resumed", ckpt_path="last")
     assert len(full.searches) == len(resumed.searches) == 2
     timed = ("seconds", "cpu_seconds")  # what a search cost in time differs between runs; all else is equal
-    untimed = [{k: v for k, v in s.items() if k not in timed} for s in full.searches]
-    assert untimed == [{k: v for k, v in s.items() if k not in timed} for s in resumed.searches]
+    untimed = [{k: v for k, v in s.to_dict().items() if k not in timed} for s in full.searches]
+    assert untimed == [{k: v for k, v in s.to_dict().items() if k not in timed} for s in resumed.searches]
     assert full.hard_pool == resumed.hard_pool and full.reflection.state_dict() == resumed.reflection.state_dict()
+    assert read_records(tmp_path / "full/run") == full.searches  # the files say what the state holds
     a, b = read_csv(tmp_path / "full/run/metrics.csv"), read_csv(tmp_path / "resumed/run/metrics.csv")
     searched = [r for _, r in sorted(a.items()) if "p2o/search_metric_calls" in r]  # what each search cost
     for key, field in (("p2o/search_metric_calls", "metric_calls"), ("p2o/search_evaluations", "evaluations")):
-        assert {int(float(r[key])) for r in searched} == {s[field] for s in full.searches}
+        assert {int(float(r[key])) for r in searched} == {getattr(s, field) for s in full.searches}
     assert all(float(r["time/search_s"]) > 0 for r in searched)
     for step in (2, 3):
         for key in ("train/reward", "train/entropy", "p2o/hard_pool"):
@@ -137,8 +159,8 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
 
     assert len(callback.searches) >= 1
     search = callback.searches[0]
-    assert max(search["dev_mean"]) > search["dev_mean"][0]  # a template beats the plain prompt on hard problems
-    assert search["assignments"] and all(len(v) == 8 for v in search["assignments"].values())
+    assert max(search.dev_mean) > search.dev_mean[0]  # a template beats the plain prompt on hard problems
+    assert search.assignments and all(len(v) == 8 for v in search.assignments.values())
     rows = read_csv(tmp_path / "run" / "metrics.csv")
     # at the end of epoch 1 the plain-prompt accuracy of the prompts that held templates was measured
     assert any(r.get("p2o/distilled_greedy_acc", "") != "" for r in rows.values())
@@ -185,7 +207,7 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
     from types import SimpleNamespace
 
     def record(assignments):
-        return {"assignments": assignments, "dev_mean": [0.0, 1.0]}
+        return SearchRecord(templates=["", "T."], dev_mean=[0.0, 1.0], assignments=assignments)
 
     logged = {}
     module = SimpleNamespace(
@@ -205,7 +227,7 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
     for lifetime in ("epoch", "forever"):
         searches = iter([record({"a": ["T."] * 2, "b": ["T."] * 2}), record({"c": ["U."] * 2})])
         callback = P2OCallback(min_hard_samples=2, template_lifetime=lifetime)
-        monkeypatch.setattr(callback, "_run_gepa", lambda *args, searches=searches: next(searches))
+        monkeypatch.setattr(callback, "_run_search", lambda *args, searches=searches: next(searches))
         # epoch 0: a, b hard -> search -> their templates for epoch 1
         callback.hard_pool = {"a": "2", "b": "4"}
         trainer.current_epoch = 0
@@ -272,10 +294,10 @@ def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
             module, pool, reflection, settings, num_rollouts=4, max_new_tokens=8, seed=0, index=0
         )
     stopped, full = runs[2], runs[None]
-    assert stopped["num_dev"] == 2 and stopped["num_train"] == 5  # dev_size caps half of the pool (3)
-    assert full["metric_calls"] >= 120 > 4 * stopped["metric_calls"]
-    assert len(stopped["dev_mean"]) == len(stopped["templates"]) == len(stopped["dev_scores"])
-    assert set(stopped["assignments"]) <= set(pool) and all(len(t) == 4 for t in stopped["assignments"].values())
+    assert stopped.num_dev == 2 and stopped.num_train == 5  # dev_size caps half of the pool (3)
+    assert full.metric_calls >= 120 > 4 * stopped.metric_calls
+    assert len(stopped.dev_mean) == len(stopped.templates) == len(stopped.dev_scores)
+    assert set(stopped.assignments) <= set(pool) and all(len(t) == 4 for t in stopped.assignments.values())
 
 
 def test_reference_is_loaded_only_when_used(tiny_world):

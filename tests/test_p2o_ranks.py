@@ -39,7 +39,7 @@ class Record(L.Callback):
         p2o = next(c for c in trainer.callbacks if isinstance(c, P2OCallback))
         record = {"assignments": pl_module.template_assignments, "searches": len(p2o.searches),
                   "templated": self.templated, "examples_scored": p2o.examples_scored,
-                  "metric_calls": [s.get("metric_calls") for s in p2o.searches]}
+                  "metric_calls": [s.metric_calls for s in p2o.searches]}
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -3,5 +3,6 @@
 - :mod:`~p2o_lightning.prompt.adapter`: the ``gepa`` adapter (the current policy scores a template, greedy, 0/1).
 - :mod:`~p2o_lightning.prompt.reflection`: reflection backends (teacher endpoint, frozen reference, offline).
 - :mod:`~p2o_lightning.prompt.assignment`: greedy set cover and the weighted K-template assignment.
-- :mod:`~p2o_lightning.prompt.search`: one GEPA search over a hard pool, and its record (no Trainer needed).
+- :mod:`~p2o_lightning.prompt.search`: one GEPA search over a hard pool (no Trainer needed).
+- :mod:`~p2o_lightning.prompt.record`: the search's typed record, and its file in a run folder.
 """

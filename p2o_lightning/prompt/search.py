@@ -5,10 +5,11 @@ below 450, at most ``dev_size``), runs :func:`gepa.optimize` from the empty temp
 ``parents_per_iteration`` parents per iteration, strict-improvement acceptance, no merge, a budget in metric calls,
 optionally a stop after ``search_patience`` iterations without a better best dev score and gepa's evaluation
 cache), with candidates scored by the current policy (:class:`~p2o_lightning.prompt.adapter.P2OAdapter`), and
-assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search
-record: candidates, dev scores, Pareto front, discovery counts, cost (metric calls, scorer evaluations, wall and CPU
-seconds) and the assignments. :class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on
-which rank, the record's file, the broadcast, the logged metrics).
+assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search's
+:class:`~p2o_lightning.prompt.record.SearchRecord`: candidates, dev scores, Pareto front, discovery counts, cost
+(metric calls, scorer evaluations, wall and CPU seconds) and the assignments.
+:class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on which rank, the broadcast, the state,
+the logged metrics).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
 from p2o_lightning.prompt.assignment import assign_templates, template_cover
+from p2o_lightning.prompt.record import SearchRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,12 @@ def search_templates(
     seed: int,
     index: int,
     scorer: Callable | None = None,
-) -> dict[str, Any]:
+) -> SearchRecord:
     """GEPA over templates for ``hard_pool`` (prompt -> gold answer), scored by ``module``'s current policy.
 
     ``index`` numbers the searches of a run (it seeds the split, gepa and the assignment draws with ``seed``);
-    ``scorer(examples, template)`` is the adapter's scorer (default: this process alone). Returns the record.
+    ``scorer(examples, template)`` is the adapter's scorer (default: this process alone). Returns the record, not
+    yet placed in a run (its ``rollout_step`` and ``epoch`` are the caller's).
     """
     import gepa
     from gepa.strategies.proposal_sampling import IndependentSampling
@@ -103,23 +105,23 @@ def search_templates(
     dev_mean = [float(x) for x in result.val_aggregate_scores]
     hard_prompts = [p for p, _ in hard]
     assignments = assign_templates(hard_prompts, templates, dev_scores, num_rollouts, rng, settings.group_diversity)
-    return {
-        "num_hard": len(hard),
-        "num_train": len(train),
-        "num_dev": len(dev),
-        "templates": templates,
-        "parents": [list(p) for p in result.parents],
-        "dev_mean": dev_mean,
-        "dev_scores": dev_scores,
-        "pareto_front": {dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
-        "discovery_eval_counts": list(result.discovery_eval_counts),
-        "metric_calls": adapter.num_examples,
-        "evaluations": getattr(scorer, "num_evaluations", 0),
-        "cover": template_cover(templates, dev_scores),
-        "assignments": assignments,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,  # this process's CPU time: with one torch thread, the search's cost on a core
-    }
+    return SearchRecord(
+        num_hard=len(hard),
+        num_train=len(train),
+        num_dev=len(dev),
+        templates=templates,
+        parents=[list(p) for p in result.parents],
+        dev_mean=dev_mean,
+        dev_scores=dev_scores,
+        pareto_front={dev_prompts[i]: sorted(s) for i, s in result.per_val_instance_best_candidates.items()},
+        discovery_eval_counts=list(result.discovery_eval_counts),
+        metric_calls=adapter.num_examples,
+        evaluations=getattr(scorer, "num_evaluations", 0),
+        cover=template_cover(templates, dev_scores),
+        assignments=assignments,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,  # this process's CPU time: with one torch thread, the search's cost on a core
+    )
 
 
 class _QuietLogger:

@@ -194,12 +194,16 @@ def sampling_metrics(seen: RolloutBatch, rounds: int) -> dict[str, float]:
     return {"train/sampling_rounds": float(rounds), "train/dropped_groups": float(dropped.sum())}
 
 
-def log_step(module, metrics: Mapping[str, Tensor | float], rewards: Tensor) -> None:
-    """Log a step's metrics on ``module``, each reduced over ranks as declared; the collapse rate of ``rewards``."""
+def log_step(module, metrics: Mapping[str, Tensor | float], rewards: Tensor) -> dict[str, float]:
+    """Log a step's metrics on ``module``, each reduced over ranks as declared, and the collapse rate of ``rewards``;
+    returns the collapse shares (``collapse_rate``, ``collapse_all_wrong``, ``collapse_all_right``) of every rank.
+    """
     for key, value in metrics.items():
         module.log(key, value, on_step=True, sync_dist=True, reduce_fx=rank_reduction(key))
     module.collapse.update(rewards)
-    for key, value in module.collapse.compute().items():  # already reduced over ranks by the metric
-        module.log(f"train/{key}", value.item(), on_step=True, prog_bar=key == "collapse_rate")
+    collapse = {key: value.item() for key, value in module.collapse.compute().items()}  # reduced over ranks
+    for key, value in collapse.items():
+        module.log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
     module.collapse.reset()
     module.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
+    return collapse

@@ -63,10 +63,3 @@ def sample_rollouts(sample: SampleFn, plan: RolloutPlan, answers: list[str], sam
         reward_timeouts=grade.timeouts,
         sampling_logp=rollouts.sampling_logp,
     )
-
-
-def sample_rows(
-    sample: SampleFn, plan: Callable[[list[str]], RolloutPlan], sampling: SamplingParams, rows: list[dict]
-) -> RolloutBatch:
-    """The graded rollouts of a batch of data rows (``{"prompt", "answer", ...}``), planned by ``plan(prompts)``."""
-    return sample_rollouts(sample, plan([row["prompt"] for row in rows]), [row["answer"] for row in rows], sampling)

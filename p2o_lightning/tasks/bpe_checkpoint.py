@@ -59,30 +59,27 @@ def build_bpe_checkpoint(
     seed: int = 0,
 ) -> Path:
     """Save tokenizer + randomly initialised Qwen3 LM (head_dim 32) to ``path`` (which must not hold a model)."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig
+
+    from p2o_lightning.tasks.qwen3 import random_qwen3
 
     path = Path(path)
     if (path / "config.json").exists():
         raise FileExistsError(f"{path} already holds a model; choose another folder")
     tokenizer = train_bpe_tokenizer(texts, vocab_size)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen3Config(
+    model = random_qwen3(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
         head_dim=32,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
         eos_token_id=eos,
         pad_token_id=pad,
-        bos_token_id=None,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, **(generation_defaults or {}))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

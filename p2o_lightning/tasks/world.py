@@ -64,7 +64,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen3Config,
     Qwen3ForCausalLM,
 )
 
@@ -85,6 +84,7 @@ from p2o_lightning.tasks.addition import (
     world_splits,
 )
 from p2o_lightning.tasks.base import apply_template
+from p2o_lightning.tasks.qwen3 import random_qwen3
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -270,22 +270,19 @@ def world_path(recipe: WorldRecipe = DEFAULT_RECIPE, cache_dir: str | os.PathLik
 
 
 def _make_model(recipe: WorldRecipe, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
+    model = random_qwen3(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_heads,
+        num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
         head_dim=recipe.hidden_size // recipe.num_heads,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        seed=recipe.seed,
     )
-    torch.manual_seed(recipe.seed)
-    model = Qwen3ForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

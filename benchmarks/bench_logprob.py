@@ -523,7 +523,7 @@ def config_model(out: Path) -> None:
                     feats = (("ENTROPY", True),) + ((("C_PAD", c_pad),) if kernel == "forward" else ())
                     base = dict(config, num_stages=config.get("num_stages", 3))
                     res = resources[kernel]("bf16", tuple(base.items()), feats, gpu.arch)
-                    shape = (n, h, v, contexts) if kernel == "forward" else (rows_n, h, vc, 1)
+                    shape = (n, v, h, contexts) if kernel == "forward" else (rows_n, vc, h, 1)  # predict's order
                     split = logprob.split_plan(shape[0], shape[1], c_pad, gpu.sms) if kernel == "forward" else None
                     pred = tuning.predict(kernel, gpu, "bf16", launched, res, *shape, split=split)
                     slices = -(-v // vc) if kernel == "backward" else 1

@@ -18,8 +18,9 @@ default; a step that would start with too little time left is skipped and says s
 4. ``bench_loss``: group advantage and the PPO-clip + KL + ratio-mask loss, Triton vs the torch reference, GB/s.
 5. ``train_grpo`` / ``train_p2o``: the real trainer on this GPU with ``backend: triton`` — 40 RL steps of
    ``configs/toy.yaml`` (GRPO on the embedded world), then 40 of ``configs/p2o-toy.yaml`` with the skill anchor (its
-   search at the end of the first epoch, with a smaller budget so that it fits): steps done, seconds per step
-   (rollout, log-prob, update), validation accuracy before and after, from each run's ``metrics.csv``.
+   search at the end of the first epoch, with a smaller budget so that it fits), rollouts from our own decode loop
+   (``rollout_engine: loop``): steps done, seconds per step (rollout, log-prob, update), validation accuracy before
+   and after, from each run's ``metrics.csv``.
 
 ``--dry-run`` runs on a CPU what can run there, to prove the command lines before a GPU is spent on them: the tests
 collected (not run), the benchmarks' ``--help``, and each training run for 2 steps on CPU with ``backend: torch``;
@@ -199,6 +200,7 @@ def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
         sys.executable, "-m", "p2o_lightning", "fit", "--config", str(config),
         "--trainer.accelerator", "cpu" if dry_run else "gpu", "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps), "--model.backend", "torch" if dry_run else "triton",
+        "--model.rollout_engine", "loop",  # our decode loop (the default, named so the check says what it ran)
         "--trainer.default_root_dir", str(out / "runs" / name), "--trainer.logger.init_args.save_dir",
         str(out / "runs"), "--trainer.logger.init_args.name", name,
     ]  # fmt: skip

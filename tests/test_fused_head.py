@@ -1,0 +1,163 @@
+"""The fused head of a single update (``p2o_lightning/fused_head.py``, ``kernels/fused_head.py``): the loss at ratio 1
+and its gradients w.r.t. hidden states and LM head, computed in the log-prob pass, against autograd through the
+unfused path (the float64 full-logits log-prob, then ``policy_loss`` with ``old_logp = logp.detach()``).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter; before triton imports
+
+import pytest  # noqa: E402
+from helpers import assert_close, make_logprob_inputs, naive_logprob  # noqa: E402
+
+from p2o_lightning.fused_head import RatioOneLoss  # noqa: E402
+from p2o_lightning.ops import get_ops, policy_loss  # noqa: E402
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed"))]  # fmt: skip
+
+# (B, T, H, V): T·B not a multiple of any chunk or block, V and H odd
+SHAPES = [(3, 13, 19, 53), (5, 7, 33, 257)]
+# loss settings of policy_loss; "context" adds P²O's context ratio mask (policy_gradient scope)
+LOSSES = {
+    "token-mean": dict(loss_agg="token-mean"),
+    "token-mean k3 T=0.7": dict(loss_agg="token-mean", kl_coef=0.1, kl_estimator="k3", temperature=0.7),
+    "seq-mean-token-mean k2 context": dict(loss_agg="seq-mean-token-mean", kl_coef=0.05, kl_estimator="k2",
+                                           context=True),
+    "seq-mean-token-sum k1 per-token A": dict(loss_agg="seq-mean-token-sum", kl_coef=0.2, kl_estimator="k1",
+                                              per_token_adv=True, num_seqs=7.0),
+    "token-mean context num_tokens": dict(loss_agg="token-mean", context=True, num_tokens=40.0, temperature=1.3),
+}  # fmt: skip
+
+
+def _inputs(b, t, h, v, dtype, seed=0):
+    """hidden (B, T, H), weight (V, H), targets (B, T) (ignore_index where masked), mask, advantages, π_ref."""
+    hidden, weight, _ = make_logprob_inputs(b * t, h, v, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    lengths[0] = 0  # an empty row
+    mask = torch.arange(t)[None, :] < lengths[:, None]  # (B, T) right-padded responses
+    targets = torch.randint(0, v, (b, t), generator=gen).masked_fill(~mask, -100)
+    advantages = torch.randn(b, generator=gen)
+    ref_noise = torch.randn(b, t, generator=gen)
+    context_noise = torch.empty(b, t).uniform_(-4, 4, generator=gen)  # log ρ beyond log 0.01 / log 10 for some
+    return hidden.view(b, t, h), weight, targets, mask, advantages, ref_noise, context_noise
+
+
+def _case(shape, setting, dtype=torch.float32, seed=0):
+    """The inputs of a case, π_ref and the context around the true log-probs, and policy_loss's keyword arguments."""
+    b, t, h, v = shape
+    hidden, weight, targets, mask, advantages, ref_noise, context_noise = _inputs(b, t, h, v, dtype, seed)
+    temperature = setting.get("temperature", 1.0)
+    with torch.no_grad():
+        true = naive_logprob(hidden.reshape(-1, h), weight, targets.reshape(-1), temperature)[0].view(b, t).float()
+    if setting.get("per_token_adv"):
+        advantages = advantages[:, None] * (1 + ref_noise.abs())  # (B, T), TIS-weighted advantages
+    kwargs = dict(loss_agg=setting["loss_agg"], kl_coef=setting.get("kl_coef", 0.0),
+                  kl_estimator=setting.get("kl_estimator", "k3"), num_tokens=setting.get("num_tokens"),
+                  num_seqs=setting.get("num_seqs"))  # fmt: skip
+    kwargs["ref_logp"] = true + 0.3 * ref_noise if kwargs["kl_coef"] > 0 else None
+    context = true + context_noise if setting.get("context") else None
+    return hidden, weight, targets, mask, advantages, temperature, kwargs, context
+
+
+def _unfused(hidden, weight, targets, mask, advantages, temperature, kwargs, context):
+    """The oracle: float64 full-logits log-probs, policy_loss at ratio 1 (clip and dual-clip set: inactive there)."""
+    b, t, h = hidden.shape
+    hidden64 = hidden.detach().double().requires_grad_(True)
+    weight64 = weight.detach().double().requires_grad_(True)
+    logp, entropy = naive_logprob(hidden64.reshape(-1, h), weight64, targets.reshape(-1), temperature)
+    logp = logp.view(b, t)
+    ref = kwargs["ref_logp"]
+    loss, _ = policy_loss(
+        logp, logp.detach(), advantages.double(), mask, **dict(kwargs, ref_logp=None if ref is None else ref.double()),
+        clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, context_logp=None if context is None else context.double(),
+    )  # fmt: skip
+    grad_hidden, grad_weight = torch.autograd.grad(0.7 * loss, [hidden64, weight64])  # upstream grad 0.7 ≠ 1
+    return loss.detach(), logp.detach(), entropy.detach().view(b, t), grad_hidden, grad_weight
+
+
+def _fused(op, hidden, weight, targets, mask, advantages, temperature, kwargs, context, **op_kwargs):
+    head_loss = RatioOneLoss.of(
+        advantages, mask, **kwargs, context_ratio_bounds=(0.01, 10.0) if context is not None else None,
+        context_logp=context,
+    )  # fmt: skip
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    loss, logp, entropy = op(hidden, weight, targets, head_loss, temperature=temperature, return_entropy=True,
+                             **op_kwargs)  # fmt: skip
+    assert not logp.requires_grad and not entropy.requires_grad
+    grad_hidden, grad_weight = torch.autograd.grad(0.7 * loss, [hidden, weight])
+    return loss.detach(), logp, entropy, grad_hidden, grad_weight
+
+
+def _assert_matches(fused, unfused, fwd_atol, grad_rtol, grad_atol):
+    (loss, logp, entropy, gh, gw), (loss64, logp64, entropy64, gh64, gw64) = fused, unfused
+    assert_close(loss, loss64, rtol=1e-5, atol=fwd_atol)
+    assert_close(logp, logp64, rtol=1e-5, atol=fwd_atol)
+    assert_close(entropy, entropy64, rtol=1e-5, atol=fwd_atol)
+    assert gh64.abs().max() > 0 and gw64.abs().max() > 0  # a case with gradient
+    assert_close(gh, gh64, rtol=grad_rtol, atol=grad_atol * gh64.abs().max().item())
+    assert_close(gw, gw64, rtol=grad_rtol, atol=grad_atol * gw64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", list(LOSSES), ids=list(LOSSES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{t}x{h}x{v}" for b, t, h, v in SHAPES])
+def test_fused_head_equals_autograd_of_the_unfused_loss(backend, setting, shape):
+    case = _case(shape, LOSSES[setting])
+    op = get_ops(backend, "cpu").fused_linear_policy_loss
+    # chunk_size 8: several row chunks, the last one partial
+    fused = _fused(op, *case, chunk_size=8)
+    unfused = _unfused(*case)
+    _assert_matches(fused, unfused, fwd_atol=2e-5, grad_rtol=1e-4, grad_atol=1e-5)
+    # the masked rows: log-prob 0, entropy 0, no gradient
+    hidden, _, targets = case[:3]
+    ignored = targets == -100
+    assert (fused[1][ignored] == 0).all() and (fused[2][ignored] == 0).all()
+    assert (fused[3][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_head_float64_and_bfloat16_inputs(backend):
+    """float64 inputs compute in float32 (as the log-prob op) and return float64 gradients; bf16 inputs bf16 ones."""
+    op = get_ops(backend, "cpu").fused_linear_policy_loss
+    setting = LOSSES["token-mean k3 T=0.7"]
+    for dtype, tolerances in ((torch.float64, (2e-5, 1e-4, 1e-5)), (torch.bfloat16, (2e-5, 1e-2, 1e-2))):
+        case = _case(SHAPES[0], setting, dtype=dtype)
+        fused = _fused(op, *case)
+        assert fused[3].dtype == fused[4].dtype == dtype
+        _assert_matches(fused, _unfused(*case), *tolerances)
+
+
+def test_the_coefficient_is_the_loss_gradient_wrt_logp():
+    """RatioOneLoss.terms gives policy_loss's value per token and autograd's ∂L/∂logp, for every estimator."""
+    gen = torch.Generator().manual_seed(3)
+    b, t = 4, 9
+    logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    adv, ref = torch.randn(b, generator=gen, dtype=torch.float64), logp - torch.randn(b, t, generator=gen).double()
+    context = logp + torch.empty(b, t, dtype=torch.float64).uniform_(-6, 6, generator=gen)
+    for estimator in ("k1", "k2", "k3"):
+        for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+            kwargs = dict(ref_logp=ref, kl_coef=0.3, kl_estimator=estimator, loss_agg=agg)
+            leaf = logp.clone().requires_grad_(True)
+            expected, _ = policy_loss(leaf, leaf.detach(), adv, mask, **kwargs, context_logp=context)
+            (grad,) = torch.autograd.grad(expected, leaf)
+            weights = RatioOneLoss.of(adv, mask, **kwargs, context_ratio_bounds=(0.01, 10.0), context_logp=context)
+            value, coef = weights.flat().terms(logp.reshape(-1).float(), slice(None))
+            torch.testing.assert_close(value.sum().double(), expected.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(coef.double(), grad.reshape(-1), rtol=1e-5, atol=1e-6)
+    # the context ratio mask cut some tokens (this test would not see a wrong mask otherwise)
+    log_rho = (logp - context)[mask]
+    assert ((log_rho < -4.6) | (log_rho > 2.31)).any()
+
+
+def test_refuses_the_tokens_scope_with_a_context_mask():
+    with pytest.raises(ValueError, match="policy_gradient"):
+        RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), context_ratio_bounds=(0.01, 10.0), context_mask_scope="tokens")
+    with pytest.raises(ValueError, match="ref_logp"):
+        RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), kl_coef=0.1)

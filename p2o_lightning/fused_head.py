@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,9 @@ from torch import Tensor
 
 from p2o_lightning.ops import LOGITS_BUDGET, _float32_region, _safe_div, chunk_rows, kl_penalty
 
-__all__ = ["HEAD_DTYPES", "RatioOneLoss", "fused_linear_policy_loss", "kl_derivative"]
+__all__ = ["HEAD_DTYPES", "RatioOneLoss", "fused_linear_policy_loss", "kl_derivative", "softmax_chunk"]
 
-HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HEAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the settings' names
 
 
 def kl_derivative(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -167,8 +168,42 @@ class RatioOneLoss:
         return value, pg + kl * kl_derivative(logp, ref, self.kl_estimator)
 
 
-class _FusedLinearPolicyLoss(torch.autograd.Function):
-    """The loss of :class:`RatioOneLoss` from hidden states and the LM head, its gradients computed in forward."""
+def softmax_chunk(
+    z: Tensor,  # (C, V) the chunk's logits z = h Wᵀ / T, in the matmul's dtype
+    targets: Tensor,  # (C,) int64
+    loss: RatioOneLoss,  # flat
+    rows: slice,  # the chunk's token rows
+    ignore_index: int,
+    return_entropy: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One chunk's ``(logp, entropy or None, token losses, ∂L/∂z)``: softmax in float32, the loss terms at the
+    log-probs, then ∂L/∂z = g (onehot(y) − p) in the dtype of ``z`` (the Triton twin: ``kernels/fused_head.py``).
+    """
+    valid = targets != ignore_index  # (C,)
+    safe_targets = targets.masked_fill(~valid, 0)[:, None]  # (C, 1)
+    z32 = z.float()  # (C, V); no copy for a float32 head
+    z_max = z32.amax(dim=-1, keepdim=True)  # (C, 1)
+    z_target = z32.gather(1, safe_targets).squeeze(1)  # (C,)
+    p = (z32 - z_max).exp_() if return_entropy else z32.sub_(z_max).exp_()  # (C, V) unnormalised
+    sum_exp = p.sum(dim=-1)  # (C,)
+    lse = z_max.squeeze(1) + sum_exp.log()  # (C,)
+    logp = (z_target - lse) * valid
+    entropy = (lse - torch.linalg.vecdot(p, z32) / sum_exp) * valid if return_entropy else None  # lse − Σ p z
+    del z32
+    value, g = loss.terms(logp, rows)  # (C,) each: the token losses and ∂L/∂logp
+    g = g * valid
+    dz = p.mul_((-g / sum_exp)[:, None])  # (C, V): −g·softmax, in place of the exponentials
+    dz.scatter_add_(1, safe_targets, g[:, None])  # + g·onehot(y) → ∂L/∂z
+    return logp, entropy, value * valid, dz.to(z.dtype)
+
+
+class FusedLinearPolicyLoss(torch.autograd.Function):
+    """The loss of :class:`RatioOneLoss` from hidden states and the LM head, its gradients computed in forward.
+
+    Per chunk of token rows: the logits by one matmul, ``chunk(z, …)`` → (logp, entropy, token losses, ∂L/∂z)
+    (:func:`softmax_chunk`, or the Triton kernel's launcher), then grad_hidden's rows and grad_weight's sum by two
+    matmuls. Backward scales the stored gradients by the loss's upstream gradient.
+    """
 
     @staticmethod
     @_float32_region
@@ -182,47 +217,37 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
         return_entropy: bool,
         ignore_index: int,
         chunk_size: int,
-        head_dtype: torch.dtype,
+        head_dtype: torch.dtype,  # the matmuls' operand dtype
+        chunk: Callable,  # softmax_chunk or its Triton twin
     ) -> tuple[Tensor, ...]:
         n_tokens, h = hidden.shape
         w = weight.to(head_dtype)  # (V, H); no copy when the weight is in the head's dtype already
-        valid = targets != ignore_index  # (N,)
-        safe_targets = targets.masked_fill(~valid, 0)  # (N,)
-        logp = hidden.new_zeros(n_tokens, dtype=torch.float32)  # (N,)
-        entropy = torch.zeros_like(logp) if return_entropy else None  # (N,)
+        logp = hidden.new_empty(n_tokens, dtype=torch.float32)  # (N,)
+        entropy = torch.empty_like(logp) if return_entropy else None  # (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = hidden.new_empty(n_tokens, h, dtype=torch.float32) if need_hidden else None  # (N, H)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # (V, H)
-
         for start in range(0, n_tokens, chunk_size):
             rows = slice(start, min(start + chunk_size, n_tokens))
             h_t = (hidden[rows].float() / temperature).to(head_dtype)  # (C, H): z = h_t Wᵀ
-            z = (h_t @ w.T).float()  # (C, V): the chunk's only logits, computed once
-            z_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
-            z_target = z.gather(1, safe_targets[rows, None]).squeeze(1)  # (C,)
-            p = (z - z_max).exp_() if entropy is not None else z.sub_(z_max).exp_()  # (C, V) unnormalised
-            sum_exp = p.sum(dim=-1)  # (C,)
-            chunk_lse = z_max.squeeze(1) + sum_exp.log()  # (C,)
-            chunk_valid = valid[rows]
-            logp[rows] = (z_target - chunk_lse) * chunk_valid
-            if entropy is not None:
-                entropy[rows] = (chunk_lse - torch.linalg.vecdot(p, z) / sum_exp) * chunk_valid  # lse − Σ p z
+            z = h_t @ w.T  # (C, V): the chunk's only logits, computed once
+            logp[rows], chunk_entropy, token_loss, dz = chunk(
+                z, targets[rows], loss, rows, ignore_index, return_entropy
+            )
             del z
-            value, g = loss.terms(logp[rows], rows)  # (C,) each: the token losses and ∂L/∂logp
-            g = g * chunk_valid
-            total += (value * chunk_valid).sum()
-            dz = p.mul_((-g / sum_exp)[:, None])  # (C, V): −g·softmax, in place of the exponentials
-            dz.scatter_add_(1, safe_targets[rows, None], g[:, None])  # + g·onehot(y) → ∂L/∂z
-            dz = dz.to(head_dtype)
+            if entropy is not None:
+                entropy[rows] = chunk_entropy
+            total += token_loss.sum()
             if grad_hidden is not None:
                 grad_hidden[rows] = (dz @ w).float() / temperature  # (C, H)
-            if grad_weight is not None:
-                if head_dtype == torch.float32:
-                    grad_weight.addmm_(dz.T, h_t)  # (V, H): Σ_chunks ∂L/∂zᵀ h / T
-                else:
-                    grad_weight += dz.T @ h_t  # a (V, H) 16-bit product, summed in float32
-            del p, dz
+            if grad_weight is None:
+                pass
+            elif head_dtype == torch.float32:
+                grad_weight.addmm_(dz.T, h_t)  # (V, H): Σ_chunks ∂L/∂zᵀ h / T
+            else:
+                grad_weight += dz.T @ h_t  # a (V, H) 16-bit product, summed in float32
+            del dz
 
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.in_dtypes = (hidden.dtype, weight.dtype)
@@ -238,13 +263,58 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor | None, *_unused):  # the log-probs and entropy carry no gradient
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss is None:
-            return (None,) * 9
+            return (None,) * 10
         scale = grad_loss.float()
         return (
             (grad_hidden * scale).to(ctx.in_dtypes[0]) if grad_hidden is not None else None,
             (grad_weight * scale).to(ctx.in_dtypes[1]) if grad_weight is not None else None,
-            *(None,) * 7,
+            *(None,) * 8,
         )
+
+
+def head_dtype_of(weight: Tensor, head_dtype: torch.dtype | None, native: bool) -> torch.dtype:
+    """The matmuls' operand dtype: ``head_dtype``; None: float32 (the reference, as :func:`linear_logprob`), or
+    with ``native`` (a kernel) the weight's own 16-bit dtype (float32 for float32 and float64 weights).
+    """
+    if head_dtype is None:
+        return weight.dtype if native and weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    if head_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"head_dtype={head_dtype} is not supported; choose float32, bfloat16 or float16 (or None)")
+    return head_dtype
+
+
+def apply_fused_head(
+    chunk: Callable,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    loss: RatioOneLoss,
+    temperature: float,
+    return_entropy: bool,
+    ignore_index: int,
+    logits_budget: int,
+    chunk_size: int | None,
+    head_dtype: torch.dtype | None,
+    native: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check the arguments and run :class:`FusedLinearPolicyLoss` with ``chunk`` (the reference's or, ``native``, a
+    kernel's: see :func:`head_dtype_of`).
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
+    if loss.pg.shape != targets.shape:
+        raise ValueError(f"the loss's weights {tuple(loss.pg.shape)} must have the shape of targets {targets.shape}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = chunk_rows(weight.shape[0], logits_budget, chunk_size)
+    outs = FusedLinearPolicyLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), loss.flat(), float(temperature),
+        return_entropy, ignore_index, rows, head_dtype_of(weight, head_dtype, native), chunk,
+    )  # fmt: skip
+    entropy = outs[2].view(targets.shape) if return_entropy else None
+    return outs[0], outs[1].view(targets.shape), entropy
 
 
 def fused_linear_policy_loss(
@@ -258,7 +328,7 @@ def fused_linear_policy_loss(
     ignore_index: int = -100,
     logits_budget: int = LOGITS_BUDGET,
     chunk_size: int | None = None,
-    head_dtype: torch.dtype = torch.float32,
+    head_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(L, logp, entropy)``: the policy loss at ratio 1 (a scalar with the gradient of hidden and weight), and the
     per-token log-probs and entropy (float32, no gradient) of ``softmax(hidden @ weight.T / temperature)``.
@@ -266,22 +336,10 @@ def fused_linear_policy_loss(
     ``L`` equals ``policy_loss(logp, logp.detach(), ...)`` of the arguments ``loss`` was built from, and its
     gradients equal autograd's through :func:`~p2o_lightning.ops.linear_logprob` and that loss; the head's backward
     ran in this forward (see the module's docstring). Rows with ``target == ignore_index`` give 0 and no gradient.
-    ``head_dtype``: the matmuls' operand dtype (float32, or bfloat16 with a float32 softmax and accumulation).
+    ``head_dtype``: the matmuls' operand dtype (None: float32, as :func:`~p2o_lightning.ops.linear_logprob`;
+    ``torch.bfloat16``: the bf16 head, with a float32 softmax and float32 accumulation of the weight's gradient).
     """
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
-    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
-    if loss.pg.shape != targets.shape:
-        raise ValueError(f"the loss's weights {tuple(loss.pg.shape)} must have the shape of targets {targets.shape}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if head_dtype not in HEAD_DTYPES.values():
-        raise ValueError(f"head_dtype={head_dtype} is not supported; choose one of {tuple(HEAD_DTYPES.values())}")
-    rows = chunk_rows(weight.shape[0], logits_budget, chunk_size)
-    outs = _FusedLinearPolicyLoss.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(), loss.flat(), float(temperature),
-        return_entropy, ignore_index, rows, head_dtype,
+    return apply_fused_head(
+        softmax_chunk, hidden, weight, targets, loss, temperature, return_entropy, ignore_index, logits_budget,
+        chunk_size, head_dtype,
     )  # fmt: skip
-    entropy = outs[2].view(targets.shape) if return_entropy else None
-    return outs[0], outs[1].view(targets.shape), entropy

@@ -123,10 +123,12 @@ def test_fused_head_equals_autograd_of_the_unfused_loss(backend, setting, shape)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_head_float64_and_bfloat16_inputs(backend):
-    """float64 inputs compute in float32 (as the log-prob op) and return float64 gradients; bf16 inputs bf16 ones."""
+    """float64 inputs compute in float32 (as the log-prob op) and get float64 gradients; bf16 inputs bf16 ones."""
     op = get_ops(backend, "cpu").fused_linear_policy_loss
     setting = LOSSES["token-mean k3 T=0.7"]
-    for dtype, tolerances in ((torch.float64, (2e-5, 1e-4, 1e-5)), (torch.bfloat16, (2e-5, 1e-2, 1e-2))):
+    # the reference upcasts bf16 to float32; the kernel's matmuls stay bf16 (bf16 logits, as Liger's): coarser
+    bf16 = (2e-5, 1e-2, 1e-2) if backend == "torch" else (0.05, 0.05, 0.02)
+    for dtype, tolerances in ((torch.float64, (2e-5, 1e-4, 1e-5)), (torch.bfloat16, bf16)):
         case = _case(SHAPES[0], setting, dtype=dtype)
         fused = _fused(op, *case)
         assert fused[3].dtype == fused[4].dtype == dtype

@@ -10,8 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter; before triton imports
 
+from types import SimpleNamespace  # noqa: E402
+
 import pytest  # noqa: E402
-from helpers import assert_close, make_logprob_inputs, naive_logprob  # noqa: E402
+from helpers import assert_close, make_logprob_inputs, naive_logprob, one_step, small_module  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from p2o_lightning.fused_head import RatioOneLoss  # noqa: E402
 from p2o_lightning.ops import get_ops, policy_loss  # noqa: E402
@@ -163,3 +166,81 @@ def test_refuses_the_tokens_scope_with_a_context_mask():
         RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), context_ratio_bounds=(0.01, 10.0), context_mask_scope="tokens")
     with pytest.raises(ValueError, match="ref_logp"):
         RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), kl_coef=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer: one RL step with the fused head equals the unfused one; the plan decides where it runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        # P²O rows (distilled, templated and plain); the tiny world's templates move log-probs little: a narrow
+        # context ratio mask cuts ~40% of the tokens
+        dict(context_ratio_bounds=(0.99, 1.01)),
+        dict(kl_coef=0.05, loss_agg="seq-mean-token-mean", temperature=0.8),
+        dict(kl_coef=0.1, kl_estimator="k2", loss_agg="seq-mean-token-sum", backend="triton"),
+    ],
+    ids=["p2o", "kl-k3-seq-mean-T0.8", "kl-k2-seq-sum-triton"],
+)
+def test_one_step_with_the_fused_head_equals_the_unfused_step(tiny_world, tmp_path, monkeypatch, kw):
+    import p2o_lightning.fused_head as fused_head_mod
+
+    calls = []
+    softmax_chunk = fused_head_mod.softmax_chunk
+    monkeypatch.setattr(fused_head_mod, "softmax_chunk", lambda *a: calls.append(1) or softmax_chunk(*a))
+    unfused, b = one_step(tiny_world, tmp_path / "unfused", fuse=True, **kw)
+    assert not calls  # the default path never runs the fused head
+    fused, a = one_step(tiny_world, tmp_path / "fused", fuse=True, fused_head=True, **kw)
+    if kw.get("backend") != "triton":
+        assert calls  # the fused head ran (the reference's chunks)
+    assert a["train/reward"] == b["train/reward"]  # the same rollouts
+    for key in ("train/loss", "train/pg_loss", "train/entropy", "train/kl", "train/context_masked_frac"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert a["train/loss"] != 0.0
+    if "context_ratio_bounds" in kw:
+        assert 0 < a["train/context_masked_frac"] < 1  # the mask is at work in this step
+    moved = 0
+    start = dict(AutoModelForCausalLM.from_pretrained(str(tiny_world)).named_parameters())
+    for (name, p), q in zip(fused.policy.lm.named_parameters(), unfused.policy.lm.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(p, start[name]))
+    assert moved > 0  # SGD moved the weights: equal parameters mean equal gradients
+
+
+def test_the_plan_runs_the_fused_head_only_at_ratio_one(tiny_world):
+    """PPOUpdate.plan: fused where π_old is π_θ detached and no skill anchor; else the unfused path."""
+    batch = SimpleNamespace(num_groups=4, reprompted=True, sampling_logp=None)
+
+    def plan(tis_cap=None, **kw):
+        return small_module(tiny_world, fused_head=True, **kw).ppo.plan(batch, tis_cap)
+
+    assert plan().fused_head and not plan().old_pass  # one epoch, one mini-batch: ratio 1
+    assert not plan(ppo_epochs=2).fused_head  # a second epoch's ratio is not 1
+    assert not plan(ppo_mini_batch_size=2).fused_head  # nor a second mini-batch's
+    assert plan(ppo_mini_batch_size=4).fused_head  # one mini-batch of all 4 groups
+    assert not plan(tis_cap=2.0).fused_head  # TIS weights need π_old before the update
+    assert not plan(anchor_weight=0.5).fused_head  # the anchor's loss needs log π(y|t(x)) with a gradient
+    assert not plan(context_mask_scope="tokens").fused_head  # its means divide by the kept tokens (old pass)
+    assert not small_module(tiny_world).ppo.plan(batch, None).fused_head  # off by default
+
+
+def test_head_dtype_is_refused_where_it_would_not_apply(tiny_world):
+    with pytest.raises(ValueError, match="needs fused_head=True"):
+        small_module(tiny_world, head_dtype="bfloat16")
+    with pytest.raises(ValueError, match="head_dtype='float16' is unknown"):
+        small_module(tiny_world, fused_head=True, head_dtype="float16")
+    module = small_module(tiny_world, fused_head=True, head_dtype="bfloat16", ppo_epochs=2, tis_cap=2.0)
+    with pytest.raises(ValueError, match="ppo_epochs=2, tis_cap=2.0 would take the unfused path"):
+        module.ppo.check_head_dtype(2.0, 4, torch.device("cpu"))
+    small_module(tiny_world, fused_head=True, head_dtype="bfloat16").ppo.check_head_dtype(None, 4, torch.device("cpu"))
+
+
+def test_a_bf16_head_step_stays_close_to_the_float32_one(tiny_world, tmp_path):
+    f32, a = one_step(tiny_world, tmp_path / "f32", fuse=True, fused_head=True)
+    bf16, b = one_step(tiny_world, tmp_path / "bf16", fuse=True, fused_head=True, head_dtype="bfloat16")
+    assert a["train/reward"] == b["train/reward"]
+    assert b["train/entropy"] == pytest.approx(a["train/entropy"], rel=0.02)
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=0.05, abs=1e-3)
+    assert any(not torch.equal(p, q) for p, q in zip(f32.policy.parameters(), bf16.policy.parameters()))

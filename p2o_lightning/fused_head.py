@@ -250,7 +250,7 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
             del dz
 
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.in_dtypes = (hidden.dtype, weight.dtype)
+        ctx.in_dtypes, ctx.used = (hidden.dtype, weight.dtype), False
         ctx.set_materialize_grads(False)
         if entropy is None:
             ctx.mark_non_differentiable(logp)
@@ -261,13 +261,17 @@ class FusedLinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: Tensor | None, *_unused):  # the log-probs and entropy carry no gradient
+        if ctx.used:
+            raise RuntimeError("the fused head's backward runs once: it scales its stored gradients in place")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 10
         scale = grad_loss.float()
+        # in place: a (V, H) float32 copy of grad_weight would raise the step's peak memory by its size
         return (
-            (grad_hidden * scale).to(ctx.in_dtypes[0]) if grad_hidden is not None else None,
-            (grad_weight * scale).to(ctx.in_dtypes[1]) if grad_weight is not None else None,
+            grad_hidden.mul_(scale).to(ctx.in_dtypes[0]) if grad_hidden is not None else None,
+            grad_weight.mul_(scale).to(ctx.in_dtypes[1]) if grad_weight is not None else None,
             *(None,) * 8,
         )
 

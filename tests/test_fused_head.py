@@ -244,3 +244,15 @@ def test_a_bf16_head_step_stays_close_to_the_float32_one(tiny_world, tmp_path):
     assert b["train/entropy"] == pytest.approx(a["train/entropy"], rel=0.02)
     assert b["train/loss"] == pytest.approx(a["train/loss"], rel=0.05, abs=1e-3)
     assert any(not torch.equal(p, q) for p, q in zip(f32.policy.parameters(), bf16.policy.parameters()))
+
+
+def test_the_backward_runs_once():
+    """The stored gradients are scaled in place (no (V, H) copy): a second backward through them is refused."""
+    hidden, weight, targets, mask, advantages, *_ = _inputs(2, 5, 8, 11, torch.float32)
+    weight.requires_grad_(True)
+    loss, _, _ = get_ops("torch", "cpu").fused_linear_policy_loss(
+        hidden, weight, targets, RatioOneLoss.of(advantages, mask)
+    )
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()

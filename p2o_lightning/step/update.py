@@ -12,6 +12,12 @@ as TRL and verl do), the entropy and, for distilled rows, log π(y|t(x)) come fr
 ``linear_logprob_multi`` call. The one exception is the ``tokens`` scope of the context ratio mask, whose token-mean
 divides by the tokens the mask keeps: those are known only from π_old, so the old pass runs first.
 
+**The fused head** (``LogProbSettings.fused_head``). At ratio 1 the loss's gradient w.r.t. each token's log-prob is
+known as soon as the log-prob is, so the LM head's backward can run inside the forward
+(:mod:`p2o_lightning.fused_head`): the update hands the forward the loss's per-token weights
+(:class:`~p2o_lightning.fused_head.RatioOneLoss`) and gets the loss back with its gradients; the statistics still
+come from ``policy_loss`` (no grad) on the same log-probs. :meth:`PPOUpdate.plan` decides, per step, where it runs.
+
 Gradient clipping and the non-finite checks live with the optimizer step (the ``optimizer_step`` callable the
 module passes, :class:`p2o_lightning.optim.OptimizerStep`); a step that the fp16 GradScaler skipped is counted, not
 fatal.

@@ -8,6 +8,7 @@ forward + loss + backward + optimizer step). The first step is a warm-up and is 
     python benchmarks/bench_step.py [--steps 6] [--batch-size 16] [--num-rollouts 8] [--engine loop|hf|vllm]
                                     [--model bpe] [--no-trim] [--micro-batch-tokens N]
     python benchmarks/bench_step.py --passes [--steps 6]
+    python benchmarks/bench_step.py --compare-head [--model qwen3-151k] [--rounds 2]
     python benchmarks/bench_step.py --compare-engines [--steps 4]       # in .venv-vllm
     python benchmarks/bench_step.py --compare-processes [--steps 6]
 
@@ -26,6 +27,11 @@ mask): ``two-pass`` (log π(y|t(x)) and log π(y|x) in two passes, the separate 
 ``one-pass`` (both contexts in one ``linear_logprob_multi`` call per micro-batch, still a separate π_old pass) and
 ``fused`` (the default: with one PPO epoch and one mini-batch, π_old, the entropy and the context come from the
 update's own forward). Writes ``benchmarks/results/step_passes_<device>.csv``.
+
+``--compare-head`` times the update with and without the fused head (``fused_head``: with one PPO update per step
+the loss's LM-head gradients are computed in the log-prob pass, :mod:`p2o_lightning.fused_head`), ``--rounds``
+interleaved fresh processes per variant, on ``--model embedded`` or ``qwen3-151k`` (Qwen's 151,936-token vocabulary,
+random weights, built once by ``bench_vs_trl.py``). Writes ``benchmarks/results/step_head_<device>.csv``.
 
 ``--compare-processes`` runs the same global batch (``--batch-size`` prompts per step) on one process and on two
 (gloo on CPU, NCCL on GPUs), with DDP and with FSDP2 (``ModelParallelStrategy``): each process gets
@@ -172,6 +178,10 @@ def run_steps(args, tmp: Path) -> dict:
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     devices = getattr(args, "devices", 1)
     model, task, data = args.model, "addition", {}
+    if args.model == "qwen3-151k":  # Qwen's vocabulary, random weights (bench_vs_trl.py builds it once)
+        from bench_vs_trl import qwen3_151k_path
+
+        model = str(qwen3_151k_path())
     if args.model == "bpe":
         model, train = build_bpe_model(tmp)
         task, data = "math", {"train_file": train, "val_files": {"dev": train}}
@@ -185,6 +195,8 @@ def run_steps(args, tmp: Path) -> dict:
         rollout_engine=args.engine,
         vllm_options={"kv_cache_memory_bytes": 256 * 2**20} if args.engine == "vllm" else None,
     )
+    if getattr(args, "fused_head", False):  # the head's backward in the log-prob pass, where the ratio is 1
+        module.ppo.logprob = dataclasses.replace(module.ppo.logprob, fused_head=True, head_dtype=args.head_dtype)
     if getattr(args, "variant", None):
         setup_variant(module, args.variant)
     if getattr(args, "no_trim", False):  # every forward at the batch's padded widths (the code before trimming)
@@ -346,7 +358,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     parser.add_argument("--num-rollouts", type=int, default=8, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="response length limit")
-    parser.add_argument("--model", default="embedded", help="model path, 'embedded', or 'bpe' (built here)")
+    parser.add_argument(
+        "--model", default="embedded", help="model path, 'embedded', 'bpe' (built here), 'qwen3-151k' (random weights)"
+    )
     parser.add_argument("--engine", default="loop", choices=["loop", "hf", "vllm"], help="rollout engine")
     parser.add_argument("--compare-engines", action="store_true", help="HF vs vLLM on the embedded and BPE models")
     parser.add_argument("--passes", action="store_true", help="compare the log-prob pass variants (see above)")
@@ -356,6 +370,10 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--no-trim", action="store_true", help="forwards at the batch's padded widths, untrimmed")
     parser.add_argument("--micro-batch-tokens", type=int, help="micro-batches by this token budget (rows by length)")
+    parser.add_argument("--fused-head", action="store_true", help="the fused head of a single update (fused_head)")
+    parser.add_argument("--head-dtype", choices=["bfloat16"], help="the fused head's matmul operands")
+    parser.add_argument("--compare-head", action="store_true", help="unfused vs fused head, fresh processes (above)")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare-head: interleaved rounds per variant")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one variant, in its own process (--passes runs it)
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -365,6 +383,8 @@ def main() -> None:
         return compare_passes(args)
     if args.compare_processes:
         return compare_processes(args)
+    if args.compare_head:
+        return compare_head(args)
     if args.batch_size % args.devices:
         parser.error(f"--batch-size {args.batch_size} does not split over --devices {args.devices}")
 
@@ -436,13 +456,51 @@ def setup_variant(module: P2OModule, variant: str) -> None:
         module_mod.rollout_logprobs = two_pass
 
 
+def run_fresh(args: argparse.Namespace, *extra: str) -> dict:
+    """This script's record of one run in a fresh process (its own peak RSS), with ``extra`` arguments."""
+    cmd = [sys.executable, __file__, "--steps", str(args.steps), "--json-only", "--model", args.model]
+    cmd += ["--batch-size", str(args.batch_size), "--num-rollouts", str(args.num_rollouts), *extra]
+    cmd += ["--max-new-tokens", str(args.max_new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def compare_head(args: argparse.Namespace) -> None:
+    """The update with and without the fused head (one PPO update per step, the default), ``--rounds`` interleaved
+    fresh processes each: update wall and CPU ms per step (medians over steps, then over rounds) and peak RSS.
+    """
+    variants = {"unfused": (), "fused": ("--fused-head",)}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for variant, extra in variants.items():
+            runs[variant].append(run_fresh(args, *extra))
+    env = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for variant, records in runs.items():
+        row = {**env, "model": args.model, "batch_size": args.batch_size, "num_rollouts": args.num_rollouts}
+        row.update(max_new_tokens=args.max_new_tokens, variant=variant, rounds=len(records))
+        row["steps"] = sum(r["steps"] for r in records)
+        for key in ("update_ms", "update_cpu_ms", "logprob_cpu_ms", "response_tokens"):
+            row[key] = round(statistics.median(r[key] for r in records), 1)
+        row["update_cpu_ms_all"] = " ".join(str(round(r["update_cpu_ms"])) for r in records)
+        row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in records), 1)
+        rows.append(row)
+    print(f"\nupdate, unfused vs fused head: {args.model}, {args.batch_size} prompts x K={args.num_rollouts}, "
+          f"{env['device']} (median ms per step)")  # fmt: skip
+    print(f"{'variant':>9} {'update wall':>12} {'update CPU':>11} {'per round':>18} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['variant']:>9} {r['update_ms']:>12.1f} {r['update_cpu_ms']:>11.1f} {r['update_cpu_ms_all']:>18} "
+              f"{r['peak_rss_mb']:>12.0f}")  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        append_csv(RESULTS / f"step_head_{env['device_kind']}.csv", r)
+    print(json.dumps({r["variant"]: {k: r[k] for k in ("update_ms", "update_cpu_ms", "peak_rss_mb")} for r in rows}))
+
+
 def compare_passes(args: argparse.Namespace) -> None:
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--json-only"]
-        cmd += ["--batch-size", str(args.batch_size), "--num-rollouts", str(args.num_rollouts), "--model", args.model]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        record = json.loads(out)
+        record = run_fresh(args, "--variant", variant)
         results[variant] = {
             "steps": record["steps"],
             "rollout_ms": record["generate_ms"] + record["grade_ms"],

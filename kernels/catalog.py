@@ -15,6 +15,7 @@ from . import (
     _guard,  # noqa: F401  (refuses the top-level name `kernels`)
     advantage,
     aot,
+    fused_head,
     logprob,
     loss,
 )
@@ -24,7 +25,7 @@ __all__ = ["spaces"]
 
 def spaces() -> tuple[aot.KernelSpace, ...]:
     """The launch space of every ``@triton.jit`` kernel of the package (entry points, not ``@jit`` helpers)."""
-    return (*logprob.SPACES, *loss.SPACES, *advantage.SPACES)
+    return (*logprob.SPACES, *loss.SPACES, *advantage.SPACES, *fused_head.SPACES)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ One file per op family, each laid out like the Triton tutorials / Liger-Kernel (
   weight) and :func:`linear_logprob_multi` (C contexts sharing the weight: P²O's context ratio mask);
 - :mod:`.advantage` — :func:`group_advantage` (GRPO / Dr. GRPO, plus the collapse flags);
 - :mod:`.loss` — :func:`policy_loss` (PPO-clip, clip-higher, dual-clip, k1/k2/k3 KL, context ratio mask, three
-  aggregations, with every statistic of the reference).
+  aggregations, with every statistic of the reference);
+- :mod:`.fused_head` — :func:`fused_linear_policy_loss` (one PPO update: the loss at ratio 1 and the LM head's
+  gradients from one computation of each chunk's logits, the softmax, loss terms and ∂L/∂z in one kernel).
 
 The trainer reaches them only through :func:`p2o_lightning.ops.get_ops` (``backend: triton``, or ``auto`` on CUDA).
 
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 
-__all__ = ["group_advantage", "linear_logprob", "linear_logprob_multi", "policy_loss"]
+__all__ = ["fused_linear_policy_loss", "group_advantage", "linear_logprob", "linear_logprob_multi", "policy_loss"]
 
 
 def linear_logprob(
@@ -106,4 +108,26 @@ def policy_loss(
         clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, kl_estimator=kl_estimator, loss_agg=loss_agg,
         num_tokens=num_tokens, num_seqs=num_seqs, context_logp=context_logp,
         context_ratio_bounds=context_ratio_bounds, context_mask_scope=context_mask_scope,
+    )  # fmt: skip
+
+
+def fused_linear_policy_loss(
+    hidden: Tensor,  # (..., H)
+    weight: Tensor,  # (V, H)
+    targets: Tensor,  # (...) int64
+    loss,  # p2o_lightning.fused_head.RatioOneLoss
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    logits_budget: int = 2**25,
+    chunk_size: int | None = None,
+    head_dtype=None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fused :func:`p2o_lightning.fused_head.fused_linear_policy_loss`; see :mod:`p2o_lightning.kernels.fused_head`."""
+    from .fused_head import fused_linear_policy_loss as kernel
+
+    return kernel(
+        hidden, weight, targets, loss, temperature=temperature, return_entropy=return_entropy,
+        ignore_index=ignore_index, logits_budget=logits_budget, chunk_size=chunk_size, head_dtype=head_dtype,
     )  # fmt: skip

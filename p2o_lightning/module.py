@@ -80,6 +80,13 @@ class P2OModule(L.LightningModule):
         kl_estimator: ``k1`` | ``k2`` | ``k3``.
         backend: op implementation: ``auto`` (Triton on CUDA when available, else torch) | ``torch`` | ``triton``.
         logprob_chunk_size: tokens per chunk of the log-prob op (bounds the live logits to chunk × vocab).
+        fused_head: with one PPO update per step (ratio 1), compute the loss's LM-head gradients inside the log-prob
+            pass (:mod:`p2o_lightning.fused_head`: each chunk's logits once, not again in backward); other steps take
+            the unfused path (``PPOUpdate.plan`` decides).
+        head_dtype: the fused head's matmul operands: None (float32 on CPU, the model's dtype with Triton) or
+            ``bfloat16`` (float32 softmax and accumulation), meant for CPUs with AMX / AVX512-BF16 units and GPUs and
+            not timed on one (its error: ``benchmarks/bench_head_dtype.py``); needs ``fused_head`` and settings that
+            always fuse, and a GPU with bf16.
         reward_timeout: seconds a reward call may take before it scores 0 and is counted as a timeout.
         val_num_samples: k of the validation mean@k (sampled at ``val_temperature``; 0 disables it).
         val_temperature: sampling temperature of mean@k validation.
@@ -142,6 +149,8 @@ class P2OModule(L.LightningModule):
         kl_estimator: str = "k3",
         backend: str = "auto",
         logprob_chunk_size: int = 1024,
+        fused_head: bool = False,
+        head_dtype: str | None = None,
         reward_timeout: float = 10.0,
         val_num_samples: int = 4,
         val_temperature: float = 1.0,
@@ -179,6 +188,8 @@ class P2OModule(L.LightningModule):
             logprob_chunk_size,
             micro_batch_size,
             micro_batch_tokens=micro_batch_tokens,
+            fused_head=fused_head,
+            head_dtype=head_dtype,
         )
         self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight), loss, logprob)
         self.task = get_task(task)
@@ -238,6 +249,7 @@ class P2OModule(L.LightningModule):
             raise ValueError(f"model.task={self.hparams.task!r} but data.task={dm.task!r}: they must match")
         if stage == "fit":
             self.ppo.settings.check_batch_size(getattr(dm, "batch_size", None))
+            self.ppo.check_head_dtype(self.hparams.tis_cap, getattr(dm, "batch_size", None), self.device)
             check_dynamic_sampling(self.hparams.dynamic_sampling, self.hparams.max_sampling_rounds, dm)
             if self.hparams.dynamic_sampling == "filter" and not hasattr(dm, "extra_batch"):
                 raise ValueError(

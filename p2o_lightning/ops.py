@@ -15,6 +15,10 @@ and the benchmarks:
 - :func:`policy_loss` — PPO-clip with separate low/high clip (DAPO's clip-higher), optional dual-clip, optional
   KL term, and the three usual ways of aggregating token losses.
 
+The fifth op, :func:`p2o_lightning.fused_head.fused_linear_policy_loss` (the loss of a single PPO update with the
+head's backward run inside the log-prob pass), builds on these and lives in its own module; :func:`get_ops` hands it
+out with the others.
+
 :func:`resolve_backend` / :func:`get_ops` choose between these and the Triton kernels of
 ``p2o_lightning.kernels``; the LightningModule only ever calls ops through :func:`get_ops` and never imports triton.
 """
@@ -573,7 +577,7 @@ def policy_loss(
 # Backend dispatch
 # ----------------------------------------------------------------------------------------------------------------
 
-_DISPATCHED = ("linear_logprob", "linear_logprob_multi", "group_advantage", "policy_loss")
+_DISPATCHED = ("linear_logprob", "linear_logprob_multi", "group_advantage", "policy_loss", "fused_linear_policy_loss")
 
 
 @dataclass(frozen=True)
@@ -585,6 +589,7 @@ class Ops:
     linear_logprob_multi: Callable[..., tuple[Tensor, Tensor | None]]
     group_advantage: Callable[..., Tensor]
     policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    fused_linear_policy_loss: Callable[..., tuple[Tensor, Tensor, Tensor | None]]  # p2o_lightning.fused_head
     kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
     collapsed_groups: Callable[..., Tensor] = collapsed_groups  # always the reference
     context_ratio_mask: Callable[..., Tensor] = context_ratio_mask  # always the reference (a comparison)
@@ -628,12 +633,15 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def get_ops(backend: str, device: torch.device | str) -> Ops:
     """Return the ops of the backend that :func:`resolve_backend` picks for ``backend`` on ``device``."""
+    from p2o_lightning.fused_head import fused_linear_policy_loss  # it builds on this module's ops
+
     resolved = resolve_backend(backend, device)
     reference = {
         "linear_logprob": linear_logprob,
         "linear_logprob_multi": linear_logprob_multi,
         "group_advantage": group_advantage,
         "policy_loss": policy_loss,
+        "fused_linear_policy_loss": fused_linear_policy_loss,
     }
     if resolved == "triton":
         reference.update(_kernel_ops())

@@ -103,15 +103,38 @@ class PolicyLogProb(nn.Module):
         context_ids: Tensor | None = None,  # [M, Pc + R] the same responses behind another prompt (t(x))
         context_mask: Tensor | None = None,  # [M, Pc + R]
         context_grad: bool = False,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        head_loss: Any = None,  # p2o_lightning.fused_head.RatioOneLoss [M, R]: the fused head of a single update
+        head_dtype: torch.dtype | None = None,  # the fused head's matmul operands (None: the op's default)
+    ) -> tuple[Tensor, Tensor | None, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` is log π of the same
         tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``; it carries a
         gradient only with ``context_grad`` (P²O's skill anchor trains the row there too).
+
+        With ``head_loss`` the fourth output is the loss of a single update at ratio 1, whose gradients the fused
+        head computed in this pass (``ops.fused_linear_policy_loss``); the log-probs then carry none. The context,
+        when given, is scored first (no gradient): the loss's context ratio mask reads it.
         """
         response_len = targets.shape[1]
         hidden = self._response_hidden(input_ids, attention_mask, response_len)  # [M, R, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
         kwargs = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+        if head_loss is not None:
+            if context_grad:
+                raise ValueError(
+                    "the fused head trains log π(y|x) alone: a context with a gradient needs the unfused path"
+                )
+            context_logp = None
+            if context_ids is not None:
+                with torch.no_grad():
+                    context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
+                    context_logp = ops.linear_logprob(
+                        context_hidden, weight, targets, **dict(kwargs, return_entropy=False)
+                    )[0]
+                head_loss = head_loss.with_context(context_logp)
+            loss, logp, entropy = ops.fused_linear_policy_loss(
+                hidden, weight, targets, head_loss, head_dtype=head_dtype, **kwargs
+            )
+            return logp, entropy, context_logp, loss
         if context_ids is None:
             logp, entropy = ops.linear_logprob(hidden, weight, targets, **kwargs)
             return logp, entropy, None

@@ -1,9 +1,10 @@
-"""Shared test helpers: a small module / data / trainer on the tiny embedded world, reading metrics.csv,
-recomputing response log-probs with a plain HF forward, and the float64 oracle of the log-prob op (its inputs, its
-forward and gradient check, and a recorder of the largest tensor an op allocates) that the reference op and the
-Triton kernel are both held to."""
+"""Shared test helpers: a small module / data / trainer on the tiny embedded world, one RL step of a module with
+parity rewards (``one_step``), reading metrics.csv, recomputing response log-probs with a plain HF forward, and the
+float64 oracle of the log-prob op (its inputs, its forward and gradient check, and a recorder of the largest tensor
+an op allocates) that the reference op and the Triton kernel are both held to."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO
 from p2o_lightning.runs import RunCSVLogger, RunFolder
+from p2o_lightning.tasks.addition import world_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,36 @@ def trainer(tmp_path, max_steps, callbacks=(), plugins=(), **kw):
         log_every_n_steps=1,
         **kw,
     )
+
+
+class ParityReward(P2OModule):
+    """The real module, rewarded 1 for an odd-length response: spread within groups whatever the tiny model says."""
+
+    def sample(self, prompts, answers, sampling):
+        rollouts, grade = super().sample(prompts, answers, sampling)
+        return rollouts, dataclasses.replace(grade, rewards=[float(len(t) % 2) for t in rollouts.texts])
+
+
+def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), **kw):
+    """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
+    L.seed_everything(0)
+    module = ParityReward(
+        model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5), **kw,
+    )  # fmt: skip
+    if not fuse:  # force the separate no-grad π_old pass that a single update otherwise skips
+        module.ppo.fuses_old_logprobs = lambda batch: False
+    # every training prompt holds templates: distilled rows, the context ratio mask, and plain rows ("")
+    module.template_assignments = {p.prompt: list(templates) for p in world_splits()["train"]}
+    seen = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+
+    t = trainer(root, max_steps=1, callbacks=[Record()], limit_val_batches=0)
+    t.fit(module, datamodule=small_data(batch_size=2))
+    return module, seen
 
 
 def read_csv(path):

@@ -4,8 +4,8 @@
 feature constexpr's other values) to a cubin with the ``ptxas`` Triton ships, in a subprocess (this suite runs the
 kernels in the interpreter, and AOT needs them compiled), and reads back registers, spills and shared memory. The
 limits asserted here are the hardware's and the kernels' design: shared memory within the architecture's per-block
-maximum; no spill in the log-prob and loss kernels; the log-prob matmuls on tensor cores (``wgmma`` on sm_90,
-``tcgen05`` on sm_100, ``mma`` on sm_80) for 16-bit inputs.
+maximum; no spill in the log-prob, loss and fused-head kernels; the log-prob matmuls on tensor cores (``wgmma`` on
+sm_90, ``tcgen05`` on sm_100, ``mma`` on sm_80) for 16-bit inputs.
 
 Cold, the compiles take minutes on one core; they go to Triton's on-disk cache under the project cache
 (``$P2O_CACHE`` or ``~/.cache/p2o_lightning``)/triton-aot, so a rerun with unchanged kernels takes seconds.
@@ -55,7 +55,7 @@ def test_every_case_compiles_for_every_arch(rows):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {
         "logprob_forward", "logprob_backward", "policy_loss_forward", "policy_loss_backward", "policy_loss_finalize",
-        "group_advantage",
+        "group_advantage", "fused_head",
     }  # fmt: skip
     for kernel in kernels:  # every dtype of every kernel, on every arch
         dtypes = {(r["arch"], r["dtype"]) for r in rows if r["kernel"] == kernel}
@@ -68,8 +68,8 @@ def test_shared_memory_within_the_per_block_limit(rows):
     assert not offenders(rows, lambda r: r["shared_bytes"] > ARCHS[r["arch"]][1])
 
 
-def test_no_spills_in_the_logprob_and_loss_kernels(rows):
-    hot = [r for r in rows if r["kernel"].startswith(("logprob", "policy_loss"))]
+def test_no_spills_in_the_logprob_loss_and_fused_head_kernels(rows):
+    hot = [r for r in rows if r["kernel"].startswith(("logprob", "policy_loss", "fused_head"))]
     assert hot
     assert not offenders(hot, lambda r: r["stack_bytes"] or r["local_bytes"])  # spills live in the stack frame
     assert not offenders(hot, lambda r: r["registers"] > 255)

@@ -7,16 +7,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels run in Triton's interpreter; before triton imports
 
-import dataclasses  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import lightning as L  # noqa: E402
 import pytest  # noqa: E402
-from helpers import small_data, small_module, trainer  # noqa: E402
+from helpers import ParityReward, one_step, small_data, small_module, trainer  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from p2o_lightning.module import P2OModule  # noqa: E402
 from p2o_lightning.ops import get_ops  # noqa: E402
 from p2o_lightning.optim import OptimizerStep  # noqa: E402
 from p2o_lightning.rollout import SamplingParams  # noqa: E402
@@ -66,40 +64,10 @@ def test_one_pass_context_logprobs_equal_two_passes(tiny_world, backend):
     torch.testing.assert_close(context[~rows], logp[~rows], rtol=0, atol=1e-5)
 
 
-class ParityReward(P2OModule):
-    """The real module, rewarded 1 for an odd-length response: spread within groups whatever the tiny model says."""
-
-    def sample(self, prompts, answers, sampling):
-        rollouts, grade = super().sample(prompts, answers, sampling)
-        return rollouts, dataclasses.replace(grade, rewards=[float(len(t) % 2) for t in rollouts.texts])
-
-
-def _one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), **kw):
-    """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
-    L.seed_everything(0)
-    module = ParityReward(
-        model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.5), **kw,
-    )  # fmt: skip
-    if not fuse:  # force the separate no-grad π_old pass that a single update otherwise skips
-        module.ppo.fuses_old_logprobs = lambda batch: False
-    # every training prompt holds templates: distilled rows, the context ratio mask, and plain rows ("")
-    module.template_assignments = {p.prompt: list(templates) for p in world_splits()["train"]}
-    seen = {}
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
-
-    t = trainer(root, max_steps=1, callbacks=[Record()], limit_val_batches=0)
-    t.fit(module, datamodule=small_data(batch_size=2))
-    return module, seen
-
-
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_single_update_skips_old_pass_with_equal_losses_and_gradients(tiny_world, tmp_path, kl_coef):
-    fused, a = _one_step(tiny_world, tmp_path / "fused", fuse=True, kl_coef=kl_coef)
-    separate, b = _one_step(tiny_world, tmp_path / "separate", fuse=False, kl_coef=kl_coef)
+    fused, a = one_step(tiny_world, tmp_path / "fused", fuse=True, kl_coef=kl_coef)
+    separate, b = one_step(tiny_world, tmp_path / "separate", fuse=False, kl_coef=kl_coef)
     assert a["train/reward"] == b["train/reward"]  # the same rollouts
     assert a["p2o/templated_share"] == 1.0
     for key in ("train/loss", "train/pg_loss", "train/entropy", "train/kl", "train/context_masked_frac"):
@@ -117,7 +85,7 @@ def test_skill_anchor_adds_the_templated_prompts_loss(tiny_world, tmp_path, fuse
     # L_anchor = L_PPO(y | x; ratio mask) + w · L_PPO(y | t(x)) = L_distill + w · L_no-distill
     templates = ("Add.", "Carry.", "Add.", "Carry.")
     runs = {
-        name: _one_step(tiny_world, tmp_path / name, fuse, templates=templates, **kw)
+        name: one_step(tiny_world, tmp_path / name, fuse, templates=templates, **kw)
         for name, kw in {"distill": {}, "no_distill": {"distill": False}, "anchor": {"anchor_weight": 0.5}}.items()
     }
     rewards = {name: seen["train/reward"] for name, (_, seen) in runs.items()}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from p2o_lightning.fused_head import HEAD_DTYPES, RatioOneLoss
 from p2o_lightning.ops import tis_weights
 from p2o_lightning.step.batch import RolloutBatch
 
@@ -41,10 +42,27 @@ class LogProbSettings:
     micro_batch_size: int  # rows per forward
     trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
     micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
+    # the update's loss and LM-head gradients in the log-prob pass when its plan says the ratio is 1
+    # (:mod:`p2o_lightning.fused_head`, ``LogProbPlan.fused_head``); False: log-probs, then the loss through autograd
+    fused_head: bool = False
+    # the fused head's matmul operands: None (float32 on the torch backend, the weight's dtype on Triton) or
+    # "bfloat16" (fp32 softmax and accumulation; for CPUs with AMX / AVX512-BF16 units and GPUs; not timed on one)
+    head_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= 1 (or None: by rows)")
+        if self.head_dtype not in (None, *HEAD_DTYPES):
+            raise ValueError(f"head_dtype={self.head_dtype!r} is unknown; choose None or one of {tuple(HEAD_DTYPES)}")
+        if self.head_dtype is not None and not self.fused_head:
+            raise ValueError(
+                f"head_dtype={self.head_dtype!r} sets the fused head's matmuls: it needs fused_head=True (the log-prob "
+                "passes of the unfused path compute in float32 on CPU, in the model's dtype on GPU)"
+            )
+
+    @property
+    def head_torch_dtype(self):
+        return None if self.head_dtype is None else HEAD_DTYPES[self.head_dtype]
 
 
 def micro_batches(batch: RolloutBatch, rows: Tensor, settings: LogProbSettings) -> list[Tensor]:
@@ -108,9 +126,11 @@ def forward_rows(
     return_entropy: bool,
     with_context: bool,
     context_grad: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp)``, each [len(rows), R] or None
-    (``context_logp`` with a gradient when ``context_grad``).
+    head_loss: RatioOneLoss | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp, loss)``, the first three each
+    [len(rows), R] or None (``context_logp`` with a gradient when ``context_grad``); ``loss`` is the fused head's
+    (with ``head_loss``, its weights [len(rows), R]: log-probs and entropy then carry no gradient), else None.
 
     With ``settings.trim`` the forward runs on the rows' own widths (:func:`trimmed_widths`, for the sampled
     prompt's context too) and its outputs are padded back to R with zeros (what a masked target scores).
@@ -139,11 +159,13 @@ def forward_rows(
         context_ids=context[0],  # [m, Pg' + R']
         context_mask=context[1],
         context_grad=context_grad,
+        head_loss=None if head_loss is None else head_loss.narrow(response.shape[1]),
+        head_dtype=settings.head_torch_dtype,
     )
     pad = full_width - response.shape[1]
     if pad:  # zeros beyond the longest response: what the padded forward gives for masked targets
-        outs = tuple(None if x is None else F.pad(x, (0, pad)) for x in outs)
-    return outs  # each [m, R] or None
+        outs = (*(None if x is None else F.pad(x, (0, pad)) for x in outs[:3]), *outs[3:])
+    return (*outs, None) if len(outs) == 3 else outs  # [m, R] or None each, and the loss
 
 
 def token_logprobs(

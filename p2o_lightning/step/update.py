@@ -12,6 +12,12 @@ as TRL and verl do), the entropy and, for distilled rows, log π(y|t(x)) come fr
 ``linear_logprob_multi`` call. The one exception is the ``tokens`` scope of the context ratio mask, whose token-mean
 divides by the tokens the mask keeps: those are known only from π_old, so the old pass runs first.
 
+**The fused head** (``LogProbSettings.fused_head``). At ratio 1 the loss's gradient w.r.t. each token's log-prob is
+known as soon as the log-prob is, so the LM head's backward can run inside the forward
+(:mod:`p2o_lightning.fused_head`): the update hands the forward the loss's per-token weights
+(:class:`~p2o_lightning.fused_head.RatioOneLoss`) and gets the loss back with its gradients; the statistics still
+come from ``policy_loss`` (no grad) on the same log-probs. :meth:`PPOUpdate.plan` decides, per step, where it runs.
+
 Gradient clipping and the non-finite checks live with the optimizer step (the ``optimizer_step`` callable the
 module passes, :class:`p2o_lightning.optim.OptimizerStep`); a step that the fp16 GradScaler skipped is counted, not
 fatal.
@@ -19,6 +25,7 @@ fatal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from p2o_lightning.fused_head import RatioOneLoss
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp
@@ -104,6 +112,7 @@ class LogProbPlan:
     old_pass: bool  # the log-prob stage computes π_old (+ entropy) of every row; else the update's forward gives it
     context: bool  # some row is distilled and log π(y|t(x)) is needed (ratio mask, rollout mismatch, anchor)
     anchored: bool  # the skill anchor: the update needs log π(y|t(x)) of the distilled rows with a gradient
+    fused_head: bool = False  # ratio 1 and a loss known from logp alone: the head's backward runs in the log-prob pass
 
     @property
     def update_context(self) -> bool:
@@ -135,14 +144,45 @@ class PPOUpdate:
 
     def plan(self, batch: RolloutBatch, tis_cap: float | None) -> LogProbPlan:
         """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
-        update), the context log-probs when a row is distilled and something reads them, the anchor's.
+        update), the context log-probs when a row is distilled and something reads them, the anchor's; and whether
+        the update runs the fused head (``LogProbSettings.fused_head``): only where the ratio is 1 (no π_old pass)
+        and the loss's gradient is known from each token's log-prob (no skill anchor, whose second loss needs
+        log π(y|t(x)) with a gradient). The ``tokens`` scope with distilled rows already takes the π_old pass.
         """
         anchor = self.settings.anchor_weight
+        old_pass = tis_cap is not None or not self.fuses_old_logprobs(batch)
+        anchored = anchor > 0 and batch.reprompted
         return LogProbPlan(
-            old_pass=tis_cap is not None or not self.fuses_old_logprobs(batch),
+            old_pass=old_pass,
             context=needs_context_logp(batch, self.loss.context_ratio_bounds, anchor),
-            anchored=anchor > 0 and batch.reprompted,
+            anchored=anchored,
+            fused_head=self.logprob.fused_head and not old_pass and not anchored,
         )
+
+    def check_head_dtype(self, tis_cap: float | None, batch_size: int | None, device: torch.device) -> None:
+        """A ``head_dtype`` applies to the fused head only: refuse settings under which a step could take the
+        unfused path (where it would silently not apply), and a bf16 head on a GPU without bf16.
+        """
+        if self.logprob.head_dtype is None:
+            return
+        if self.logprob.head_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"head_dtype='bfloat16': {torch.cuda.get_device_name(device)} has no bf16 support")
+        s, loss = self.settings, self.loss
+        reasons = {
+            f"ppo_epochs={s.ppo_epochs}": s.ppo_epochs != 1,
+            f"ppo_mini_batch_size={s.mini_batch_groups}": s.mini_batch_groups is not None
+            and (batch_size is None or s.mini_batch_groups < batch_size),
+            f"tis_cap={tis_cap}": tis_cap is not None,
+            f"anchor_weight={s.anchor_weight}": s.anchor_weight > 0,
+            "context_mask_scope='tokens'": loss.context_mask_scope == "tokens"
+            and loss.context_ratio_bounds is not None,
+        }
+        blockers = [name for name, blocks in reasons.items() if blocks]
+        if blockers:
+            raise ValueError(
+                f"head_dtype={self.logprob.head_dtype!r} applies to the fused head, which runs only with one PPO "
+                f"update per step at ratio 1; {', '.join(blockers)} would take the unfused path"
+            )
 
     def __call__(
         self,
@@ -180,8 +220,17 @@ class PPOUpdate:
                 num_tokens = kept.sum().clamp(min=1)
                 zero_grad()
                 for micro in micro_batches(batch, rows, lp):  # by rows, or by tokens
-                    logp, entropy, live_context = forward_rows(
-                        policy, batch, micro, ops, lp, fused_old, with_context, context_grad=anchored
+                    ref = None if batch.ref_logp is None else batch.ref_logp[micro]
+                    head_loss = None
+                    if plan.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
+                        head_loss = RatioOneLoss.of(
+                            batch.advantages[micro], mask[micro], ref_logp=ref, kl_coef=self.loss.kl_coef,
+                            kl_estimator=self.loss.kl_estimator, loss_agg=self.loss.loss_agg, num_tokens=num_tokens,
+                            num_seqs=len(rows), context_ratio_bounds=bounds if with_context else None,
+                            context_mask_scope=self.loss.context_mask_scope,
+                        )  # fmt: skip
+                    logp, entropy, live_context, head_value = forward_rows(
+                        policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss
                     )
                     if fused_old:
                         old = logp.detach()
@@ -192,16 +241,19 @@ class PPOUpdate:
                     else:
                         old = batch.old_logp[micro]
                         context = None if batch.context_logp is None else batch.context_logp[micro]
-                    loss, loss_stats = loss_fn(
-                        logp,
-                        old,
-                        batch.advantages[micro],
-                        mask[micro],
-                        ref_logp=None if batch.ref_logp is None else batch.ref_logp[micro],
-                        num_tokens=num_tokens,
-                        num_seqs=len(rows),
-                        context_logp=context if bounds is not None else None,  # the mask's input
-                    )
+                    with torch.no_grad() if head_value is not None else contextlib.nullcontext():
+                        loss, loss_stats = loss_fn(
+                            logp,
+                            old,
+                            batch.advantages[micro],
+                            mask[micro],
+                            ref_logp=ref,
+                            num_tokens=num_tokens,
+                            num_seqs=len(rows),
+                            context_logp=context if bounds is not None else None,  # the mask's input
+                        )
+                    if head_value is not None:  # the same loss, with the gradients the fused head computed
+                        loss = head_value
                     if anchored:  # w · L_PPO(y | t(x)): on-policy, no ratio mask
                         anchor, _ = loss_fn(  # kl_coef=0: π_ref is scored on x
                             live_context, context, batch.advantages[micro], anchor_tokens[micro],

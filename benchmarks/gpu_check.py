@@ -7,8 +7,9 @@ and cut-cross-entropy, into one folder with a CSV and a markdown summary.
 Steps, each a subprocess with its own time limit (the whole check stays within ``--budget`` seconds, 480 by
 default; a step that would start with too little time left is skipped and says so):
 
-1. ``tests``: ``pytest tests/test_kernels.py`` with ``TRITON_INTERPRET`` unset — the kernels compiled for this GPU
-   (not the interpreter) against the float64 references, the fused training step included.
+1. ``tests``: ``pytest tests/test_kernels.py`` and the fused head's op tests with ``TRITON_INTERPRET`` unset — the
+   kernels compiled for this GPU (not the interpreter) against the float64 references, the fused training step
+   included.
 2. ``baselines``: ``liger-kernel`` and ``cut-cross-entropy`` imported, else installed from wheels with pip
    (``--no-install``: skipped, with the reason in the summary).
 3. ``bench_logprob``: the log-prob op on the GPU grid (N ∈ {4096, 16384}, H 4096, V 151,936, bf16): the chunked
@@ -57,6 +58,11 @@ BASELINES = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-ent
 STEP_LIMITS = {"tests": 170, "baselines": 15, "bench_logprob": 150, "bench_loss": 30, "train_grpo": 50,
                "train_p2o": 60}  # fmt: skip
 TRAIN_STEPS = 40  # RL steps of each training run
+# the kernels against their float64 oracles on the device: every kernel test, and the fused head's op tests (its
+# trainer tests build a CPU module)
+KERNEL_TESTS = ["tests/test_kernels.py",
+                "tests/test_fused_head.py::test_fused_head_equals_autograd_of_the_unfused_loss",
+                "tests/test_fused_head.py::test_fused_head_float64_and_bfloat16_inputs"]  # fmt: skip
 
 
 class NoCuda(SystemExit):
@@ -261,7 +267,7 @@ def main() -> None:
         if name == "tests":
             junit = out / "tests.xml"
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                   "tests/test_kernels.py"]  # fmt: skip
+                   *KERNEL_TESTS]  # fmt: skip
             step = run_step(name, cmd, limit, out, env)
             tests = pytest_counts(junit)
             step["measured"] = ", ".join(f"{k} {v}" for k, v in tests.items())
@@ -332,7 +338,7 @@ def dry_run(names: list[str]) -> None:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     commands = {
         "tests": [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                  "tests/test_kernels.py"],
+                  *KERNEL_TESTS],
         "bench_logprob": [sys.executable, "benchmarks/bench_logprob.py", "--help"],
         "bench_loss": [sys.executable, "benchmarks/bench_loss.py", "--help"],
     }  # fmt: skip

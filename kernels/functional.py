@@ -17,7 +17,7 @@ One file per op family, each laid out like the Triton tutorials / Liger-Kernel (
 - :mod:`.fused_head` — :func:`fused_linear_policy_loss` (one PPO update: the loss at ratio 1 and the LM head's
   gradients from one computation of each chunk's logits, the softmax, loss terms and ∂L/∂z in one kernel).
 
-The trainer reaches them only through :func:`p2o_lightning.ops.get_ops` (``backend: triton``, or ``auto`` on CUDA).
+The trainer reaches them only through :func:`p2o_lightning.backend.get_ops` (``backend: triton``, or ``auto`` on CUDA).
 
 Importing this module does not import triton. Triton decides at ``@triton.jit`` decoration time whether a kernel
 is compiled for a GPU or run by the interpreter (``TRITON_INTERPRET=1``); the functions below import their kernel

@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from p2o_lightning.backend import get_ops
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
 from p2o_lightning.metrics import CollapseRate
-from p2o_lightning.ops import get_ops
 from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,

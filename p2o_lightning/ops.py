@@ -1,7 +1,7 @@
 """Reference ops of the GRPO / P²O loss in plain torch: the oracle of every Triton kernel and the path used on CPU.
 
-Four op families, each written once here and imported by the trainer (through :func:`get_ops`), the kernel tests
-and the benchmarks:
+Four op families, each written once here and imported by the trainer (through
+:func:`p2o_lightning.backend.get_ops`), the kernel tests and the benchmarks:
 
 - :func:`linear_logprob` — per-token log π(y_t | ·) (and optionally the entropy) straight from the last hidden
   states and the LM head weight, **chunked over tokens** so the tokens × vocab logits never exist whole: a
@@ -16,45 +16,36 @@ and the benchmarks:
   KL term, and the three usual ways of aggregating token losses.
 
 The fifth op, :func:`p2o_lightning.fused_head.fused_linear_policy_loss` (the loss of a single PPO update with the
-head's backward run inside the log-prob pass), builds on these and lives in its own module; :func:`get_ops` hands it
-out with the others.
+head's backward run inside the log-prob pass), builds on these and lives in its own module.
 
-:func:`resolve_backend` / :func:`get_ops` choose between these and the Triton kernels of
-``p2o_lightning.kernels``; the LightningModule only ever calls ops through :func:`get_ops` and never imports triton.
+:func:`p2o_lightning.backend.get_ops` chooses between these and the Triton kernels of ``p2o_lightning.kernels``; the
+LightningModule only ever calls ops through it and never imports triton.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Backend",
-    "Ops",
     "LOGITS_BUDGET",
     "chunk_rows",
     "collapsed_groups",
     "check_policy_loss_args",
     "context_ratio_mask",
-    "get_ops",
     "group_advantage",
     "kl_penalty",
     "linear_logprob",
     "linear_logprob_multi",
     "policy_loss",
-    "resolve_backend",
 ]
 
-Backend = Literal["auto", "torch", "triton"]
 KLEstimator = Literal["k1", "k2", "k3"]
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
@@ -571,78 +562,3 @@ def policy_loss(
             "context_masked_frac": _safe_div((response_mask - mask).sum(), response_mask.sum()).float(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backend dispatch
-# ----------------------------------------------------------------------------------------------------------------
-
-_DISPATCHED = ("linear_logprob", "linear_logprob_multi", "group_advantage", "policy_loss", "fused_linear_policy_loss")
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The ops of one backend; every op the Triton kernels do not provide (yet) is the torch reference."""
-
-    backend: str  # "torch" or "triton"
-    linear_logprob: Callable[..., tuple[Tensor, Tensor | None]]
-    linear_logprob_multi: Callable[..., tuple[Tensor, Tensor | None]]
-    group_advantage: Callable[..., Tensor]
-    policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
-    fused_linear_policy_loss: Callable[..., tuple[Tensor, Tensor, Tensor | None]]  # p2o_lightning.fused_head
-    kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
-    collapsed_groups: Callable[..., Tensor] = collapsed_groups  # always the reference
-    context_ratio_mask: Callable[..., Tensor] = context_ratio_mask  # always the reference (a comparison)
-
-
-def _kernel_ops() -> dict[str, Callable]:
-    """Return the ops ``p2o_lightning.kernels`` provides, by name (empty when it provides none or cannot import)."""
-    try:
-        kernels = importlib.import_module("p2o_lightning.kernels.functional")
-    except ImportError:
-        return {}
-    return {name: getattr(kernels, name) for name in _DISPATCHED if callable(getattr(kernels, name, None))}
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Resolve ``backend`` ("auto" | "torch" | "triton") on ``device`` to the backend used: "torch" or "triton".
-
-    "auto" is "triton" only on CUDA when ``p2o_lightning.kernels`` provides at least one op, else "torch". An
-    explicit "triton" needs those kernels and CUDA (or ``TRITON_INTERPRET=1`` to run them on CPU); otherwise it
-    raises RuntimeError rather than silently falling back.
-    """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend={backend!r}; expected 'auto', 'torch' or 'triton'")
-    if backend == "torch":
-        return "torch"
-    on_cuda = torch.device(device).type == "cuda"
-    if backend == "auto":
-        return "triton" if on_cuda and _kernel_ops() else "torch"
-    if not _kernel_ops():
-        raise RuntimeError(
-            "backend='triton' was requested but the Triton kernels (p2o_lightning.kernels) are not implemented yet; "
-            "use backend='torch' or 'auto'"
-        )
-    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend='triton' requires a CUDA device (got {device}) or TRITON_INTERPRET=1 to interpret the kernels "
-            "on CPU; use backend='torch' or 'auto'"
-        )
-    return "triton"
-
-
-def get_ops(backend: str, device: torch.device | str) -> Ops:
-    """Return the ops of the backend that :func:`resolve_backend` picks for ``backend`` on ``device``."""
-    from p2o_lightning.fused_head import fused_linear_policy_loss  # it builds on this module's ops
-
-    resolved = resolve_backend(backend, device)
-    reference = {
-        "linear_logprob": linear_logprob,
-        "linear_logprob_multi": linear_logprob_multi,
-        "group_advantage": group_advantage,
-        "policy_loss": policy_loss,
-        "fused_linear_policy_loss": fused_linear_policy_loss,
-    }
-    if resolved == "triton":
-        reference.update(_kernel_ops())
-    return Ops(backend=resolved, **reference)

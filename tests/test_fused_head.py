@@ -16,9 +16,11 @@ import pytest  # noqa: E402
 from helpers import assert_close, make_logprob_inputs, naive_logprob, one_step, small_module  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.fused_head import RatioOneLoss  # noqa: E402
-from p2o_lightning.ops import get_ops, policy_loss  # noqa: E402
+from p2o_lightning.ops import policy_loss  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the op tests run compiled on a GPU (gpu_check.py)
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="triton is not installed"))]  # fmt: skip
 
@@ -53,7 +55,9 @@ def _inputs(b, t, h, v, dtype, seed=0):
 def _case(shape, setting, dtype=torch.float32, seed=0):
     """The inputs of a case, π_ref and the context around the true log-probs, and policy_loss's keyword arguments."""
     b, t, h, v = shape
-    hidden, weight, targets, mask, advantages, ref_noise, context_noise = _inputs(b, t, h, v, dtype, seed)
+    hidden, weight, targets, mask, advantages, ref_noise, context_noise = (
+        x.to(DEVICE) for x in _inputs(b, t, h, v, dtype, seed)
+    )
     temperature = setting.get("temperature", 1.0)
     with torch.no_grad():
         true = naive_logprob(hidden.reshape(-1, h), weight, targets.reshape(-1), temperature)[0].view(b, t).float()
@@ -112,7 +116,7 @@ def _assert_matches(fused, unfused, fwd_atol, grad_rtol, grad_atol):
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{t}x{h}x{v}" for b, t, h, v in SHAPES])
 def test_fused_head_equals_autograd_of_the_unfused_loss(backend, setting, shape):
     case = _case(shape, LOSSES[setting])
-    op = get_ops(backend, "cpu").fused_linear_policy_loss
+    op = get_ops(backend, DEVICE).fused_linear_policy_loss
     # chunk_size 8: several row chunks, the last one partial
     fused = _fused(op, *case, chunk_size=8)
     unfused = _unfused(*case)
@@ -127,7 +131,7 @@ def test_fused_head_equals_autograd_of_the_unfused_loss(backend, setting, shape)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_head_float64_and_bfloat16_inputs(backend):
     """float64 inputs compute in float32 (as the log-prob op) and get float64 gradients; bf16 inputs bf16 ones."""
-    op = get_ops(backend, "cpu").fused_linear_policy_loss
+    op = get_ops(backend, DEVICE).fused_linear_policy_loss
     setting = LOSSES["token-mean k3 T=0.7"]
     # the reference upcasts bf16 to float32; the kernel's matmuls stay bf16 (bf16 logits, as Liger's): coarser
     bf16 = (2e-5, 1e-2, 1e-2) if backend == "torch" else (0.05, 0.05, 0.02)

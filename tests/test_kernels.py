@@ -43,6 +43,7 @@ from helpers import (  # noqa: E402
 )
 
 from p2o_lightning import ops  # noqa: E402
+from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.kernels import functional as kernels  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
 
@@ -441,7 +442,7 @@ def test_kernels_have_the_reference_signatures(name):
 
 
 def test_get_ops_triton_returns_the_kernels():
-    fns = ops.get_ops("triton", DEVICE)
+    fns = get_ops("triton", DEVICE)
     assert fns.backend == "triton"
     assert (fns.linear_logprob, fns.group_advantage, fns.policy_loss) == (
         kernels.linear_logprob,
@@ -449,9 +450,9 @@ def test_get_ops_triton_returns_the_kernels():
         kernels.policy_loss,
     )
     assert fns.kl_penalty is ops.kl_penalty and fns.collapsed_groups is ops.collapsed_groups
-    assert ops.get_ops("auto", "cpu").backend == "torch"  # "auto" never picks the interpreter
+    assert get_ops("auto", "cpu").backend == "torch"  # "auto" never picks the interpreter
     if DEVICE.type == "cuda":
-        assert ops.get_ops("auto", DEVICE).backend == "triton"
+        assert get_ops("auto", DEVICE).backend == "triton"
 
 
 _PROBE = """

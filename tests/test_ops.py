@@ -16,15 +16,14 @@ import torch
 from helpers import LargestOutput, assert_close, check_logprob_against_float64, make_logprob_inputs, naive_logprob
 
 from p2o_lightning import ops
+from p2o_lightning.backend import get_ops, resolve_backend
 from p2o_lightning.ops import (
     collapsed_groups,
-    get_ops,
     group_advantage,
     kl_penalty,
     linear_logprob,
     linear_logprob_multi,
     policy_loss,
-    resolve_backend,
 )
 
 # ----------------------------------------------------------------------------------------------------------------

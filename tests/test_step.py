@@ -15,7 +15,7 @@ from helpers import ParityReward, one_step, small_data, small_module, trainer  #
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from p2o_lightning.ops import get_ops  # noqa: E402
+from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.optim import OptimizerStep  # noqa: E402
 from p2o_lightning.rollout import SamplingParams  # noqa: E402
 from p2o_lightning.step.distill import reprompt  # noqa: E402

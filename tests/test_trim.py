@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import small_module
 
-from p2o_lightning.ops import get_ops
+from p2o_lightning.backend import get_ops
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.logprobs import LogProbSettings, micro_batches, rollout_logprobs, trimmed_widths
 from p2o_lightning.step.plan import RolloutPlan

@@ -40,8 +40,8 @@ timing only; the world's tokenizer, so most sampled ids decode to nothing and re
     python benchmarks/bench_vs_trl.py --trl-python .venv-trl/bin/python --setting qwen3-151k --rounds 2
 
 Appends a row per run to ``benchmarks/results/bench_vs_trl/bench_vs_trl_<device kind>.csv``, prints a markdown
-table and writes it to ``benchmarks/results/bench_vs_trl/<setting>_<precision>_<device kind>.md``; the last line
-printed is a JSON summary.
+table and writes it to ``benchmarks/results/bench_vs_trl/<setting>_<precision>_<device kind>.md``, with every step
+of every run next to it (``…_steps.json``); the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -486,6 +486,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.setting}_{args.precision}_{env['device_kind']}"
     (args.out / f"{stem}.md").write_text(table)
+    raw = {"env": env, "args": {k: getattr(args, k) for k in keys}, "runs": runs}  # every step of every run
+    (args.out / f"{stem}_steps.json").write_text(json.dumps(raw, indent=1) + "\n")
     common = {**env, **{k: getattr(args, k) for k in keys}, "same_prompts": same_prompts,
               "load_avg_start": load_start[0], "load_avg_end": load_end[0],
               **{f"trl_env_{k}": v for k, v in versions["trl"].items()}}  # fmt: skip

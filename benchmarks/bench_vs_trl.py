@@ -19,18 +19,19 @@ batch's padded width (both reported: ``update positions`` against the real ones)
 random numbers, so responses (and their lengths: ``response tokens``) differ.
 
 Measured, per run (a fresh subprocess; TRL in its own venv with ``--trl-python``, see scripts/make_trl_venv.sh):
-``--steps`` optimizer steps, the first ``--warmup`` not counted; each step's wall time (from the trainer's step-begin
-to its step-end callback) split into phases by timing wrappers, each second counted once, in its innermost phase:
-``generate`` (ours ``engine.generate``; TRL ``_generate``: tokenize, generate, decode), ``grade`` (ours
-``grader.grade``; TRL ``_calculate_rewards``), ``forward`` (the update's forward and loss: ours the PPO update's own
-time less its backward and optimizer; TRL ``compute_loss``), ``backward`` (ours ``manual_backward``; TRL
-``accelerator.backward``), ``optimizer`` (gradient clipping and ``AdamW.step``), and ``rest`` (the step less all of
-them: padding, advantages, metrics). Memory: RSS after set-up (model and optimizer built, before the first step),
-plus the AdamW state that the first step creates (measured at the end as the bytes of the optimizer's state
-tensors): that sum is the baseline; the peak RSS during the counted steps (``VmHWM`` reset at the first counted
-step, :class:`common.PeakRSS`) less the baseline is ``peak above``: the memory a step needs above weights and
-optimizer (gradients, activations, rollouts, the allocator's slack). Runs are interleaved (ours, TRL, ours, TRL, …)
-so drifting machine load hits both alike; the load average is recorded at the start and end of each run.
+``--steps`` optimizer steps, the first ``--warmup`` not counted; each step's wall time (from the trainer's
+step-begin to its step-end callback) split into phases by timing wrappers, each second counted once, in its
+innermost phase: ``generate`` (ours ``engine.generate``; TRL ``_generate``: tokenize, generate, decode), ``grade``
+(ours ``grader.grade``; TRL ``_calculate_rewards``), ``forward`` (the update's forward and loss: ours the PPO
+update's own time less its backward and optimizer; TRL ``compute_loss``), ``backward`` (ours ``manual_backward``;
+TRL ``accelerator.backward``), ``optimizer`` (gradient clipping and ``AdamW.step``), and ``rest`` (the step less all
+of them: padding, advantages, metrics). Memory: RSS after set-up (model and optimizer built, weights read so that
+their mapped pages are resident, before the first step), plus the AdamW state that the first step creates (measured
+at the end as the bytes of the optimizer's state tensors): that sum is the baseline; the peak RSS during the counted
+steps (``VmHWM`` reset at the first counted step, :class:`common.PeakRSS`) less the baseline is ``peak above``: the
+memory a step needs above weights and optimizer (gradients, activations, rollouts, the allocator's slack). Runs are
+interleaved (ours, TRL, ours, TRL, …) so drifting machine load hits both alike; the load average is recorded at the
+start and end of each run.
 
 Settings: ``embedded`` (the default run's world, a 0.37 M-parameter Qwen3) and ``qwen3-151k``: a Qwen3 with
 Qwen's 151,936-token vocabulary (2 layers, width 256, tied embeddings, ~40 M parameters, random weights —
@@ -61,6 +62,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import PeakRSS, TimedCall, environment, rss_mb, write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_vs_trl"
@@ -132,7 +134,12 @@ class StepLog:
         self.rss_setup_mb = self.rss_warm_mb = self.peak_mb = 0.0
         self._row: dict = {}
 
-    def set_up(self) -> None:
+    def set_up(self, params) -> None:
+        """The RSS of the set-up, weights resident: ``from_pretrained`` maps a float32 checkpoint's file and the
+        pages count in RSS only once read (by the first step, otherwise), so they are read here first."""
+        with torch.no_grad():
+            for p in params:
+                p.sum()
         self.rss_setup_mb = rss_mb()
 
     def begin(self) -> None:
@@ -186,7 +193,6 @@ class StepLog:
 
 def qwen3_151k_path() -> Path:
     """Build (once, seeded) the random 151,936-vocabulary Qwen3 with the embedded world's tokenizer."""
-    import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from p2o_lightning.tasks.shipped_world import shipped_world
@@ -226,7 +232,6 @@ def step_rows(args: argparse.Namespace) -> list[dict]:
 
 def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
 
@@ -256,7 +261,7 @@ def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
                     log.update_forward(inputs[0].numel(), int(inputs[1].sum()))
 
             m.policy.register_forward_pre_hook(count, with_kwargs=True)
-            log.set_up()
+            log.set_up(m.policy.parameters())
 
         def on_train_batch_start(self, trainer, m, batch, batch_idx) -> None:
             log.begin()
@@ -284,7 +289,6 @@ def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
 
 
 def run_trl(args: argparse.Namespace, path: str, log: StepLog) -> dict:
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -301,8 +305,8 @@ def run_trl(args: argparse.Namespace, path: str, log: StepLog) -> dict:
         return [task.score(c, a).reward for c, a in zip(completions, answer)]
 
     class Recorder(TrainerCallback):
-        def on_train_begin(self, *a, **k) -> None:
-            log.set_up()
+        def on_train_begin(self, args, state, control, model=None, **k) -> None:
+            log.set_up(model.parameters())
 
         def on_step_begin(self, *a, **k) -> None:
             log.begin()
@@ -427,8 +431,6 @@ def main() -> None:
         parser.error(f"--steps {args.steps} leaves no counted step after --warmup {args.warmup}")
     if args.prompts * args.k % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch} does not divide the {args.prompts * args.k} rows of a step")
-
-    import torch
 
     torch.set_num_threads(args.threads)
     if args._run:

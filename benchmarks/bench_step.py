@@ -60,7 +60,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import TimedCall, environment  # noqa: E402
 
 from p2o_lightning.data import PromptDataModule  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
@@ -103,7 +103,7 @@ class PhaseTimes(Callback):
         import p2o_lightning.module as module_mod
 
         module_mod.rollout_logprobs = self.cpu_timed(module_mod.rollout_logprobs, "logprob_cpu")
-        pl_module.ppo = CpuTimedUpdate(pl_module.ppo, self.cpu_timed(pl_module.ppo, "update_cpu"))
+        pl_module.ppo = TimedCall(pl_module.ppo, self.cpu_timed(pl_module.ppo, "update_cpu"))
 
     def cpu_timed(self, fn, key: str):
         """``fn`` with the process CPU seconds of each call added to ``self.cpu_s[key]``."""
@@ -127,19 +127,6 @@ class PhaseTimes(Callback):
         self.cpu_s = dict.fromkeys(self.cpu_s, 0.0)
         row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.hparams.num_rollouts
         self.rows.append(row)
-
-
-class CpuTimedUpdate:
-    """The module's update stage (``PPOUpdate``) whose calls go through ``timed``; its attributes are the stage's."""
-
-    def __init__(self, update, timed) -> None:
-        self.update, self.timed = update, timed
-
-    def __getattr__(self, name):
-        return getattr(self.update, name)
-
-    def __call__(self, *args, **kwargs):
-        return self.timed(*args, **kwargs)
 
 
 def build_bpe_model(folder: Path) -> tuple[str, str]:

@@ -1,43 +1,198 @@
-"""Side by side with TRL: one GRPO step of ours (``P2OModule``) vs TRL's ``GRPOTrainer``, same model, same work, CPU.
+"""Side by side with TRL: GRPO steps of ours (``P2OModule``) and of TRL's ``GRPOTrainer``, the same work, on CPU.
 
-Both trainers get the same local model, the embedded world's training prompts and 0/1 reward (the addition task's
-grader), K rollouts per prompt, the same prompts per step, max new tokens, temperature 1, learning rate, no KL
-(β = 0, so neither loads a reference model), one PPO update per step on the whole batch (TRL:
-``num_iterations=1``, ``steps_per_generation=1``), and the same torch thread count. Each run is a fresh subprocess
-(TRL in its own venv when given ``--trl-python``; TRL 1.16 also installs next to this package with the repo's
-pins), runs ``--steps`` optimizer steps and reports the wall time of each (the first ``--warmup`` dropped) and its
-peak RSS; runs are interleaved (ours, TRL, ours, TRL, …) so drifting machine load hits both alike.
+What is held equal. The same local model and 0/1 reward (the addition task's grader); the same prompts in the same
+order: :func:`step_prompts` (seeded permutations of the world's training prompts) gives each step's prompts, ours
+read them from a plain loader in that order, TRL from a dataset in that order with ``shuffle_dataset=False``, and
+every step records a digest of its prompts, compared between the sides at the end. K rollouts per prompt, max new
+tokens, temperature 1, top-p 1, AdamW (lr, no weight decay, constant schedule), gradient clipping at 1, no KL
+(β = 0: neither loads a reference model), one update per step on the whole batch in micro-batches of
+``--micro-batch`` rows (ours: ``micro_batch_size``; TRL: ``per_device_train_batch_size`` with
+``gradient_accumulation_steps = steps_per_generation`` = rows / micro-batch, so no separate π_old pass on either
+side), the same torch thread count. Precision, both sides set explicitly (``--precision``): ``fp32`` (ours
+``32-true``; TRL ``bf16=False, fp16=False``) or ``bf16`` (bf16 autocast over float32 weights and AdamW states:
+ours ``bf16-mixed``; TRL ``bf16=True, fp16=False``); TRL's weights load as float32 (``model_init_kwargs``), its
+gradient checkpointing is off (ours never checkpoints here), its LM head keeps its default
+``cast_lm_head_to_fp32=False``, while our log-prob op computes the head in float32 under autocast too.
+
+What differs by design: ours trims each micro-batch to its own widths, TRL runs every micro-batch at the generation
+batch's padded width (both reported: ``update positions`` against the real ones); the samplers draw different
+random numbers, so responses (and their lengths: ``response tokens``) differ.
+
+Measured, per run (a fresh subprocess; TRL in its own venv with ``--trl-python``, see scripts/make_trl_venv.sh):
+``--steps`` optimizer steps, the first ``--warmup`` not counted; each step's wall time (from the trainer's
+step-begin to its step-end callback) split into phases by timing wrappers, each second counted once, in its
+innermost phase: ``generate`` (ours ``engine.generate``; TRL ``_generate``: tokenize, generate, decode), ``grade``
+(ours ``grader.grade``; TRL ``_calculate_rewards``), ``forward`` (the update's forward and loss: ours the PPO
+update's own time less its backward and optimizer; TRL ``compute_loss``), ``backward`` (ours ``manual_backward``;
+TRL ``accelerator.backward``), ``optimizer`` (gradient clipping and ``AdamW.step``), and ``rest`` (the step less all
+of them: padding, advantages, metrics). Memory: RSS after set-up (model and optimizer built, weights read so that
+their mapped pages are resident, before the first step), plus the AdamW state that the first step creates (measured
+at the end as the bytes of the optimizer's state tensors): that sum is the baseline; the peak RSS during the counted
+steps (``VmHWM`` reset at the first counted step, :class:`common.PeakRSS`) less the baseline is ``peak above``: the
+memory a step needs above weights and optimizer (gradients, activations, rollouts, the allocator's slack). Runs are
+interleaved (ours, TRL, ours, TRL, …) so drifting machine load hits both alike; the load average is recorded at the
+start and end of each run.
 
 Settings: ``embedded`` (the default run's world, a 0.37 M-parameter Qwen3) and ``qwen3-151k``: a Qwen3 with
 Qwen's 151,936-token vocabulary (2 layers, width 256, tied embeddings, ~40 M parameters, random weights —
 timing only; the world's tokenizer, so most sampled ids decode to nothing and responses run to the length limit).
 
-    python benchmarks/bench_vs_trl.py --setting embedded --trl-python .venv-trl/bin/python
-    python benchmarks/bench_vs_trl.py --setting qwen3-151k --steps 4 --warmup 1 --rounds 1
+    python benchmarks/bench_vs_trl.py --trl-python .venv-trl/bin/python --precision fp32
+    python benchmarks/bench_vs_trl.py --trl-python .venv-trl/bin/python --setting qwen3-151k --rounds 2
 
-Writes (appends) ``benchmarks/results/bench_vs_trl_<device kind>.csv``; the last line printed is a JSON summary.
+Appends a row per run to ``benchmarks/results/bench_vs_trl/bench_vs_trl_<device kind>.csv``, prints a markdown
+table and writes it to ``benchmarks/results/bench_vs_trl/<setting>_<precision>_<device kind>.md``, with every step
+of every run next to it (``…_steps.json``); the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
-import resource
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from common import PeakRSS, TimedCall, environment, rss_mb, write_csv  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_vs_trl"
 QWEN_VOCAB = 151936
+PHASES = ("generate", "grade", "forward", "backward", "optimizer")  # + "rest": the step less these
+PRECISION = {"fp32": {"ours": "32-true", "trl_bf16": False}, "bf16": {"ours": "bf16-mixed", "trl_bf16": True}}
+PACKAGES = ("torch", "transformers", "lightning", "trl", "accelerate")
+
+
+def step_prompts(num_problems: int, per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """The problem indices of each of ``steps`` steps: a seeded permutation of all problems per epoch, cut into
+    steps of ``per_step``; an epoch's tail too short for a step is dropped (as a loader with ``drop_last``).
+    """
+    if not 0 < per_step <= num_problems:
+        raise ValueError(f"{per_step} prompts per step cannot come from {num_problems} problems")
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < steps:
+        order = list(range(num_problems))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out += [order[i : i + per_step] for i in range(0, num_problems - per_step + 1, per_step)]
+        epoch += 1
+    return out[:steps]
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """A short digest of a step's prompts, in order: equal on both sides when they trained on the same prompts."""
+    return hashlib.sha256("\x1e".join(prompts).encode()).hexdigest()[:12]
+
+
+class PhaseClock:
+    """Seconds per phase, from timing wrappers; a wrapped call inside another counts in its own phase only (each
+    second is counted once, in the innermost phase around it)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[list[float]] = []  # per open call: [start, seconds of the calls inside it]
+
+    def wrap(self, fn, phase: str):
+        def timed(*args, **kwargs):
+            frame = [time.perf_counter(), 0.0]
+            self._open.append(frame)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._open.pop()
+                elapsed = time.perf_counter() - frame[0]
+                self.seconds[phase] += elapsed - frame[1]
+                if self._open:
+                    self._open[-1][1] += elapsed
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out = {p: self.seconds.get(p, 0.0) for p in PHASES}
+        self.seconds.clear()
+        return out
+
+
+class StepLog:
+    """What each optimizer step of a run records (time, phases, prompts, widths), and the run's memory; both sides
+    feed it from their trainer's callbacks and wrappers."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.clock = PhaseClock()
+        self.steps: list[dict] = []
+        self.memory = PeakRSS()
+        self.rss_setup_mb = self.rss_warm_mb = self.peak_mb = 0.0
+        self._row: dict = {}
+
+    def set_up(self, params) -> None:
+        """The RSS of the set-up, weights resident: ``from_pretrained`` maps a float32 checkpoint's file and the
+        pages count in RSS only once read (by the first step, otherwise), so they are read here first."""
+        with torch.no_grad():
+            for p in params:
+                p.sum()
+        self.rss_setup_mb = rss_mb()
+
+    def begin(self) -> None:
+        if len(self.steps) == self.warmup:
+            self.rss_warm_mb = rss_mb()
+            self.memory.reset()
+        self.clock.take()
+        self._row = {"begin": time.perf_counter(), "prompts": None, "update_positions": 0, "update_real": 0}
+
+    def prompts(self, prompts: list[str]) -> None:
+        if self._row["prompts"] is None:
+            self._row.update(prompts=prompts_digest(prompts), first_prompt=prompts[0])
+
+    def generated(self, rows: int, prompt_width: int, response_width: int, prompt_tokens: int, response_tokens: int):
+        self._row.update(gen_rows=rows, gen_prompt_width=prompt_width, gen_response_width=response_width)
+        self._row.update(prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+
+    def update_forward(self, positions: int, real: int) -> None:
+        self._row["update_positions"] += positions
+        self._row["update_real"] += real
+
+    def end(self) -> None:
+        row = self._row
+        row["step_s"] = time.perf_counter() - row.pop("begin")
+        row.update(self.clock.take())
+        row["rest"] = row["step_s"] - sum(row[p] for p in PHASES)
+        self.steps.append(row)
+        if len(self.steps) > self.warmup:
+            self.peak_mb = self.memory.peak()
+
+    def result(self, params, optimizer) -> dict:
+        unique = {p.data_ptr(): p for p in params}.values()  # tied embeddings once
+        state = [t for s in optimizer.state.values() for t in s.values() if hasattr(t, "nbytes")]
+        versions = {}
+        for name in PACKAGES:
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                versions[name] = "-"
+        return {
+            "steps": self.steps,
+            "weights_mb": sum(p.numel() * p.element_size() for p in unique) / 2**20,
+            "adam_state_mb": sum(t.nbytes for t in state) / 2**20,
+            "rss_setup_mb": self.rss_setup_mb,
+            "rss_warm_mb": self.rss_warm_mb,
+            "peak_mb": self.peak_mb,
+            "peak_how": self.memory.how,
+            "versions": versions,
+        }
 
 
 def qwen3_151k_path() -> Path:
     """Build (once, seeded) the random 151,936-vocabulary Qwen3 with the embedded world's tokenizer."""
-    import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from p2o_lightning.tasks.shipped_world import shipped_world
@@ -66,164 +221,285 @@ def model_path(setting: str) -> str:
     return str(shipped_world() if setting == "embedded" else qwen3_151k_path())
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def step_rows(args: argparse.Namespace) -> list[dict]:
+    """The run's problems in training order (``prompts`` per step), the same list on both sides."""
+    from p2o_lightning.data import problem_rows
+    from p2o_lightning.tasks.addition import world_splits
+
+    rows = problem_rows(world_splits(0)["train"], "train")
+    return [rows[i] for step in step_prompts(len(rows), args.prompts, args.steps, args.order_seed) for i in step]
 
 
-def run_ours(args: argparse.Namespace, path: str) -> dict:
+def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader
 
-    from p2o_lightning.data import PromptDataModule
     from p2o_lightning.module import P2OModule
 
-    class StepTimes(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+    clock = log.clock
+    torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")
 
-        def on_train_batch_start(self, *a) -> None:
-            self.start = time.perf_counter()
+    class Recorder(Callback):
+        def on_train_start(self, trainer, m) -> None:
+            generate = clock.wrap(m.engine.generate, "generate")
 
-        def on_train_batch_end(self, *a) -> None:
-            self.times.append(time.perf_counter() - self.start)
+            def generated(prompts, sampling):
+                out = generate(prompts, sampling)
+                log.generated(out.response_ids.shape[0], out.prompt_ids.shape[1], out.response_ids.shape[1],
+                              int(out.prompt_mask.sum()), int(out.response_mask.sum()))  # fmt: skip
+                return out
 
-    L.seed_everything(0)
+            m.engine.generate = generated
+            m.grader.grade = clock.wrap(m.grader.grade, "grade")
+            m.ppo = TimedCall(m.ppo, clock.wrap(m.ppo, "forward"))
+            m.manual_backward = clock.wrap(m.manual_backward, "backward")
+            m._optimizer_step.clip = clock.wrap(m._optimizer_step.clip, "optimizer")
+
+            def count(module, inputs, kwargs) -> None:
+                if torch.is_grad_enabled():  # the update's forwards (a separate π_old pass runs without grad)
+                    log.update_forward(inputs[0].numel(), int(inputs[1].sum()))
+
+            m.policy.register_forward_pre_hook(count, with_kwargs=True)
+            log.set_up(m.policy.parameters())
+
+        def on_train_batch_start(self, trainer, m, batch, batch_idx) -> None:
+            log.begin()
+            log.prompts([row["prompt"] for row in batch])
+
+        def on_train_batch_end(self, trainer, m, outputs, batch, batch_idx) -> None:
+            log.end()
+
+    L.seed_everything(args.seed)
     module = P2OModule(
-        model=path, num_rollouts=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr), kl_coef=0.0, ppo_epochs=1, val_num_samples=0,
+        model=path, num_rollouts=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0), max_grad_norm=1.0, kl_coef=0.0,
+        ppo_epochs=1, micro_batch_size=args.micro_batch, val_num_samples=0, dtype="float32",
+        gradient_checkpointing=False,
     )  # fmt: skip
-    timer = StepTimes()
+    loader = DataLoader(step_rows(args), batch_size=args.prompts, shuffle=False, collate_fn=list)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_steps=args.steps, limit_val_batches=0, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False, callbacks=[timer], default_root_dir=tmp,
+            precision=PRECISION[args.precision]["ours"], callbacks=[Recorder()], default_root_dir=tmp,
         )  # fmt: skip
-        trainer.fit(module, datamodule=PromptDataModule(batch_size=args.prompts))
-    return {"step_s": timer.times, "peak_rss_mb": peak_rss_mb()}
+        trainer.fit(module, train_dataloaders=loader)
+    return log.result(module.policy.parameters(), trainer.optimizers[0])
 
 
-def run_trl(args: argparse.Namespace, path: str) -> dict:
+def run_trl(args: argparse.Namespace, path: str, log: StepLog) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from p2o_lightning.tasks.addition import AdditionTask, world_splits
+    from p2o_lightning.tasks.addition import AdditionTask
 
+    clock = log.clock
+    torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")
     task = AdditionTask()
-    train = world_splits(0)["train"]
-    data = Dataset.from_dict({"prompt": [p.prompt for p in train], "answer": [p.answer for p in train]})
+    rows = step_rows(args)
+    data = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]})
 
     def reward(completions, answer, **kwargs) -> list[float]:
         return [task.score(c, a).reward for c, a in zip(completions, answer)]
 
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **k) -> None:
+            log.set_up(model.parameters())
 
         def on_step_begin(self, *a, **k) -> None:
-            self.start = time.perf_counter()
+            log.begin()
 
         def on_step_end(self, *a, **k) -> None:
-            self.times.append(time.perf_counter() - self.start)
+            log.end()
 
+    accumulation = args.prompts * args.k // args.micro_batch
+    bf16 = PRECISION[args.precision]["trl_bf16"]
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.prompts * args.k, num_generations=args.k,
-            max_completion_length=args.max_new_tokens, temperature=1.0, learning_rate=args.lr, beta=0.0,
-            num_iterations=1, steps_per_generation=1, max_steps=args.steps, use_cpu=True, report_to=[],
-            save_strategy="no", logging_steps=1, seed=0, lr_scheduler_type="constant", warmup_steps=0,
-            dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=tmp, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=accumulation,
+            steps_per_generation=accumulation, num_generations=args.k, max_completion_length=args.max_new_tokens,
+            temperature=1.0, top_p=1.0, learning_rate=args.lr, weight_decay=0.0, optim="adamw_torch",
+            max_grad_norm=1.0, beta=0.0, num_iterations=1, max_steps=args.steps, shuffle_dataset=False,
+            bf16=bf16, fp16=False, gradient_checkpointing=False, cast_lm_head_to_fp32=False,
+            model_init_kwargs={"dtype": "float32"}, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+            seed=args.seed, lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, disable_tqdm=True,
         )  # fmt: skip
-        timer = StepTimes()
         tok = AutoTokenizer.from_pretrained(path)
         trainer = GRPOTrainer(
-            model=path, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok, callbacks=[timer]
-        )
+            model=path, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
+            callbacks=[Recorder()],
+        )  # fmt: skip
+        generate = clock.wrap(trainer._generate, "generate")
+
+        def generated(prompts):
+            groups = prompts[:: args.k]  # each prompt comes K times in a row (TRL's RepeatSampler)
+            if [p for p in groups for _ in range(args.k)] != prompts:
+                raise RuntimeError("TRL's generation batch is not K consecutive copies of each prompt")
+            log.prompts(groups)
+            out = generate(prompts)
+            prompt_ids, completion_ids = out[0], out[1]
+            log.generated(len(completion_ids), max(map(len, prompt_ids)), max(map(len, completion_ids)),
+                          sum(map(len, prompt_ids)), sum(map(len, completion_ids)))  # fmt: skip
+            return out
+
+        compute_loss = clock.wrap(trainer.compute_loss, "forward")
+
+        def counted_loss(model, inputs, *a, **k):
+            ids = inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
+            log.update_forward(ids, int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()))
+            return compute_loss(model, inputs, *a, **k)
+
+        trainer._generate = generated
+        trainer._calculate_rewards = clock.wrap(trainer._calculate_rewards, "grade")
+        trainer.compute_loss = counted_loss
+        trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "backward")
+        trainer._clip_grad_norm = clock.wrap(trainer._clip_grad_norm, "optimizer")
         trainer.train()
-    return {"step_s": timer.times, "peak_rss_mb": peak_rss_mb()}
+    return log.result(trainer.model.parameters(), trainer.optimizer.optimizer)
 
 
-def versions(python: str) -> dict:
-    code = (
-        "import importlib.metadata as m, json; "
-        "print(json.dumps({d: m.version(d) for d in ('torch', 'trl', 'transformers')}))"
-    )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else {}
+def summarize(impl: str, runs: list[dict], warmup: int) -> dict:
+    """One side's row: step time min and median over every counted step of every run, the phases' medians, the
+    widths and tokens per step, and memory (the median run's)."""
+    steps = [s for r in runs for s in r["steps"][warmup:]]
+    med = lambda key: statistics.median(s[key] for s in steps)  # noqa: E731
+    peak_above = [r["peak_mb"] - r["rss_setup_mb"] - r["adam_state_mb"] for r in runs]
+    row = {"impl": impl, "runs": len(runs), "steps_counted": len(steps), "min_s": min(s["step_s"] for s in steps)}
+    row["median_s"] = med("step_s")
+    row["run_medians_s"] = " ".join(f"{statistics.median(s['step_s'] for s in r['steps'][warmup:]):.3f}" for r in runs)
+    row.update({f"{p}_s": med(p) for p in (*PHASES, "rest")})
+    for key in ("gen_rows", "gen_prompt_width", "gen_response_width", "prompt_tokens", "response_tokens"):
+        row[key] = med(key)
+    row["update_positions"], row["update_real"] = med("update_positions"), med("update_real")
+    row["weights_mb"] = statistics.median(r["weights_mb"] for r in runs)
+    row["adam_state_mb"] = statistics.median(r["adam_state_mb"] for r in runs)
+    row["rss_setup_mb"] = statistics.median(r["rss_setup_mb"] for r in runs)
+    row["rss_warm_mb"] = statistics.median(r["rss_warm_mb"] for r in runs)
+    row["peak_mb"] = statistics.median(r["peak_mb"] for r in runs)
+    row["peak_above_mb"] = statistics.median(peak_above)
+    row["load_start"] = " ".join(f"{r['load'][0]:.2f}" for r in runs)
+    row["load_end"] = " ".join(f"{r['load'][1]:.2f}" for r in runs)
+    return row
+
+
+def markdown(rows: list[dict], head: str) -> str:
+    ours, trl = rows
+    lines = [head, "", "| | ours | TRL |", "|---|---|---|"]
+
+    def line(name, fmt):
+        lines.append(f"| {name} | {fmt(ours)} | {fmt(trl)} |")
+
+    line("s/step, min / median", lambda r: f"{r['min_s']:.3f} / **{r['median_s']:.3f}**")
+    line("run medians (s)", lambda r: r["run_medians_s"])
+    line("TRL / ours (median)", lambda r: f"{trl['median_s'] / ours['median_s']:.2f}×" if r is ours else "")
+    for p in (*PHASES, "rest"):
+        line(f"{p} (s, median)", lambda r, p=p: f"{r[p + '_s']:.3f} ({r[p + '_s'] / r['median_s']:.0%})")
+    line("generation batch: rows × (prompt + response width)",
+         lambda r: f"{r['gen_rows']:.0f} × ({r['gen_prompt_width']:.0f} + {r['gen_response_width']:.0f})")  # fmt: skip
+    line("tokens generated / step (real)", lambda r: f"{r['response_tokens']:.0f}")
+    line("update forward positions / step: padded (real)",
+         lambda r: f"{r['update_positions']:.0f} ({r['update_real']:.0f})")  # fmt: skip
+    line("weights + AdamW state (MB)", lambda r: f"{r['weights_mb']:.0f} + {r['adam_state_mb']:.0f}")
+    line("RSS after set-up / after warm-up (MB)", lambda r: f"{r['rss_setup_mb']:.0f} / {r['rss_warm_mb']:.0f}")
+    line("peak RSS above set-up + AdamW state (MB)", lambda r: f"**{r['peak_above_mb']:.0f}**")
+    line("load average at run start / end", lambda r: f"{r['load_start']} / {r['load_end']}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=("embedded", "qwen3-151k"), default="embedded")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--precision", choices=tuple(PRECISION), default="fp32", help="of both sides (see above)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run not counted")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved (ours, TRL) pairs of runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved (ours, TRL) pairs of runs")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--k", type=int, default=8, help="rollouts per prompt")
+    parser.add_argument("--micro-batch", type=int, default=32, help="rows per forward / backward, both sides")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of both")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both trainers")
+    parser.add_argument("--order-seed", type=int, default=0, help="seed of the prompt order (step_prompts)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--trl-python", default=sys.executable, help="the python of a venv with trl installed")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--_run", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no counted step after --warmup {args.warmup}")
+    if args.prompts * args.k % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} does not divide the {args.prompts * args.k} rows of a step")
 
+    torch.set_num_threads(args.threads)
     if args._run:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        path = model_path(args.setting)
-        result = (run_ours if args._run == "ours" else run_trl)(args, path)
+        load = os.getloadavg()[0]
+        log = StepLog(args.warmup)
+        result = (run_ours if args._run == "ours" else run_trl)(args, model_path(args.setting), log)
+        result["load"] = [load, os.getloadavg()[0]]
         print(json.dumps(result))
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import torch
-    from common import environment, write_csv
-
     model_path(args.setting)  # build it once, outside the timed runs
     env = environment(torch.device("cpu"))
-    env["device"] = env["device"].rsplit(" (", 1)[0] + f" ({args.threads} threads)"
-    trl_versions = versions(args.trl_python)
-    common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("setting", "steps", "prompts", "k", "lr",
-                                                                       "threads", "max_new_tokens")]  # fmt: skip
+    load_start = os.getloadavg()
+    keys = ("setting", "precision", "steps", "warmup", "prompts", "k", "micro_batch", "max_new_tokens", "lr", "seed",
+            "order_seed", "threads")  # fmt: skip
+    passed = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for round_ in range(args.rounds):
         for impl, python in (("ours", sys.executable), ("trl", args.trl_python)):
             envv = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run([python, __file__, *common, f"--_run={impl}"], capture_output=True, text=True,
+            proc = subprocess.run([python, __file__, *passed, f"--_run={impl}"], capture_output=True, text=True,
                                   env=envv)  # fmt: skip
             if proc.returncode != 0:
                 raise SystemExit(f"{impl} run {round_} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[impl].append(result)
-            kept = result["step_s"][args.warmup :]
-            print(f"round {round_} {impl:>4}: median {statistics.median(kept):.3f} s/step over {len(kept)} steps, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+            kept = [s["step_s"] for s in result["steps"][args.warmup :]]
+            print(f"round {round_} {impl:>4}: min {min(kept):.3f}, median {statistics.median(kept):.3f} s/step over "
+                  f"{len(kept)} steps; peak {result['peak_mb']:.0f} MB (set-up {result['rss_setup_mb']:.0f} MB); "
+                  f"load {result['load'][0]:.2f} → {result['load'][1]:.2f}", flush=True)  # fmt: skip
 
-    rows = []
-    for impl, results in runs.items():
-        kept = [t for r in results for t in r["step_s"][args.warmup :]]
-        rows.append(dict(env, **{f"trl_env_{k}": v for k, v in trl_versions.items()}, setting=args.setting, impl=impl,
-                         prompts=args.prompts, k=args.k, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                         threads=args.threads, steps_counted=len(kept), median_s=statistics.median(kept),
-                         min_s=min(kept), max_s=max(kept),
-                         peak_rss_mb=max(r["peak_rss_mb"] for r in results)))  # fmt: skip
-    ours, trl = rows
-    speedup = trl["median_s"] / ours["median_s"]
-    print(f"\n{args.setting}: ours {ours['median_s']:.3f} s/step, TRL {trl['median_s']:.3f} s/step "
-          f"(TRL / ours = {speedup:.2f}×); peak RSS ours {ours['peak_rss_mb']:.0f} MB, "
-          f"TRL {trl['peak_rss_mb']:.0f} MB")  # fmt: skip
+    digests = {impl: [[s["prompts"] for s in r["steps"]] for r in rs] for impl, rs in runs.items()}
+    same_prompts = all(d == digests["ours"][0] for rs in digests.values() for d in rs)
+    first = runs["ours"][0]["steps"]
+    print("prompts of each step, digest (first prompt): "
+          + ", ".join(f"{s['prompts']} ({s['first_prompt']})" for s in first[:3]) + ", ...;"
+          + (" the same on both sides in every run" if same_prompts else " NOT THE SAME on both sides"))  # fmt: skip
+    if not same_prompts:
+        raise SystemExit(f"the sides trained on different prompts: {json.dumps(digests)}")
+
+    load_end = os.getloadavg()
+    versions = {"ours": runs["ours"][0]["versions"], "trl": runs["trl"][0]["versions"]}
+    rows = [summarize(impl, rs, args.warmup) for impl, rs in runs.items()]
+    ratio = rows[1]["median_s"] / rows[0]["median_s"]
+    head = (
+        f"**{args.setting}, {args.precision}**: {args.prompts} prompts × K={args.k}, {args.max_new_tokens} new "
+        f"tokens, micro-batch {args.micro_batch}, {args.steps - args.warmup} counted steps after {args.warmup} "
+        f"warm-up × {args.rounds} interleaved rounds; {env['device']}; commit {env['commit']}, {env['date']}; "
+        + "; ".join(f"{k}: " + ", ".join(f"{p} {v}" for p, v in vs.items() if v != "-") for k, vs in versions.items())
+        + f"; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; peak RSS by "
+        f"{runs['ours'][0]['peak_how']}; the same prompts in the same order on both sides (digests checked)."
+    )
+    table = markdown(rows, head)
+    print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_vs_trl_{env['device_kind']}.csv"
-    columns = list(rows[0])
-    write_csv(rows, path, columns)
-    print(json.dumps({"bench": "vs_trl", **env, "setting": args.setting, "ours_s": round(ours["median_s"], 4),
-                      "trl_s": round(trl["median_s"], 4), "speedup": round(speedup, 3),
-                      "ours_peak_rss_mb": round(ours["peak_rss_mb"]), "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
-                      "csv": str(path)}))  # fmt: skip
+    stem = f"{args.setting}_{args.precision}_{env['device_kind']}"
+    (args.out / f"{stem}.md").write_text(table)
+    raw = {"env": env, "args": {k: getattr(args, k) for k in keys}, "runs": runs}  # every step of every run
+    (args.out / f"{stem}_steps.json").write_text(json.dumps(raw, indent=1) + "\n")
+    common = {**env, **{k: getattr(args, k) for k in keys}, "same_prompts": same_prompts,
+              "load_avg_start": load_start[0], "load_avg_end": load_end[0],
+              **{f"trl_env_{k}": v for k, v in versions["trl"].items()}}  # fmt: skip
+    out_rows = [dict(common, **row) for row in rows]
+    csv_path = args.out / f"bench_vs_trl_{env['device_kind']}.csv"
+    write_csv(out_rows, csv_path, list(out_rows[0]))
+    print(json.dumps({"bench": "vs_trl", **env, "setting": args.setting, "precision": args.precision,
+                      "ours_s": round(rows[0]["median_s"], 4), "trl_s": round(rows[1]["median_s"], 4),
+                      "trl_over_ours": round(ratio, 3), "ours_peak_above_mb": round(rows[0]["peak_above_mb"]),
+                      "trl_peak_above_mb": round(rows[1]["peak_above_mb"]), "csv": str(csv_path)}))  # fmt: skip
 
 
 if __name__ == "__main__":

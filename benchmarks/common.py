@@ -1,5 +1,6 @@
-"""What every benchmark here shares: the columns a result row starts with (date, device, versions, commit) and an
-append-only CSV writer. Not an entry script: ``bench_*.py`` import it.
+"""What every benchmark here shares: the columns a result row starts with (date, device, versions, commit), an
+append-only CSV writer and this process's resident memory (now, and its peak since a reset). Not an entry script:
+``bench_*.py`` import it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.util
 import platform
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -89,3 +91,59 @@ def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
             writer.writerows(old_rows)
         for r in rows:
             writer.writerow({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in header})
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (``VmRSS``) or its peak (``VmHWM``), MB, from ``/proc/self/status``."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB
+
+
+class PeakRSS:
+    """The peak resident memory of this process since :meth:`reset`, MB.
+
+    Linux keeps the peak itself (``VmHWM``) and resets it to the current RSS when "5" is written to
+    ``/proc/self/clear_refs``: exact, nothing sampled. Where that write is refused, a thread samples ``VmRSS`` every
+    ``interval`` seconds instead (``how`` says which), and misses peaks shorter than that.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.how = "VmHWM reset"
+        self._sampled, self._thread, self._stop = 0.0, None, threading.Event()
+
+    def reset(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return
+        except OSError:
+            self.how = f"VmRSS sampled every {self.interval * 1e3:g} ms"
+        self._sampled = rss_mb()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sampled = max(self._sampled, rss_mb())
+
+    def peak(self) -> float:
+        if self._thread is not None:
+            return max(self._sampled, rss_mb())
+        return rss_mb("VmHWM")
+
+
+class TimedCall:
+    """``target`` called through ``timed`` (a timing wrapper of it); every other attribute is ``target``'s: a stage
+    object of the module (its ``ppo`` update) timed without changing what the module sees."""
+
+    def __init__(self, target, timed) -> None:
+        self.target, self.timed = target, timed
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.timed(*args, **kwargs)

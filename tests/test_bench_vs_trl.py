@@ -1,0 +1,79 @@
+"""benchmarks/bench_vs_trl.py's own logic, without TRL and without timing: the prompt order both sides train on, the
+phase clock's exclusive seconds, and the memory a step needs above weights and optimizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_trl.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(SCRIPT.parent))  # the script puts benchmarks/ on the path for its common.py
+
+
+def test_step_prompts_are_seeded_epochs_cut_into_steps(bench):
+    steps = bench.step_prompts(num_problems=10, per_step=4, steps=5, seed=3)
+    # 10 problems, 4 per step: 2 steps per epoch (the tail of 2 is dropped), so 5 steps span 3 epochs
+    assert [len(s) for s in steps] == [4] * 5
+    for epoch in range(2):
+        rows = steps[2 * epoch] + steps[2 * epoch + 1]
+        assert len(set(rows)) == 8  # no problem twice within an epoch
+    assert steps[:2] != steps[2:4]  # each epoch has its own permutation
+    assert bench.step_prompts(10, 4, 5, seed=3) == steps  # the same list in both subprocesses
+    assert bench.step_prompts(10, 4, 5, seed=4) != steps
+    with pytest.raises(ValueError, match="cannot come from"):
+        bench.step_prompts(3, 4, 1, seed=0)
+
+
+def test_prompts_digest_depends_on_order(bench):
+    assert bench.prompts_digest(["1+2=", "3+4="]) == bench.prompts_digest(["1+2=", "3+4="])
+    assert bench.prompts_digest(["1+2=", "3+4="]) != bench.prompts_digest(["3+4=", "1+2="])
+
+
+def test_phase_clock_counts_each_second_once_in_the_innermost_phase(bench, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    clock = bench.PhaseClock()
+
+    def tick(seconds):
+        now[0] += seconds
+
+    backward = clock.wrap(lambda: tick(3.0), "backward")
+    optimizer = clock.wrap(lambda: tick(0.5), "optimizer")
+
+    def update():  # 1 s of forward, 3 s of backward, 0.5 s of optimizer, 1 s of forward again
+        tick(1.0)
+        backward()
+        optimizer()
+        tick(1.0)
+
+    clock.wrap(update, "forward")()
+    # the update took 5.5 s: 3 + 0.5 of them are its children's, 2 its own
+    assert clock.take() == {"generate": 0.0, "grade": 0.0, "forward": 2.0, "backward": 3.0, "optimizer": 0.5}
+    assert clock.take()["forward"] == 0.0  # taking resets
+
+
+def test_peak_above_is_the_peak_less_set_up_and_adamw_state(bench):
+    def run(peak, setup, adam, step_s):
+        steps = [dict.fromkeys(("gen_rows", "gen_prompt_width", "gen_response_width", "prompt_tokens",
+                                "response_tokens", "update_positions", "update_real", *bench.PHASES, "rest"), 1.0)
+                 | {"step_s": s} for s in step_s]  # fmt: skip
+        return {"steps": steps, "peak_mb": peak, "rss_setup_mb": setup, "adam_state_mb": adam, "weights_mb": adam / 2,
+                "rss_warm_mb": setup + adam, "load": [1.0, 2.0]}  # fmt: skip
+
+    # warm-up 1: the steps of 9 s are not counted
+    row = bench.summarize("ours", [run(700, 500, 80, [9, 1, 3]), run(650, 500, 80, [9, 2, 2])], warmup=1)
+    assert row["min_s"] == 1 and row["median_s"] == 2 and row["steps_counted"] == 4
+    assert row["run_medians_s"] == "2.000 2.000"
+    # peaks above 500 + 80: 120 and 70, median 95
+    assert row["peak_above_mb"] == 95

@@ -1,27 +1,18 @@
-"""benchmarks/bench_vs_trl.py's own logic, without TRL and without timing: the prompt order both sides train on, the
-phase clock's exclusive seconds, and the memory a step needs above weights and optimizer."""
+"""``benchmarks/vs_trl.py``, the logic of bench_vs_trl.py, without TRL and without timing: the prompt order both sides
+train on, the phase clock's exclusive seconds, and the memory a step needs above weights and optimizer."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_trl.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import vs_trl as bench  # noqa: E402  (benchmarks/vs_trl.py: bench_vs_trl.py's logic, not the entry script)
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(SCRIPT.parent))  # the script puts benchmarks/ on the path for its common.py
-
-
-def test_step_prompts_are_seeded_epochs_cut_into_steps(bench):
+def test_step_prompts_are_seeded_epochs_cut_into_steps():
     steps = bench.step_prompts(num_problems=10, per_step=4, steps=5, seed=3)
     # 10 problems, 4 per step: 2 steps per epoch (the tail of 2 is dropped), so 5 steps span 3 epochs
     assert [len(s) for s in steps] == [4] * 5
@@ -35,12 +26,12 @@ def test_step_prompts_are_seeded_epochs_cut_into_steps(bench):
         bench.step_prompts(3, 4, 1, seed=0)
 
 
-def test_prompts_digest_depends_on_order(bench):
+def test_prompts_digest_depends_on_order():
     assert bench.prompts_digest(["1+2=", "3+4="]) == bench.prompts_digest(["1+2=", "3+4="])
     assert bench.prompts_digest(["1+2=", "3+4="]) != bench.prompts_digest(["3+4=", "1+2="])
 
 
-def test_phase_clock_counts_each_second_once_in_the_innermost_phase(bench, monkeypatch):
+def test_phase_clock_counts_each_second_once_in_the_innermost_phase(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
     clock = bench.PhaseClock()
@@ -63,7 +54,7 @@ def test_phase_clock_counts_each_second_once_in_the_innermost_phase(bench, monke
     assert clock.take()["forward"] == 0.0  # taking resets
 
 
-def test_peak_above_is_the_peak_less_set_up_and_adamw_state(bench):
+def test_peak_above_is_the_peak_less_set_up_and_adamw_state():
     def run(peak, setup, adam, step_s):
         steps = [dict.fromkeys(("gen_rows", "gen_prompt_width", "gen_response_width", "prompt_tokens",
                                 "response_tokens", "update_positions", "update_real", *bench.PHASES, "rest"), 1.0)

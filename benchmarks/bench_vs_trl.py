@@ -140,8 +140,9 @@ class StepLog:
 
 def qwen3_151k_path() -> Path:
     """Build (once, seeded) the random 151,936-vocabulary Qwen3 with the embedded world's tokenizer."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
+    from p2o_lightning.tasks.qwen3 import random_qwen3
     from p2o_lightning.tasks.shipped_world import shipped_world
     from p2o_lightning.tasks.world import default_cache_dir
 
@@ -149,13 +150,11 @@ def qwen3_151k_path() -> Path:
     if (path / "config.json").exists():
         return path
     tok = AutoTokenizer.from_pretrained(shipped_world())
-    config = Qwen3Config(
-        vocab_size=QWEN_VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    model = random_qwen3(
+        vocab_size=QWEN_VOCAB, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -228,7 +228,7 @@ class P2OCallback(L.Callback):
 
         def run_search() -> SearchRecord:
             try:
-                return self._run_search(trainer, pl_module, scorer, max_new)
+                return self._run_search(trainer, pl_module, step, scorer, max_new)
             except ReflectionError as err:  # a teacher that went down mid-run costs this search, not the run
                 log.error(f"P²O search at RL step {step} skipped: {err}")
                 return SearchRecord.skipped(step, trainer.current_epoch, str(err))
@@ -257,7 +257,7 @@ class P2OCallback(L.Callback):
         ):
             pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
 
-    def _run_search(self, trainer, pl_module, scorer: CollectiveScorer, max_new_tokens: int) -> SearchRecord:
+    def _run_search(self, trainer, pl_module, step: int, scorer: CollectiveScorer, max_new_tokens: int) -> SearchRecord:
         """:func:`~p2o_lightning.prompt.search.search_templates` on the hard pool, placed in the run and written to
         its ``p2o/`` folder (rank 0).
         """
@@ -267,7 +267,7 @@ class P2OCallback(L.Callback):
             num_rollouts=pl_module.hparams.num_rollouts, max_new_tokens=max_new_tokens,
             seed=self.seed, index=index, scorer=scorer,
         )  # fmt: skip
-        record = dataclasses.replace(found, rollout_step=pl_module.rollout_steps, epoch=trainer.current_epoch)
+        record = dataclasses.replace(found, rollout_step=step, epoch=trainer.current_epoch)
         best = record.best
         log.warning(
             f"P²O search {index} at RL step {record.rollout_step}: {record.num_hard} hard samples, "

@@ -135,12 +135,16 @@ class PPOUpdate:
         self.loss = loss
         self.logprob = logprob
 
+    @property
+    def masks_tokens(self) -> bool:
+        """The context ratio mask is on in its ``tokens`` scope: its token-mean denominators need π_old first."""
+        return self.loss.context_mask_scope == "tokens" and self.loss.context_ratio_bounds is not None
+
     def fuses_old_logprobs(self, batch: RolloutBatch) -> bool:
         """π_old comes from the update's own forward: a single update, and no ``tokens``-scope context mask (whose
         token-mean denominators need π_old before the update).
         """
-        tokens_scope = self.loss.context_mask_scope == "tokens" and self.loss.context_ratio_bounds is not None
-        return single_update(self.settings, batch.num_groups) and not (batch.reprompted and tokens_scope)
+        return single_update(self.settings, batch.num_groups) and not (batch.reprompted and self.masks_tokens)
 
     def plan(self, batch: RolloutBatch, tis_cap: float | None) -> LogProbPlan:
         """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
@@ -167,15 +171,14 @@ class PPOUpdate:
             return
         if self.logprob.head_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"head_dtype='bfloat16': {torch.cuda.get_device_name(device)} has no bf16 support")
-        s, loss = self.settings, self.loss
+        s = self.settings
         reasons = {
             f"ppo_epochs={s.ppo_epochs}": s.ppo_epochs != 1,
             f"ppo_mini_batch_size={s.mini_batch_groups}": s.mini_batch_groups is not None
             and (batch_size is None or s.mini_batch_groups < batch_size),
             f"tis_cap={tis_cap}": tis_cap is not None,
             f"anchor_weight={s.anchor_weight}": s.anchor_weight > 0,
-            "context_mask_scope='tokens'": loss.context_mask_scope == "tokens"
-            and loss.context_ratio_bounds is not None,
+            "context_mask_scope='tokens'": self.masks_tokens,
         }
         blockers = [name for name, blocks in reasons.items() if blocks]
         if blockers:

@@ -158,6 +158,10 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: 
         _p2o_callback(config)["init_args"]["seed"] = seed
     for edit in edits:
         edit(config, args)
+    if config_name == "p2o-toy.yaml":
+        for key, value in args.overrides:
+            edit = _callback_arg(key.removeprefix("p2o."), value) if key.startswith("p2o.") else _set(key, value)
+            edit(config, args)
     run.mkdir(parents=True, exist_ok=True)
     (run / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # a run without policy/ did not finish: start it over (a fit into a folder holding a run is refused otherwise)
@@ -364,8 +368,20 @@ def main() -> None:
                              "and its recipe seed's data splits; default the shipped world")  # fmt: skip
     parser.add_argument("--method", default="p2o", choices=list(SETTINGS), help="the P²O setting of the verdict")
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="one change on top of every P²O setting (a lever): a dotted config key "
+                             "(model.kl_coef=0.05) or p2o.<key> (the P²O callback)")  # fmt: skip
     args = parser.parse_args()
+    import yaml
+
     args.out.mkdir(parents=True, exist_ok=True)
+    overrides = []
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if not key or not value:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides.append((key, yaml.safe_load(value)))
+    args.overrides = overrides
     rates = {}
     for item in args.lr_of:
         setting, _, rate = item.partition("=")

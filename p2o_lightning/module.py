@@ -118,6 +118,11 @@ class P2OModule(L.LightningModule):
             :mod:`p2o_lightning.step.score`).
         anchor_weight: P²O's skill anchor (not in the paper; 0: off): a distilled row is also trained under the
             prompt it was sampled from, with this weight (:mod:`p2o_lightning.step.distill`).
+        opening_tokens: P²O's opening gate (not in the paper; 0: off): the first n response tokens of a distilled row
+            stay out of its policy-gradient term until the plain prompt continues the row about as well as its
+            template (:mod:`p2o_lightning.step.distill`): it learns the templated skill before it switches to it.
+        opening_gate: the gate's threshold γ in (0, 1]: the geometric-mean context ratio π(y|x) / π(y|t(x)) over
+            the row's tokens after its opening that opens it.
         dynamic_sampling: ``off`` | ``filter`` (DAPO, verl's ``filter_groups``: groups whose K rewards are all equal
             are dropped and more prompts sampled until the batch is full; :mod:`p2o_lightning.step.dynamic`).
         max_sampling_rounds: sampling rounds per step under ``filter``, the first included; then the batch is
@@ -168,6 +173,8 @@ class P2OModule(L.LightningModule):
         plain_rollouts: int = 0,
         drop_failed_templated: bool = False,
         anchor_weight: float = 0.0,
+        opening_tokens: int = 0,
+        opening_gate: float = 0.5,
         plain_advantage: str = "group",
         dynamic_sampling: str = "off",
         max_sampling_rounds: int = 3,
@@ -191,7 +198,8 @@ class P2OModule(L.LightningModule):
             fused_head=fused_head,
             head_dtype=head_dtype,
         )
-        self.ppo = PPOUpdate(PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight), loss, logprob)
+        ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight, opening_tokens, opening_gate)
+        self.ppo = PPOUpdate(ppo, loss, logprob)
         self.task = get_task(task)
         # a missing folder / config / weights / tokenizer, or a shipped world that fails its checks, named before
         # anything loads

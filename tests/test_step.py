@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.optim import OptimizerStep  # noqa: E402
 from p2o_lightning.rollout import SamplingParams  # noqa: E402
-from p2o_lightning.step.distill import reprompt  # noqa: E402
+from p2o_lightning.step.distill import opening_gate, opening_open_rows, reprompt  # noqa: E402
 from p2o_lightning.step.logprobs import token_logprobs  # noqa: E402
 from p2o_lightning.step.sample import sample_rollouts  # noqa: E402
 from p2o_lightning.step.stats import UpdateStats, rank_reduction, reduction  # noqa: E402
@@ -101,6 +101,39 @@ def test_skill_anchor_adds_the_templated_prompts_loss(tiny_world, tmp_path, fuse
     assert runs["anchor"][1]["train/anchor_loss"] != 0.0
     with pytest.raises(ValueError, match="anchor_weight"):
         small_module(tiny_world, anchor_weight=-1.0)
+
+
+def test_opening_gate_by_hand():
+    # 3 rows × 5 tokens, opening = the first 2 tokens, γ = 0.5 (log γ = -0.693)
+    old = torch.tensor([[-5.0, -5.0, -1.0, -1.0, -1.0],  # row 0: rest log ρ = -1, -1, -1 -> mean -1 < log γ: closed
+                        [-5.0, -5.0, -1.2, -1.0, 0.0],  # row 1: rest log ρ = -0.2, 0, (masked) -> -0.1: open
+                        [-5.0, -5.0, -3.0, -3.0, -3.0]])  # row 2: not distilled (a plain row): always open
+    context = torch.tensor([[-0.1, -0.1, 0.0, 0.0, 0.0],
+                            [-0.1, -0.1, -1.0, -1.0, -9.0],
+                            [-0.1, -0.1, 0.0, 0.0, 0.0]])  # fmt: skip
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    distilled = torch.tensor([True, True, False])
+    keep = opening_gate(old, context, mask, distilled, opening_tokens=2, gate=0.5)
+    assert keep.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert opening_open_rows(keep, distilled, 2) == 1  # row 1 only (row 2 is not distilled)
+    # a row with nothing after its opening (EOS within it) is carried: open
+    short = opening_gate(old, context, torch.tensor([[1, 1, 0, 0, 0]] * 3), distilled, opening_tokens=2, gate=0.5)
+    assert short.eq(1).all()
+
+
+def test_opening_gate_in_the_step(tiny_world, tmp_path):
+    # a gate every row passes (γ tiny) is no gate: the same weights as without it; a gate no row passes (γ = 1
+    # where the plain prompt trails its templates) cuts the distilled openings' policy gradient: other weights
+    base, seen0 = one_step(tiny_world, tmp_path / "none", fuse=True)
+    wide, seen1 = one_step(tiny_world, tmp_path / "wide", fuse=True, opening_tokens=3, opening_gate=1e-30)
+    closed, seen2 = one_step(tiny_world, tmp_path / "closed", fuse=True, opening_tokens=3, opening_gate=1.0)
+    assert seen0["train/reward"] == seen1["train/reward"] == seen2["train/reward"]  # the same rollouts
+    for p, q in zip(base.policy.parameters(), wide.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert seen1["train/opening_open_rows"] > seen2["train/opening_open_rows"]
+    assert any(not torch.allclose(p, q) for p, q in zip(base.policy.parameters(), closed.policy.parameters()))
+    with pytest.raises(ValueError, match="opening_gate"):
+        small_module(tiny_world, opening_tokens=2, opening_gate=0.0)
 
 
 def test_update_stats_reduce_as_declared():

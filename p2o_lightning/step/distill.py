@@ -14,10 +14,19 @@ with gradients taken in another context; measured on the embedded world, it wore
 on hard problems 0.88 → 0.34) and each later search then found weaker templates. The anchor is GRPO on the
 templated prompt (the paper's no-distillation ablation) added to the distillation loss: one more backward through
 the context forward the ratio mask runs anyway.
+
+**Opening gate** (``opening_tokens`` = n > 0, ``opening_gate`` = γ; not in the paper, off by default): the first n
+response tokens of a distilled row (where the templated behaviour is chosen, e.g. a scratchpad instead of a direct
+answer) stay out of its policy-gradient term until the plain prompt continues that row about as well as its
+template does: the geometric mean of the context ratio ρ = π(y_t|x) / π(y_t|t(x)) over the row's remaining tokens
+is at least γ. Until then distillation teaches the plain prompt the templated *skill* (the continuation) but not to
+*switch* to it, so the plain prompt does not trade answers it gets right for a behaviour it cannot yet carry out;
+each row opens on its own evidence, from the log-probs the ratio mask reads anyway (no extra pass, no state).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,12 +47,17 @@ def reprompt(batch: RolloutBatch, encode: EncodeFn) -> RolloutBatch:
 
 
 def needs_context_logp(
-    batch: RolloutBatch, context_ratio_bounds: tuple[float, float] | None, anchor_weight: float = 0.0
+    batch: RolloutBatch,
+    context_ratio_bounds: tuple[float, float] | None,
+    anchor_weight: float = 0.0,
+    opening_tokens: int = 0,
 ) -> bool:
     """Some row is distilled, and log π(y|t(x)) is needed: for the context ratio mask, as the π_old that the
-    engine's sampling log-probs are compared with (the row was sampled under t(x)), or for the skill anchor.
+    engine's sampling log-probs are compared with (the row was sampled under t(x)), for the skill anchor or for the
+    opening gate.
     """
     needed = context_ratio_bounds is not None or batch.sampling_logp is not None or anchor_weight > 0
+    needed = needed or opening_tokens > 0
     return batch.reprompted and needed
 
 
@@ -65,3 +79,29 @@ def context_mask(
 def anchor_mask(batch: RolloutBatch) -> Tensor:
     """[M, R] the tokens of the skill anchor's loss: those in the loss, of distilled rows only."""
     return batch.loss_mask * batch.distilled[:, None].float()
+
+
+def opening_gate(
+    old_logp: Tensor,  # [m, R] log π_old(y_t | x), the trained (plain) prompt
+    context_logp: Tensor,  # [m, R] log π_old(y_t | t(x)), the prompt the row was sampled under
+    loss_mask: Tensor,  # [m, R] the response tokens in the loss
+    distilled: Tensor,  # [m] bool
+    opening_tokens: int,
+    gate: float,
+) -> Tensor:
+    """[m, R] float: 0 on the first ``opening_tokens`` tokens of the distilled rows whose continuation the plain
+    prompt does not yet carry (geometric-mean context ratio of the tokens after the opening < ``gate``), 1 elsewhere.
+    A row with no token after its opening counts as carried.
+    """
+    positions = torch.arange(loss_mask.shape[1], device=loss_mask.device)[None, :]  # [1, R]
+    opening = positions < opening_tokens  # [1, R]
+    rest = loss_mask.float() * ~opening  # [m, R]
+    log_rho = (old_logp - context_logp).float() * rest  # [m, R]
+    mean_log_rho = log_rho.sum(1) / rest.sum(1).clamp(min=1)  # [m]
+    closed = distilled & (mean_log_rho < math.log(gate))  # [m]
+    return 1.0 - (closed[:, None] & opening).float()
+
+
+def opening_open_rows(keep: Tensor, distilled: Tensor, opening_tokens: int) -> Tensor:
+    """How many distilled rows have their opening taught (``keep`` from :func:`opening_gate`)."""
+    return (distilled & (keep[:, :opening_tokens] > 0).all(1)).sum().float()

@@ -40,6 +40,7 @@ REDUCTIONS: dict[str, str] = {
     "approx_kl_old": "mean",
     "context_masked_frac": "mean",
     "anchor_loss": "sum",  # P²O's skill anchor: distilled rows' loss under the prompt they were sampled from
+    "opening_open_rows": "count",  # P²O's opening gate: distilled rows whose opening tokens are taught
     # on-policy hygiene (π_old against the engine's π_rollout)
     "rollout_logprob_diff": "mean",
     "tis_weight_mean": "mean",

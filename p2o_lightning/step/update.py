@@ -37,7 +37,7 @@ from torch import Tensor
 from p2o_lightning.fused_head import RatioOneLoss
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp
+from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp, opening_gate, opening_open_rows
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows, micro_batches
 from p2o_lightning.step.stats import UpdateStats
 
@@ -84,6 +84,8 @@ class PPOSettings:
     ppo_epochs: int  # passes over one rollout batch
     mini_batch_groups: int | None  # groups (prompts) per optimizer step; None: the whole batch
     anchor_weight: float = 0.0  # P²O's skill anchor (step/distill.py): w · L_PPO(y | t(x)) on distilled rows
+    opening_tokens: int = 0  # P²O's opening gate (step/distill.py): distilled rows' first n tokens wait for ...
+    opening_gate: float = 0.5  # ... a geometric-mean context ratio of their continuation of at least this
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -92,6 +94,10 @@ class PPOSettings:
             raise ValueError(f"ppo_mini_batch_size={self.mini_batch_groups} must be >= 1 (or None: the whole batch)")
         if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
             raise ValueError(f"anchor_weight={self.anchor_weight} must be a finite number >= 0 (0: no skill anchor)")
+        if self.opening_tokens < 0:
+            raise ValueError(f"opening_tokens={self.opening_tokens} must be >= 0 (0: no opening gate)")
+        if not 0 < self.opening_gate <= 1:
+            raise ValueError(f"opening_gate={self.opening_gate} must be in (0, 1] (a context ratio)")
 
     def check_batch_size(self, batch_size: int | None) -> None:
         """Every PPO update must see the same number of prompts: the mini-batch divides the data's batch."""
@@ -150,17 +156,19 @@ class PPOUpdate:
         """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
         update), the context log-probs when a row is distilled and something reads them, the anchor's; and whether
         the update runs the fused head (``LogProbSettings.fused_head``): only where the ratio is 1 (no π_old pass)
-        and the loss's gradient is known from each token's log-prob (no skill anchor, whose second loss needs
-        log π(y|t(x)) with a gradient). The ``tokens`` scope with distilled rows already takes the π_old pass.
+        and the loss's gradient is known from each token's log-prob before the forward (no skill anchor, whose
+        second loss needs log π(y|t(x)) with a gradient; no opening gate, whose advantages wait for the forward's
+        log-probs). The ``tokens`` scope with distilled rows already takes the π_old pass.
         """
-        anchor = self.settings.anchor_weight
+        s = self.settings
         old_pass = tis_cap is not None or not self.fuses_old_logprobs(batch)
-        anchored = anchor > 0 and batch.reprompted
+        anchored = s.anchor_weight > 0 and batch.reprompted
+        gated = s.opening_tokens > 0 and batch.reprompted
         return LogProbPlan(
             old_pass=old_pass,
-            context=needs_context_logp(batch, self.loss.context_ratio_bounds, anchor),
+            context=needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens),
             anchored=anchored,
-            fused_head=self.logprob.fused_head and not old_pass and not anchored,
+            fused_head=self.logprob.fused_head and not old_pass and not anchored and not gated,
         )
 
     def check_head_dtype(self, tis_cap: float | None, batch_size: int | None, device: torch.device) -> None:
@@ -244,11 +252,17 @@ class PPOUpdate:
                     else:
                         old = batch.old_logp[micro]
                         context = None if batch.context_logp is None else batch.context_logp[micro]
+                    advantages = batch.advantages[micro]  # [m]
+                    gate = None
+                    if s.opening_tokens > 0 and context is not None:  # [m, R]: distilled openings not yet earned
+                        distilled = batch.distilled[micro]
+                        gate = opening_gate(old, context, mask[micro], distilled, s.opening_tokens, s.opening_gate)
+                        advantages = advantages[:, None] * gate  # [m, R]
                     with torch.no_grad() if head_value is not None else contextlib.nullcontext():
                         loss, loss_stats = loss_fn(
                             logp,
                             old,
-                            batch.advantages[micro],
+                            advantages,
                             mask[micro],
                             ref_logp=ref,
                             num_tokens=num_tokens,
@@ -264,6 +278,8 @@ class PPOUpdate:
                         )  # fmt: skip
                         loss = loss + s.anchor_weight * anchor
                         loss_stats["anchor_loss"] = anchor.detach()
+                    if gate is not None:
+                        loss_stats["opening_open_rows"] = opening_open_rows(gate, distilled, s.opening_tokens)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"non-finite loss ({loss.item()}) {where()}; stopping before the optimizer step, "

@@ -107,7 +107,7 @@ def test_opening_gate_by_hand():
     # 3 rows × 5 tokens, opening = the first 2 tokens, γ = 0.5 (log γ = -0.693)
     old = torch.tensor([[-5.0, -5.0, -1.0, -1.0, -1.0],  # row 0: rest log ρ = -1, -1, -1 -> mean -1 < log γ: closed
                         [-5.0, -5.0, -1.2, -1.0, 0.0],  # row 1: rest log ρ = -0.2, 0, (masked) -> -0.1: open
-                        [-5.0, -5.0, -3.0, -3.0, -3.0]])  # row 2: not distilled (a plain row): always open
+                        [-5.0, -5.0, -3.0, -3.0, -3.0]])  # row 2: not distilled (a plain row): always open  # fmt: skip
     context = torch.tensor([[-0.1, -0.1, 0.0, 0.0, 0.0],
                             [-0.1, -0.1, -1.0, -1.0, -9.0],
                             [-0.1, -0.1, 0.0, 0.0, 0.0]])  # fmt: skip

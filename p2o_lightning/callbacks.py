@@ -72,6 +72,9 @@ class P2OCallback(L.Callback):
             ``NoImprovementStopper``; None: only the budget stops it, the paper).
         cache_evaluation: gepa's evaluation cache: a (template, problem) pair is scored once per search (exact: the
             policy does not change during a search, and scoring is greedy), so the budget buys only new scorings.
+        warm_start: seed each search with the best template of the previous search that found one (ours; the paper
+            seeds every search with the empty template); with ``search_patience`` a search that cannot better it
+            stops early.
         parents_per_iteration: W, parents (each with its own minibatch) proposed from per iteration (paper: 16).
         reflection_minibatch_size: train problems per proposal (paper: 3).
         max_new_tokens: response limit when scoring templates (None: the module's ``max_new_tokens``).
@@ -101,6 +104,7 @@ class P2OCallback(L.Callback):
         max_metric_calls: int = 11000,
         search_patience: int | None = None,
         cache_evaluation: bool = False,
+        warm_start: bool = False,
         parents_per_iteration: int = 16,
         reflection_minibatch_size: int = 3,
         max_new_tokens: int | None = None,
@@ -135,6 +139,7 @@ class P2OCallback(L.Callback):
             max_metric_calls=max_metric_calls,
             search_patience=search_patience,
             cache_evaluation=cache_evaluation,
+            warm_start=warm_start,
             parents_per_iteration=parents_per_iteration,
             reflection_minibatch_size=reflection_minibatch_size,
             group_diversity=group_diversity,
@@ -265,7 +270,7 @@ class P2OCallback(L.Callback):
         found = search_templates(
             pl_module, self.hard_pool, self.reflection, self.search_settings,
             num_rollouts=pl_module.hparams.num_rollouts, max_new_tokens=max_new_tokens,
-            seed=self.seed, index=index, scorer=scorer,
+            seed=self.seed, index=index, scorer=scorer, seed_template=self.seed_template(),
         )  # fmt: skip
         record = dataclasses.replace(found, rollout_step=step, epoch=trainer.current_epoch)
         best = record.best
@@ -277,6 +282,16 @@ class P2OCallback(L.Callback):
         )
         record.write(run_dir(trainer) / "p2o", index)
         return record
+
+    def seed_template(self) -> str:
+        """GEPA's seed candidate: the empty template (the paper), or with ``warm_start`` the best template of the last
+        search that found candidates.
+        """
+        if self.search_settings.warm_start:
+            for record in reversed(self.searches):
+                if record.best is not None and record.templates[record.best]:
+                    return record.templates[record.best]
+        return ""
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

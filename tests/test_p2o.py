@@ -1,5 +1,7 @@
 """P²O end to end: the adapter's contract, the callback's state, and a real P²O fit on the embedded world."""
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -298,6 +300,31 @@ def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
     assert full.metric_calls >= 120 > 4 * stopped.metric_calls
     assert len(stopped.dev_mean) == len(stopped.templates) == len(stopped.dev_scores)
     assert set(stopped.assignments) <= set(pool) and all(len(t) == 4 for t in stopped.assignments.values())
+
+
+def test_warm_start_seeds_the_search_with_the_last_best_template(tiny_world):
+    """With warm_start the callback seeds GEPA with the best template of its last search that found one (candidate
+    0 of the next record); without it, or before any search, the seed is the empty template (the paper)."""
+    from p2o_lightning.prompt.record import SearchRecord
+    from p2o_lightning.prompt.search import SearchSettings, search_templates
+
+    def record(templates, dev_mean):
+        return dataclasses.replace(SearchRecord.skipped(0, 0, ""), templates=templates, dev_mean=dev_mean)
+
+    warm, cold = P2OCallback(warm_start=True), P2OCallback()
+    assert warm.seed_template() == ""  # no search yet
+    warm.searches = cold.searches = [record(["", "Carry."], [0.1, 0.6]), record([], []), record([""], [0.0])]
+    assert warm.seed_template() == "Carry." and cold.seed_template() == ""
+    module = loaded(small_module(tiny_world))
+    pool = {f"{a}+{b}=": str(a + b) for a, b in [(13, 29), (7, 48), (35, 35), (61, 9), (22, 17)]}
+    reflection = OfflineProposer(max_words=3, seed=0)
+    reflection.bind(module)
+    settings = SearchSettings(dev_size=2, max_metric_calls=30, search_patience=1, parents_per_iteration=1)
+    found = search_templates(
+        module, pool, reflection, settings, num_rollouts=4, max_new_tokens=8, seed=0, index=1,
+        seed_template=warm.seed_template(),
+    )  # fmt: skip
+    assert found.templates[0] == "Carry."
 
 
 def test_reference_is_loaded_only_when_used(tiny_world):

@@ -1,7 +1,9 @@
 """One GEPA search over templates for a pool of hard problems: a function of the policy, no Trainer needed.
 
 :func:`search_templates` splits the hard pool into GEPA's train and dev sets (dev = ``dev_size``, or half of the pool
-below 450, at most ``dev_size``), runs :func:`gepa.optimize` from the empty template (Pareto candidate selection,
+below 450, at most ``dev_size``), runs :func:`gepa.optimize` from a seed template (the paper: the empty one; with
+``warm_start``, ours, the best template of the run's previous search, so that a search starts where the last one
+ended and ``search_patience`` can stop it early) with Pareto candidate selection,
 ``parents_per_iteration`` parents per iteration, strict-improvement acceptance, no merge, a budget in metric calls,
 optionally a stop after ``search_patience`` iterations without a better best dev score and gepa's evaluation
 cache), with candidates scored by the current policy (:class:`~p2o_lightning.prompt.adapter.P2OAdapter`), and
@@ -38,6 +40,7 @@ class SearchSettings:
     parents_per_iteration: int = 16
     reflection_minibatch_size: int = 3
     group_diversity: bool = True
+    warm_start: bool = False  # ours: seed with the previous search's best template instead of the empty one
 
 
 def search_templates(
@@ -51,12 +54,14 @@ def search_templates(
     seed: int,
     index: int,
     scorer: Callable | None = None,
+    seed_template: str = "",
 ) -> SearchRecord:
     """GEPA over templates for ``hard_pool`` (prompt -> gold answer), scored by ``module``'s current policy.
 
     ``index`` numbers the searches of a run (it seeds the split, gepa and the assignment draws with ``seed``);
     ``scorer(examples, template)`` is the adapter's scorer (default: this process alone). Returns the record, not
-    yet placed in a run (its ``rollout_step`` and ``epoch`` are the caller's).
+    yet placed in a run (its ``rollout_step`` and ``epoch`` are the caller's). ``seed_template`` is GEPA's seed
+    candidate (the paper: ``""``).
     """
     import gepa
     from gepa.strategies.proposal_sampling import IndependentSampling
@@ -77,7 +82,7 @@ def search_templates(
         stops.append(NoImprovementStopper(settings.search_patience))
     start, cpu_start = time.perf_counter(), time.process_time()
     result = gepa.optimize(
-        seed_candidate={COMPONENT: ""},
+        seed_candidate={COMPONENT: seed_template},
         trainset=train,
         valset=dev,
         adapter=adapter,

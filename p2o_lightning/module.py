@@ -78,6 +78,9 @@ class P2OModule(L.LightningModule):
         norm_adv_by_std: GRPO's std normalisation of advantages (False: Dr. GRPO's ``r - mean``).
         kl_coef: weight of the KL-to-reference term in the loss (0, the paper's setting, skips the reference).
         kl_estimator: ``k1`` | ``k2`` | ``k3``.
+        kl_rows: which rows the KL term holds: ``all`` | ``plain`` (P²O, ours: not the distilled rows, whose
+            templated responses the reference would hold back; it holds what the plain prompt already answers).
+            ``plain`` needs ``k2`` or ``k3``, whose gradient vanishes where π = π_old.
         backend: op implementation: ``auto`` (Triton on CUDA when available, else torch) | ``torch`` | ``triton``.
         logprob_chunk_size: tokens per chunk of the log-prob op (bounds the live logits to chunk × vocab).
         fused_head: with one PPO update per step (ratio 1), compute the loss's LM-head gradients inside the log-prob
@@ -152,6 +155,7 @@ class P2OModule(L.LightningModule):
         norm_adv_by_std: bool = True,
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
+        kl_rows: str = "all",
         backend: str = "auto",
         logprob_chunk_size: int = 1024,
         fused_head: bool = False,
@@ -198,7 +202,9 @@ class P2OModule(L.LightningModule):
             fused_head=fused_head,
             head_dtype=head_dtype,
         )
-        ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight, opening_tokens, opening_gate)
+        if kl_rows == "plain" and kl_estimator == "k1":
+            raise ValueError("kl_rows='plain' needs kl_estimator k2 or k3: k1's gradient is 1 on every token")
+        ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight, opening_tokens, opening_gate, kl_rows)
         self.ppo = PPOUpdate(ppo, loss, logprob)
         self.task = get_task(task)
         # a missing folder / config / weights / tokenizer, or a shipped world that fails its checks, named before

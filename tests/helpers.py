@@ -63,7 +63,7 @@ class ParityReward(P2OModule):
         return rollouts, dataclasses.replace(grade, rewards=[float(len(t) % 2) for t in rollouts.texts])
 
 
-def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), **kw):
+def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), callbacks=(), **kw):
     """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
     L.seed_everything(0)
     module = ParityReward(
@@ -80,7 +80,7 @@ def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
 
-    t = trainer(root, max_steps=1, callbacks=[Record()], limit_val_batches=0)
+    t = trainer(root, max_steps=1, callbacks=[*callbacks, Record()], limit_val_batches=0)
     t.fit(module, datamodule=small_data(batch_size=2))
     return module, seen
 

@@ -136,6 +136,33 @@ def test_opening_gate_in_the_step(tiny_world, tmp_path):
         small_module(tiny_world, opening_tokens=2, opening_gate=0.0)
 
 
+def test_kl_on_plain_rows_leaves_distilled_rows_alone(tiny_world, tmp_path):
+    # every row distilled (no "" template): kl_rows="plain" leaves no KL term at all, so the step equals kl_coef=0;
+    # kl_rows="all" holds the distilled rows to the reference, a different step. The policy is moved off the
+    # reference (its initial weights) before the step, else every KL gradient is 0 at the first step.
+    class Nudge(L.Callback):
+        def on_train_start(self, trainer, module):
+            with torch.no_grad():
+                for i, p in enumerate(module.policy.parameters()):
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+
+    templates, nudge = ("Add.", "Carry.", "Add.", "Carry."), [Nudge()]
+    none, _ = one_step(tiny_world, tmp_path / "none", True, templates=templates, callbacks=nudge)
+    plain, seen = one_step(
+        tiny_world, tmp_path / "plain", True, templates=templates, callbacks=nudge, kl_coef=0.5, kl_rows="plain"
+    )
+    every, seen_all = one_step(
+        tiny_world, tmp_path / "all", True, templates=templates, callbacks=nudge, kl_coef=0.5, kl_rows="all"
+    )
+    assert seen_all["train/kl"] > 0.0
+    for p, q in zip(none.policy.parameters(), plain.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+    assert seen["train/kl"] == 0.0
+    assert any(not torch.allclose(p, q) for p, q in zip(none.policy.parameters(), every.policy.parameters()))
+    with pytest.raises(ValueError, match="kl_rows='plain' needs kl_estimator k2 or k3"):
+        small_module(tiny_world, kl_coef=0.1, kl_rows="plain", kl_estimator="k1")
+
+
 def test_update_stats_reduce_as_declared():
     stats = UpdateStats()
     # update 1: two micro-batches holding 3/4 and 1/4 of the mini-batch's tokens

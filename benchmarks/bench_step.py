@@ -432,8 +432,8 @@ def setup_variant(module: P2OModule, variant: str) -> None:
         import p2o_lightning.module as module_mod
         from p2o_lightning.step import logprobs
 
-        def two_pass(policy, reference, batch, ops, settings, need_old=True, with_context=False):
-            out = logprobs.rollout_logprobs(policy, reference, batch, ops, settings, need_old, with_context=False)
+        def two_pass(policy, reference, batch, ops, settings, need_old=True, with_context=False, stopwatch=None):
+            out = logprobs.rollout_logprobs(policy, reference, batch, ops, settings, need_old, stopwatch=stopwatch)
             if with_context:
                 sampled = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
                 with torch.no_grad():

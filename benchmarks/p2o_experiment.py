@@ -30,7 +30,9 @@ Runs that already finished (their ``policy/`` exists) are not run again. Each ru
 core of its own, so settings compare fairly even when runs share the machine. Validation (plain prompt, greedy and
 mean@8) runs every ``--val-every`` steps: the lowest plain-prompt accuracy reached during training is reported
 besides the last. The summary (mean ± std over seeds) is printed as a Markdown table and written to
-``<out>/summary.csv`` / ``summary.md`` (with each run's search seconds and their share of its wall time); every
+``<out>/summary.csv`` / ``summary.md`` / ``summary.json`` (with each run's search seconds and their share of its wall
+time, and P²O's extra costs over GRPO: the CPU seconds of each, logged apart in the run, and their share of its CPU
+time, :func:`extra_costs`); every
 run's ``metrics.csv`` is kept gzipped under ``<out>/metrics/``; ``<out>/curves.png`` draws every setting's mean
 plain-prompt accuracy against the step, and the report's PNGs (collapse, accuracy, search) are drawn for seed 0.
 """
@@ -126,6 +128,9 @@ SETTINGS = {
 DEFAULT_SETTINGS = ["grpo_k", "grpo_2k", "p2o", "p2o_paper_loss", "p2o_no_distill", "p2o_one_template"]
 SPLITS = ("in_dist", "hard", "ood")
 SUBSETS = ("easy",)  # the in-dist subset whose valley the issue names (val/easy/greedy_acc)
+# P²O's extra costs over GRPO, each logged apart: the template search (its records), the forward on the prompt a
+# distilled row was sampled under, the skill anchor's backward, the callback's greedy check of the distilled prompts
+EXTRAS = ("search", "context_forward", "anchor_backward", "distilled_eval")
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: str | None = None) -> Path:
@@ -202,7 +207,6 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
     wrong = _values(m, "train/collapse_all_wrong")[-steps_per_epoch:]
     records = read_records(run)
     search_s = sum(r.seconds for r in records)
-    search_cpu_s = sum(r.cpu_seconds for r in records)
     distilled = _values(m, "p2o/distilled_greedy_acc")
     wall_s = float((run / "wall_time_s").read_text()) if (run / "wall_time_s").exists() else nan
     out.update(
@@ -214,8 +218,33 @@ def summarise(run: Path, steps_per_epoch: int) -> dict[str, float]:
         cpu_s=float((run / "cpu_time_s").read_text()) if (run / "cpu_time_s").exists() else nan,
         search_s=search_s,
         search_share=search_s / wall_s if wall_s == wall_s and wall_s > 0 else nan,
-        search_cpu_share=search_cpu_s / run_cpu(run) if run_cpu(run) > 0 else nan,
+        **extra_costs(run),
     )
+    return out
+
+
+def extra_costs(run: Path) -> dict[str, float]:
+    """P²O's extra costs over GRPO in a run (:data:`EXTRAS`): ``<extra>_cpu_s``, the CPU seconds of each (the search's
+    from its records, the others summed over the run's ``time/<extra>_cpu_s``), ``extra_cpu_s`` their total, and
+    each one's ``_cpu_share`` of the run's CPU time: its last ``time/run_cpu_s`` (the same process clock) plus what
+    the callback logged at that step, which ran after the clock's reading (the last epoch end's search and greedy
+    check; the callback's costs logged at a step are in the clock of the next). NaN where the run was logged before
+    they were measured apart (no ``time/context_forward_cpu_s``; it is 0 in a GRPO step).
+    """
+    m = read_metrics(run / "metrics.csv")
+    logged = "time/context_forward_cpu_s" in m
+    cpu = {"search": sum(r.cpu_seconds for r in read_records(run))}
+    for extra in EXTRAS[1:]:
+        cpu[extra] = sum(_values(m, f"time/{extra}_cpu_s")) if logged else float("nan")
+    cpu["extra"] = sum(cpu.values())
+    clock = m.get("time/run_cpu_s", [])
+    last = clock[-1][0] if clock else None
+    after = sum(v for key in ("time/search_cpu_s", "time/distilled_eval_cpu_s") for s, v in m.get(key, []) if s == last)
+    total = clock[-1][1] + after if clock else float("nan")
+    out = {}
+    for extra, seconds in cpu.items():
+        out[f"{extra}_cpu_s"] = seconds
+        out[f"{extra}_cpu_share"] = seconds / total if total > 0 else float("nan")
     return out
 
 
@@ -401,6 +430,10 @@ def verdict(summary: dict[str, dict[str, list[float]]], runs: dict[str, list[Pat
     )
     share, cpu_share = mean_std(p2o["search_share"])[0], mean_std(p2o["search_cpu_share"])[0]
     lines.append(f"- the search's share of P²O's run: {share:.2f} of its wall time, {cpu_share:.2f} of its CPU time")
+    shares = ", ".join(f"{e} {mean_std(p2o[f'{e}_cpu_share'])[0]:.3f}" for e in EXTRAS)
+    extra = mean_std(p2o["extra_cpu_share"])[0]
+    lines.append(f"- P²O's extra costs over GRPO, shares of its CPU time: {shares}; together {extra:.3f} (target <= "
+                 f"0.20) -> {'unknown' if extra != extra else 'met' if extra <= 0.20 else 'NOT met'}")  # fmt: skip
     for ablation in ("p2o_no_distill", "p2o_one_template"):
         if ablation in summary:
             a, p = mean_std(summary[ablation]["in_dist"])[0], mean_std(p2o["in_dist"])[0]
@@ -479,7 +512,8 @@ def main() -> None:
         summary[setting] = {k: [r[k] for r in per_seed] for k in per_seed[0]}
     columns = ["in_dist_start", "in_dist", "in_dist_min", "easy_start", "easy_min", "hard", "ood", "in_dist_mean@k",
                "hard_mean@k", "ood_mean@k", "collapse_all_wrong", "rescued_groups", "searches", "distilled_acc",
-               "cpu_s", "wall_s", "search_s", "search_share", "search_cpu_share"]  # fmt: skip
+               "cpu_s", "wall_s", "search_s", "search_share",
+               *(f"{e}_cpu_{x}" for e in (*EXTRAS, "extra") for x in ("s", "share"))]  # fmt: skip
     lines = ["| setting | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     lines += [
         f"| {s} | {len(runs[s])} | " + " | ".join(fmt(mean_std(v[c])) for c in columns) + " |"

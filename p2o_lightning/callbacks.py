@@ -21,7 +21,9 @@ by the current policy on this epoch's hard set, installs the next epoch's; a ski
 no longer hard goes back to plain rollouts. ``forever`` keeps every assignment for the rest of the run.
 
 At every epoch end, before the templates expire, the plain-prompt greedy accuracy of the prompts that held them is
-logged as ``p2o/distilled_greedy_acc``: the direct measure of what the distillation taught.
+logged as ``p2o/distilled_greedy_acc``: the direct measure of what the distillation taught. It is one of P²O's extra
+costs over GRPO, logged with its wall and CPU seconds (``time/distilled_eval_s``, ``time/distilled_eval_cpu_s``)
+as the search is (``time/search_s``, ``time/search_cpu_s``).
 
 The callback is stateful: the hard pool, every search's candidates with their dev scores, the Pareto front, the
 assignments and the search history are in the checkpoint, so a resumed run continues with them.
@@ -46,6 +48,8 @@ from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 from p2o_lightning.prompt.scorer import CollectiveScorer
 from p2o_lightning.prompt.search import SearchSettings, search_templates
 from p2o_lightning.rollout import SamplingParams
+from p2o_lightning.step.stats import rank_reduction
+from p2o_lightning.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
 TRIGGERS = ("epoch", "steps", "collapse")
@@ -197,7 +201,12 @@ class P2OCallback(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         if self.assignments and self.assigned_epoch < epoch:  # they applied during this epoch
-            pl_module.log("p2o/distilled_greedy_acc", self.distilled_accuracy(pl_module), on_epoch=True)
+            watch = Stopwatch(pl_module.device)
+            with watch.measure("distilled_eval"):
+                accuracy = self.distilled_accuracy(pl_module)
+            pl_module.log("p2o/distilled_greedy_acc", accuracy, on_epoch=True)
+            for key, seconds in watch.metrics(["distilled_eval"]).items():
+                pl_module.log(key, seconds, on_epoch=True, reduce_fx=rank_reduction(key))
         if self.template_lifetime == "epoch" and self.assigned_epoch < epoch:
             self.assignments, self.assigned_answers = {}, {}  # expired: their epoch is over
             pl_module.template_assignments = self.assignments

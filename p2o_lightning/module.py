@@ -2,7 +2,10 @@
 
 One ``training_step`` is one RL iteration, read top to bottom as the stages of :mod:`p2o_lightning.step`, one
 :class:`~p2o_lightning.step.batch.RolloutBatch` flowing through them: plan → sample → dynamic sampling → score →
-distill → logprobs → update → stats, timed as ``time/rollout_s``, ``time/logprob_s``, ``time/update_s``. Manual
+distill → logprobs → update → stats, timed as ``time/rollout_s``, ``time/logprob_s``, ``time/update_s`` (wall) and
+``time/<stage>_cpu_s`` (process CPU), with P²O's extra costs inside them on their own: ``time/context_forward_s``
+(the forward on the prompt a distilled row was sampled under) and ``time/anchor_backward_s`` (the skill anchor's
+backward), each with its ``_cpu_s``; 0 in a step without them (:mod:`p2o_lightning.stopwatch`). Manual
 optimisation: ``global_step`` counts PPO updates, ``train/rollout_step`` RL iterations. The module never imports
 triton. P²O hooks in through ``template_assignments`` (read by the plan) and the per-step ``outputs``.
 """
@@ -10,7 +13,6 @@ triton. P²O hooks in through ``template_assignments`` (read by the plan) and th
 from __future__ import annotations
 
 import contextlib
-import time
 from functools import partial
 from typing import Any
 
@@ -46,6 +48,7 @@ from p2o_lightning.step.sample import make_engine, sample_rollouts
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
 from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
+from p2o_lightning.stopwatch import Stopwatch
 from p2o_lightning.tasks import get_task
 
 __all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm", "resolve_model_path"]
@@ -332,47 +335,47 @@ class P2OModule(L.LightningModule):
     def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, Any]:
         hp = self.hparams
         self._check_finite_weights()
-        times: dict[str, float] = {}
+        watch = Stopwatch(self.device)  # the stages, and P²O's extra costs inside them
         ops = self.ops
 
-        t0 = time.perf_counter()
-        sampling = SamplingParams(hp.num_rollouts, hp.temperature, hp.top_p, hp.max_new_tokens)
+        with watch.measure("rollout"):
+            sampling = SamplingParams(hp.num_rollouts, hp.temperature, hp.top_p, hp.max_new_tokens)
 
-        def sample_groups(rows: list[dict]) -> RolloutBatch:  # data rows -> their planned, graded rollouts
-            plan = self.plan([row["prompt"] for row in rows])
-            return sample_rollouts(self.sample, plan, [row["answer"] for row in rows], sampling)
+            def sample_groups(rows: list[dict]) -> RolloutBatch:  # data rows -> their planned, graded rollouts
+                plan = self.plan([row["prompt"] for row in rows])
+                return sample_rollouts(self.sample, plan, [row["answer"] for row in rows], sampling)
 
-        draw = getattr(self.trainer.datamodule, "extra_batch", None)  # DAPO's further rounds draw more prompts
-        rounds = hp.max_sampling_rounds if hp.dynamic_sampling == "filter" else 1
-        any_rank = partial(self.trainer.strategy.reduce_boolean_decision, all=False)  # ranks take equal rounds
-        pad = self.tokenizer.pad_token_id
-        rollouts, seen, rounds = dynamic_sample(sample_groups, batch, draw, rounds, pad, any_rank)
-        times["rollout"] = time.perf_counter() - t0
+            draw = getattr(self.trainer.datamodule, "extra_batch", None)  # DAPO's further rounds draw more prompts
+            rounds = hp.max_sampling_rounds if hp.dynamic_sampling == "filter" else 1
+            any_rank = partial(self.trainer.strategy.reduce_boolean_decision, all=False)  # ranks take equal rounds
+            pad = self.tokenizer.pad_token_id
+            rollouts, seen, rounds = dynamic_sample(sample_groups, batch, draw, rounds, pad, any_rank)
 
         rollouts = score_groups(rollouts, ops, hp.norm_adv_by_std, hp.drop_failed_templated, hp.plain_advantage)
-        t0 = time.perf_counter()
-        rollouts = reprompt(rollouts, self.engine.encode_prompts)
-        reference = self.reference if hp.kl_coef > 0 else None
-        plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
-        lp = self.ppo.logprob
-        rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context)
-        mismatch = None
-        if plan.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
-            mismatch, tis = rollout_mismatch(rollouts, hp.tis_cap)
-            rollouts = apply_tis(rollouts, tis)
-        times["logprob"] = time.perf_counter() - t0
+        with watch.measure("logprob"):
+            rollouts = reprompt(rollouts, self.engine.encode_prompts)
+            reference = self.reference if hp.kl_coef > 0 else None
+            plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
+            lp = self.ppo.logprob
+            rollouts = rollout_logprobs(
+                self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context, stopwatch=watch
+            )
+            mismatch = None
+            if plan.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
+                mismatch, tis = rollout_mismatch(rollouts, hp.tis_cap)
+                rollouts = apply_tis(rollouts, tis)
 
-        t0 = time.perf_counter()
-        opt = self.optimizers()
-        optimizer_step = partial(self._optimizer_step, opt, self.lr_schedulers())  # -> (grad norm, skipped)
-        stats, rollouts = self.ppo(
-            rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where
-        )
-        self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
-        times["update"] = time.perf_counter() - t0
+        with watch.measure("update"):
+            opt = self.optimizers()
+            optimizer_step = partial(self._optimizer_step, opt, self.lr_schedulers())  # -> (grad norm, skipped)
+            stats, rollouts = self.ppo(
+                rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where,
+                stopwatch=watch,
+            )  # fmt: skip
+            self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy
         self.rollout_steps += 1
 
-        metrics = train_metrics(rollouts, times, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
+        metrics = train_metrics(rollouts, watch, lr=opt.param_groups[0]["lr"], rollout_step=self.rollout_steps)
         stats.update(mismatch if mismatch is not None else rollout_mismatch(rollouts, None)[0])  # the update's π_old
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))

@@ -4,7 +4,11 @@
 of response tokens straight from the decoder's last hidden states and the LM head weight (through the ops of
 :mod:`p2o_lightning.ops`: never a tokens × vocab tensor). Given a second prompt for the same responses (P²O's
 templated prompt) it runs the decoder on both and scores the two contexts with one ``linear_logprob_multi`` call, so
-the LM head weight is streamed once for log π(y|x) and log π(y|t(x)).
+the LM head weight is streamed once for log π(y|x) and log π(y|t(x)); when log π(y|t(x)) carries a gradient (P²O's
+skill anchor) it is scored by a call of its own, so that its graph, and its backward, are apart from log π(y|x)'s.
+The forward on the templated prompt is P²O's extra cost over GRPO, measured as ``context_forward`` on the
+:class:`~p2o_lightning.stopwatch.Stopwatch` it is given: the decoder, and the LM head where the context has a call
+of its own (inside the stacked call the context's share of the head cannot be told apart).
 
 FSDP2 (``fully_shard``, one unit per decoder layer and one for the rest) is applied by :func:`fully_shard_policy`;
 :func:`gathered` holds the full parameters for ``generate``, which runs outside the wrapper's forward.
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from p2o_lightning.checks import check_model_dir
+from p2o_lightning.stopwatch import Stopwatch, measured
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,10 +110,12 @@ class PolicyLogProb(nn.Module):
         context_grad: bool = False,
         head_loss: Any = None,  # p2o_lightning.fused_head.RatioOneLoss [M, R]: the fused head of a single update
         head_dtype: torch.dtype | None = None,  # the fused head's matmul operands (None: the op's default)
+        stopwatch: Stopwatch | None = None,  # measures the forward on context_ids as ``context_forward``
     ) -> tuple[Tensor, Tensor | None, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` is log π of the same
         tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``; it carries a
-        gradient only with ``context_grad`` (P²O's skill anchor trains the row there too).
+        gradient only with ``context_grad`` (P²O's skill anchor trains the row there too), and is then scored by
+        its own ``linear_logprob`` call (its backward apart from ``logp``'s).
 
         With ``head_loss`` the fourth output is the loss of a single update at ratio 1, whose gradients the fused
         head computed in this pass (``ops.fused_linear_policy_loss``); the log-probs then carry none. The context,
@@ -125,7 +132,7 @@ class PolicyLogProb(nn.Module):
                 )
             context_logp = None
             if context_ids is not None:
-                with torch.no_grad():
+                with torch.no_grad(), measured(stopwatch, "context_forward"):
                     context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
                     context_logp = ops.linear_logprob(
                         context_hidden, weight, targets, **dict(kwargs, return_entropy=False)
@@ -138,10 +145,16 @@ class PolicyLogProb(nn.Module):
         if context_ids is None:
             logp, entropy = ops.linear_logprob(hidden, weight, targets, **kwargs)
             return logp, entropy, None
-        with torch.set_grad_enabled(context_grad and torch.is_grad_enabled()):  # else it feeds the ratio mask only
+        anchored = context_grad and torch.is_grad_enabled()  # else the context feeds the ratio mask only
+        with torch.set_grad_enabled(anchored), measured(stopwatch, "context_forward"):
             context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
+            if anchored:  # a head call of its own: the anchor's graph stays apart from log π(y|x)'s
+                context_logp = ops.linear_logprob(context_hidden, weight, targets, **dict(kwargs, return_entropy=False))
+        if anchored:
+            logp, entropy = ops.linear_logprob(hidden, weight, targets, **kwargs)
+            return logp, entropy, context_logp[0]
         logp, entropy = ops.linear_logprob_multi(torch.stack([hidden, context_hidden]), weight, targets, **kwargs)
-        return logp[0], (entropy[0] if entropy is not None else None), (logp[1] if context_grad else logp[1].detach())
+        return logp[0], (entropy[0] if entropy is not None else None), logp[1].detach()
 
 
 def load_policy(

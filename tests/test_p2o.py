@@ -214,6 +214,7 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
     logged = {}
     module = SimpleNamespace(
         hparams=SimpleNamespace(num_rollouts=2, max_new_tokens=8),
+        device=torch.device("cpu"),
         template_assignments={},
         rollout_steps=0,
         log=lambda key, value, **kw: logged.__setitem__(key, value),
@@ -241,6 +242,7 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
         logged.clear()
         callback.on_train_epoch_end(trainer, module)
         assert logged["p2o/distilled_greedy_acc"] == 0.5  # of a and b, under the plain prompt: a solved, b not
+        assert logged["time/distilled_eval_s"] > 0 and logged["time/distilled_eval_cpu_s"] >= 0  # its cost, apart
         if lifetime == "epoch":
             assert module.template_assignments == {"c": ["U."] * 2}
         else:

@@ -103,6 +103,45 @@ def test_skill_anchor_adds_the_templated_prompts_loss(tiny_world, tmp_path, fuse
         small_module(tiny_world, anchor_weight=-1.0)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_skill_anchor_backward_of_its_own_equals_one_backward(tiny_world, tmp_path, monkeypatch, fuse):
+    # the anchor's backward runs apart (timed as time/anchor_backward_s): the gradients add up to those of one
+    # backward of L_distill + w · L_anchor, the loss before the split, up to summation order
+    apart, seen = one_step(tiny_world, tmp_path / "apart", fuse, anchor_weight=0.5)
+    pending = []  # every backward's loss, then one backward of their sum before the optimizer step
+
+    step = OptimizerStep.__call__
+
+    def one_backward_then_step(self, *args):
+        torch.stack(pending).sum().backward()  # what manual_backward does on one CPU device in float32
+        pending.clear()
+        return step(self, *args)
+
+    monkeypatch.setattr(ParityReward, "manual_backward", lambda self, loss: pending.append(loss))
+    monkeypatch.setattr(OptimizerStep, "__call__", one_backward_then_step)
+    summed, seen_summed = one_step(tiny_world, tmp_path / "summed", fuse, anchor_weight=0.5)
+    assert seen["train/reward"] == seen_summed["train/reward"] and seen["train/anchor_loss"] != 0.0
+    assert seen["train/loss"] == pytest.approx(seen_summed["train/loss"], rel=1e-6)  # L_distill + w · L_anchor
+    for p, q in zip(apart.policy.parameters(), summed.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # P²O's extras, each on its own and inside its stage (an anchored step has both)
+    for clock in ("_s", "_cpu_s"):
+        assert 0 < seen[f"time/anchor_backward{clock}"] < seen[f"time/update{clock}"]
+        stages = seen[f"time/logprob{clock}"] + seen[f"time/update{clock}"]
+        assert 0 < seen[f"time/context_forward{clock}"] < stages
+
+
+def test_extra_costs_are_zero_without_them(tiny_world, tmp_path):
+    # the paper's loss: a context forward, no anchor backward; a step without distilled rows (GRPO): neither
+    _, paper = one_step(tiny_world, tmp_path / "paper", fuse=True)
+    _, grpo = one_step(tiny_world, tmp_path / "grpo", fuse=True, templates=("", "", "", ""))
+    assert paper["p2o/templated_share"] == 1.0 and grpo["p2o/templated_share"] == 0.0
+    assert paper["time/context_forward_s"] > 0 and paper["time/anchor_backward_s"] == 0.0
+    assert grpo["time/context_forward_s"] == grpo["time/context_forward_cpu_s"] == 0.0
+    assert grpo["time/anchor_backward_s"] == grpo["time/anchor_backward_cpu_s"] == 0.0
+    assert rank_reduction("time/context_forward_cpu_s") == "mean"  # each rank's own process clock, as run_cpu_s
+
+
 def test_opening_gate_by_hand():
     # 3 rows × 5 tokens, opening = the first 2 tokens, γ = 0.5 (log γ = -0.693)
     old = torch.tensor([[-5.0, -5.0, -1.0, -1.0, -1.0],  # row 0: rest log ρ = -1, -1, -1 -> mean -1 < log γ: closed

@@ -33,6 +33,7 @@ from torch import Tensor
 from p2o_lightning.fused_head import HEAD_DTYPES, RatioOneLoss
 from p2o_lightning.ops import tis_weights
 from p2o_lightning.step.batch import RolloutBatch
+from p2o_lightning.stopwatch import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -127,13 +128,15 @@ def forward_rows(
     with_context: bool,
     context_grad: bool = False,
     head_loss: RatioOneLoss | None = None,
+    stopwatch: Stopwatch | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp, loss)``, the first three each
     [len(rows), R] or None (``context_logp`` with a gradient when ``context_grad``); ``loss`` is the fused head's
     (with ``head_loss``, its weights [len(rows), R]: log-probs and entropy then carry no gradient), else None.
 
     With ``settings.trim`` the forward runs on the rows' own widths (:func:`trimmed_widths`, for the sampled
-    prompt's context too) and its outputs are padded back to R with zeros (what a masked target scores).
+    prompt's context too) and its outputs are padded back to R with zeros (what a masked target scores). The forward
+    on the sampled prompt is measured as ``context_forward`` on ``stopwatch`` (:class:`~.policy.PolicyLogProb`).
     """
     response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
     prompt, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]  # [m, P]
@@ -161,6 +164,7 @@ def forward_rows(
         context_grad=context_grad,
         head_loss=None if head_loss is None else head_loss.narrow(response.shape[1]),
         head_dtype=settings.head_torch_dtype,
+        stopwatch=stopwatch,
     )
     pad = full_width - response.shape[1]
     if pad:  # zeros beyond the longest response: what the padded forward gives for masked targets
@@ -175,15 +179,19 @@ def token_logprobs(
     settings: LogProbSettings,
     return_entropy: bool = False,
     with_context: bool = False,
+    stopwatch: Stopwatch | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(logp, entropy, context_logp)`` [M, R] of every row, in micro-batches; with grad iff grad is enabled.
 
     ``with_context``: also log π(y | sampled prompt), in the same ``linear_logprob_multi`` call as log π(y | trained
-    prompt).
+    prompt), its forward measured on ``stopwatch`` as ``context_forward``.
     """
     rows = torch.arange(batch.response_ids.shape[0], device=batch.response_ids.device)
     micros = micro_batches(batch, rows, settings)
-    outs = [forward_rows(model, batch, micro, ops, settings, return_entropy, with_context) for micro in micros]
+    outs = [
+        forward_rows(model, batch, micro, ops, settings, return_entropy, with_context, stopwatch=stopwatch)
+        for micro in micros
+    ]
     order = torch.cat(micros).argsort()  # back to the batch's row order (micro-batches by tokens are sorted)
     return tuple(torch.cat([o[i] for o in outs])[order] if outs[0][i] is not None else None for i in range(3))  # type: ignore[return-value]
 
@@ -197,15 +205,17 @@ def rollout_logprobs(
     settings: LogProbSettings,
     need_old: bool = True,
     with_context: bool = False,
+    stopwatch: Stopwatch | None = None,
 ) -> RolloutBatch:
     """The batch with ``old_logp`` and ``entropy`` (when ``need_old``), ``context_logp`` (when ``need_old`` and
     ``with_context``) and ``ref_logp`` (when ``reference`` is given). Without ``need_old`` the update's own forward
-    gives π_old and the context (:mod:`p2o_lightning.step.update`).
+    gives π_old and the context (:mod:`p2o_lightning.step.update`). The context's forward is measured on
+    ``stopwatch`` as ``context_forward``.
     """
     changes: dict[str, Tensor | None] = {}
     if need_old:
         old, entropy, context = token_logprobs(
-            policy, batch, ops, settings, return_entropy=True, with_context=with_context
+            policy, batch, ops, settings, return_entropy=True, with_context=with_context, stopwatch=stopwatch
         )
         changes.update(old_logp=old, entropy=entropy, context_logp=context)
     if reference is not None:

@@ -26,6 +26,11 @@ from torch import Tensor
 from p2o_lightning.ops import collapsed_groups
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import context_mask
+from p2o_lightning.stopwatch import Stopwatch
+
+# the step's stages and, inside them, P²O's extra costs over GRPO (p2o_lightning.stopwatch): the forward on the
+# prompt a distilled row was sampled under, and the skill anchor's backward
+STEP_TIMES = ("rollout", "logprob", "update", "context_forward", "anchor_backward")
 
 REDUCTIONS: dict[str, str] = {
     # the PPO loss and its terms (ops.policy_loss's stats)
@@ -62,9 +67,9 @@ REDUCTIONS: dict[str, str] = {
     "reward_plain": "mean",
     "sampling_rounds": "mean",
     "dropped_groups": "count",
-    "rollout_s": "mean",
-    "logprob_s": "mean",
-    "update_s": "mean",
+    # per step (time/...): the wall and CPU seconds of :data:`STEP_TIMES`, each summed over the step's micro-batches
+    # and updates; a mean over ranks, as time/run_cpu_s is one process's clock
+    **{f"{name}{clock}": "mean" for name in STEP_TIMES for clock in ("_s", "_cpu_s")},
     "rollout_tokens_per_s": "mean",
     # P²O (p2o/...)
     "templated_share": "mean",
@@ -74,6 +79,8 @@ REDUCTIONS: dict[str, str] = {
     "ctx_masked_first4": "mean",
     "ctx_masked_rest": "mean",
     "shared_first_token": "mean",
+    "distilled_eval_s": "mean",  # the callback's greedy evaluation of the distilled prompts, at each epoch end
+    "distilled_eval_cpu_s": "mean",
 }
 
 
@@ -122,10 +129,10 @@ class UpdateStats:
         return {k: v if reduction(k) in ("min", "max", "count") else v / n for k, v in self._sums.items()}
 
 
-def train_metrics(
-    batch: RolloutBatch, times: Mapping[str, float], lr: float, rollout_step: int
-) -> dict[str, Tensor | float]:
-    """The step's ``train/`` and ``time/`` metrics of the rollouts (the loss statistics come from the update)."""
+def train_metrics(batch: RolloutBatch, watch: Stopwatch, lr: float, rollout_step: int) -> dict[str, Tensor | float]:
+    """The step's ``train/`` and ``time/`` metrics of the rollouts (the loss statistics come from the update); the
+    wall and CPU seconds of :data:`STEP_TIMES` from ``watch``, 0 for those the step did not run.
+    """
     rewards, mask = batch.rewards, batch.response_mask.float()  # [G, K], [M, R]
     lengths = mask.sum(dim=1)
     return {
@@ -139,8 +146,8 @@ def train_metrics(
         "train/reward_timeouts": float(batch.reward_timeouts),
         "train/lr": lr,
         "train/rollout_step": float(rollout_step),
-        **{f"time/{name}_s": seconds for name, seconds in times.items()},
-        "time/rollout_tokens_per_s": float(mask.sum()) / max(times["rollout"], 1e-9),
+        **watch.metrics(STEP_TIMES),
+        "time/rollout_tokens_per_s": float(mask.sum()) / max(watch.wall["rollout"], 1e-9),
     }
 
 

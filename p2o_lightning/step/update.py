@@ -18,6 +18,11 @@ known as soon as the log-prob is, so the LM head's backward can run inside the f
 (:class:`~p2o_lightning.fused_head.RatioOneLoss`) and gets the loss back with its gradients; the statistics still
 come from ``policy_loss`` (no grad) on the same log-probs. :meth:`PPOUpdate.plan` decides, per step, where it runs.
 
+**The skill anchor's backward** is its own: the distillation loss's backward runs first, then w × the anchor's
+(the two graphs share only the parameters, so the gradients add up to one backward of their sum, up to float
+rounding), measured on the step's :class:`~p2o_lightning.stopwatch.Stopwatch` as ``anchor_backward``: with the
+context forward (``context_forward``), what the anchor costs over the paper's loss.
+
 Gradient clipping and the non-finite checks live with the optimizer step (the ``optimizer_step`` callable the
 module passes, :class:`p2o_lightning.optim.OptimizerStep`); a step that the fp16 GradScaler skipped is counted, not
 fatal.
@@ -40,6 +45,7 @@ from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp, opening_gate, opening_open_rows
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows, micro_batches
 from p2o_lightning.step.stats import UpdateStats
+from p2o_lightning.stopwatch import Stopwatch, measured
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -209,6 +215,7 @@ class PPOUpdate:
         zero_grad: Callable[[], None],
         optimizer_step: Callable[[], tuple[float, bool]],  # -> (grad norm before clipping, skipped by the scaler)
         where: Callable[[], str],  # "at global step ... (rollout step ...)", for error messages
+        stopwatch: Stopwatch | None = None,  # measures the context forward and the anchor's backward
     ) -> tuple[dict[str, float], RolloutBatch]:
         s, lp, bounds = self.settings, self.logprob, self.loss.context_ratio_bounds
         loss_fn = self.loss.bind(ops)
@@ -246,7 +253,7 @@ class PPOUpdate:
                             context_mask_scope=self.loss.context_mask_scope,
                         )  # fmt: skip
                     logp, entropy, live_context, head_value = forward_rows(
-                        policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss
+                        policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss, stopwatch=stopwatch
                     )
                     if fused_old:
                         old = logp.detach()
@@ -283,18 +290,21 @@ class PPOUpdate:
                             live_context, context, batch.advantages[micro], anchor_tokens[micro],
                             num_tokens=num_tokens, num_seqs=len(rows), kl_coef=0.0,
                         )  # fmt: skip
-                        loss = loss + s.anchor_weight * anchor
                         loss_stats["anchor_loss"] = anchor.detach()
                     if gate is not None:
                         loss_stats["opening_open_rows"] = opening_open_rows(gate, distilled, s.opening_tokens)
-                    if not torch.isfinite(loss):
+                    total = loss.detach() + s.anchor_weight * anchor.detach() if anchored else loss.detach()
+                    if not torch.isfinite(total):
                         raise FloatingPointError(
-                            f"non-finite loss ({loss.item()}) {where()}; stopping before the optimizer step, "
+                            f"non-finite loss ({total.item()}) {where()}; stopping before the optimizer step, "
                             "no checkpoint is written"
                         )
                     backward(loss)
+                    if anchored:  # its own backward, through the context forward only
+                        with measured(stopwatch, "anchor_backward"):
+                            backward(s.anchor_weight * anchor)
                     share = float(mask[micro].sum() / mask[rows].sum().clamp(min=1))
-                    stats.add_micro({"loss": loss.detach(), **loss_stats}, token_share=share)
+                    stats.add_micro({"loss": total, **loss_stats}, token_share=share)
                 grad_norm, skipped = optimizer_step()
                 stats.end_update(grad_norm=0.0 if skipped else grad_norm, skipped_steps=float(skipped))
         if fused_old:

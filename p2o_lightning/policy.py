@@ -96,6 +96,20 @@ class PolicyLogProb(nn.Module):
         ).last_hidden_state  # [M, P + R, H]
         return hidden[:, -response_len - 1 : -1]  # [M, R, H]: the positions that predict the response tokens
 
+    def _context_hidden(
+        self, context_ids: Tensor, context_mask: Tensor, response_len: int, hidden: Tensor, rows: Tensor | None
+    ) -> Tensor:
+        """[M, R, H] the response's hidden states behind ``context_ids``: a forward over ``rows`` only (those sampled
+        under another prompt than they are trained under); every other row's context is its trained prompt, whose
+        hidden states ``hidden`` already holds (copied, without gradient).
+        """
+        if rows is None:
+            return self._response_hidden(context_ids, context_mask, response_len)
+        out = hidden.detach().clone()
+        if rows.any():
+            out[rows] = self._response_hidden(context_ids[rows], context_mask[rows], response_len).to(out.dtype)
+        return out
+
     def forward(
         self,
         input_ids: Tensor,  # [M, P + R] prompt (left-padded) then response (right-padded)
@@ -107,13 +121,15 @@ class PolicyLogProb(nn.Module):
         chunk_size: int = 1024,
         context_ids: Tensor | None = None,  # [M, Pc + R] the same responses behind another prompt (t(x))
         context_mask: Tensor | None = None,  # [M, Pc + R]
+        context_rows: Tensor | None = None,  # [M] bool: the rows whose context differs (None: every row)
         context_grad: bool = False,
         head_loss: Any = None,  # p2o_lightning.fused_head.RatioOneLoss [M, R]: the fused head of a single update
         head_dtype: torch.dtype | None = None,  # the fused head's matmul operands (None: the op's default)
         stopwatch: Stopwatch | None = None,  # measures the forward on context_ids as ``context_forward``
     ) -> tuple[Tensor, Tensor | None, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` is log π of the same
-        tokens behind ``context_ids``, scored in the same ``linear_logprob_multi`` call as ``logp``; it carries a
+        tokens behind ``context_ids`` (the decoder runs only on ``context_rows``; the other rows' context is the
+        trained prompt), scored in the same ``linear_logprob_multi`` call as ``logp``; it carries a
         gradient only with ``context_grad`` (P²O's skill anchor trains the row there too), and is then scored by
         its own ``linear_logprob`` call (its backward apart from ``logp``'s).
 
@@ -133,7 +149,7 @@ class PolicyLogProb(nn.Module):
             context_logp = None
             if context_ids is not None:
                 with torch.no_grad(), measured(stopwatch, "context_forward"):
-                    context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
+                    context_hidden = self._context_hidden(context_ids, context_mask, response_len, hidden, context_rows)
                     context_logp = ops.linear_logprob(
                         context_hidden, weight, targets, **dict(kwargs, return_entropy=False)
                     )[0]
@@ -147,7 +163,7 @@ class PolicyLogProb(nn.Module):
             return logp, entropy, None
         anchored = context_grad and torch.is_grad_enabled()  # else the context feeds the ratio mask only
         with torch.set_grad_enabled(anchored), measured(stopwatch, "context_forward"):
-            context_hidden = self._response_hidden(context_ids, context_mask, response_len)  # [M, R, H]
+            context_hidden = self._context_hidden(context_ids, context_mask, response_len, hidden, context_rows)
             if anchored:  # a head call of its own: the anchor's graph stays apart from log π(y|x)'s
                 context_logp = ops.linear_logprob(context_hidden, weight, targets, **dict(kwargs, return_entropy=False))
         if anchored:

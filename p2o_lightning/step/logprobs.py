@@ -161,6 +161,7 @@ def forward_rows(
         chunk_size=settings.chunk_size,
         context_ids=context[0],  # [m, Pg' + R']
         context_mask=context[1],
+        context_rows=batch.distilled[rows] if with_context else None,  # plain rows: their context is their prompt
         context_grad=context_grad,
         head_loss=None if head_loss is None else head_loss.narrow(response.shape[1]),
         head_dtype=settings.head_torch_dtype,

@@ -82,8 +82,10 @@ class P2OModule(L.LightningModule):
         kl_coef: weight of the KL-to-reference term in the loss (0, the paper's setting, skips the reference).
         kl_estimator: ``k1`` | ``k2`` | ``k3``.
         kl_rows: which rows the KL term holds: ``all`` | ``plain`` (P²O, ours: not the distilled rows, whose
-            templated responses the reference would hold back; it holds what the plain prompt already answers).
-            ``plain`` needs ``k2`` or ``k3``, whose gradient vanishes where π = π_old.
+            templated responses the reference would hold back) | ``untemplated`` (ours: only the groups sampled
+            without templates: it holds the answers of the prompts the plain prompt solves while others are
+            distilled, and leaves a templated prompt's plain rows free to switch). Other than ``all`` it needs
+            ``k2`` or ``k3``, whose gradient vanishes where π = π_old.
         backend: op implementation: ``auto`` (Triton on CUDA when available, else torch) | ``torch`` | ``triton``.
         logprob_chunk_size: tokens per chunk of the log-prob op (bounds the live logits to chunk × vocab).
         fused_head: with one PPO update per step (ratio 1), compute the loss's LM-head gradients inside the log-prob
@@ -205,8 +207,8 @@ class P2OModule(L.LightningModule):
             fused_head=fused_head,
             head_dtype=head_dtype,
         )
-        if kl_rows == "plain" and kl_estimator == "k1":
-            raise ValueError("kl_rows='plain' needs kl_estimator k2 or k3: k1's gradient is 1 on every token")
+        if kl_rows != "all" and kl_estimator == "k1":
+            raise ValueError(f"kl_rows={kl_rows!r} needs kl_estimator k2 or k3: k1's gradient is 1 on every token")
         ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight, opening_tokens, opening_gate, kl_rows)
         self.ppo = PPOUpdate(ppo, loss, logprob)
         self.task = get_task(task)

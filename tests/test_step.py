@@ -194,6 +194,13 @@ def test_kl_on_plain_rows_leaves_distilled_rows_alone(tiny_world, tmp_path):
         tiny_world, tmp_path / "all", True, templates=templates, callbacks=nudge, kl_coef=0.5, kl_rows="all"
     )
     assert seen_all["train/kl"] > 0.0
+    # every group templated: "untemplated" leaves every row alone too
+    untemplated, _ = one_step(
+        tiny_world, tmp_path / "untemplated", True, templates=templates, callbacks=nudge, kl_coef=0.5,
+        kl_rows="untemplated",
+    )  # fmt: skip
+    for p, q in zip(none.policy.parameters(), untemplated.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     for p, q in zip(none.policy.parameters(), plain.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
     assert seen["train/kl"] == 0.0

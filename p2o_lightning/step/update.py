@@ -49,7 +49,7 @@ from p2o_lightning.stopwatch import Stopwatch, measured
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-KL_ROWS = ("all", "plain")
+KL_ROWS = ("all", "plain", "untemplated")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PPOSettings:
     anchor_weight: float = 0.0  # P²O's skill anchor (step/distill.py): w · L_PPO(y | t(x)) on distilled rows
     opening_tokens: int = 0  # P²O's opening gate (step/distill.py): distilled rows' first n tokens wait for ...
     opening_gate: float = 0.5  # ... a geometric-mean context ratio of their continuation of at least this
-    kl_rows: str = "all"  # the KL term on every row | "plain": not on distilled rows (their reference is π_old)
+    kl_rows: str = "all"  # the KL term's rows: all | plain (not distilled) | untemplated (groups without templates)
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1:
@@ -173,7 +173,7 @@ class PPOUpdate:
         s = self.settings
         old_pass = tis_cap is not None or not self.fuses_old_logprobs(batch)
         anchored = s.anchor_weight > 0 and batch.reprompted
-        gated = (s.opening_tokens > 0 or s.kl_rows == "plain") and batch.reprompted  # wait for the forward's logp
+        gated = (s.opening_tokens > 0 or s.kl_rows != "all") and batch.reprompted  # wait for the forward's logp
         return LogProbPlan(
             old_pass=old_pass,
             context=needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens),
@@ -243,7 +243,11 @@ class PPOUpdate:
                 zero_grad()
                 for micro in micro_batches(batch, rows, lp):  # by rows, or by tokens
                     ref = None if batch.ref_logp is None else batch.ref_logp[micro]
-                    plain_kl = ref is not None and s.kl_rows == "plain" and batch.reprompted
+                    kl_free = None  # [m] bool: rows the KL term leaves alone (their reference becomes π_old)
+                    if ref is not None and s.kl_rows != "all" and batch.reprompted:
+                        kl_free = batch.distilled[micro]
+                        if s.kl_rows == "untemplated":  # every row of a group sampled with templates
+                            kl_free = batch.distilled.view(G, K).any(1)[micro // K]
                     head_loss = None
                     if plan.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
                         head_loss = RatioOneLoss.of(
@@ -264,8 +268,8 @@ class PPOUpdate:
                     else:
                         old = batch.old_logp[micro]
                         context = None if batch.context_logp is None else batch.context_logp[micro]
-                    if plain_kl:  # a distilled row's reference is π_old: no KL value, no KL gradient at ratio 1
-                        ref = torch.where(batch.distilled[micro][:, None], old, ref)
+                    if kl_free is not None:  # reference π_old: no KL value, and no KL gradient at ratio 1
+                        ref = torch.where(kl_free[:, None], old, ref)
                     advantages = batch.advantages[micro]  # [m]
                     gate = None
                     if s.opening_tokens > 0 and context is not None:  # [m, R]: distilled openings not yet earned

@@ -155,6 +155,9 @@ def test_opening_gate_by_hand():
     keep = opening_gate(old, context, mask, distilled, opening_tokens=2, gate=0.5)
     assert keep.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert opening_open_rows(keep, distilled, 2) == 1  # row 1 only (row 2 is not distilled)
+    # a prompt whose plain rollouts all failed has nothing to lose: row 0 opens too
+    lose = opening_gate(old, context, mask, distilled, 2, 0.5, nothing_to_lose=torch.tensor([True, False, False]))
+    assert lose.eq(1).all()
     # a row with nothing after its opening (EOS within it) is carried: open
     short = opening_gate(old, context, torch.tensor([[1, 1, 0, 0, 0]] * 3), distilled, opening_tokens=2, gate=0.5)
     assert short.eq(1).all()
@@ -162,10 +165,12 @@ def test_opening_gate_by_hand():
 
 def test_opening_gate_in_the_step(tiny_world, tmp_path):
     # a gate every row passes (γ tiny) is no gate: the same weights as without it; a gate no row passes (γ = 1
-    # where the plain prompt trails its templates) cuts the distilled openings' policy gradient: other weights
-    base, seen0 = one_step(tiny_world, tmp_path / "none", fuse=True)
-    wide, seen1 = one_step(tiny_world, tmp_path / "wide", fuse=True, opening_tokens=3, opening_gate=1e-30)
-    closed, seen2 = one_step(tiny_world, tmp_path / "closed", fuse=True, opening_tokens=3, opening_gate=1.0)
+    # where the plain prompt trails its templates) cuts the distilled openings' policy gradient: other weights.
+    # Every row templated: no group has plain rollouts, so none opens for having nothing to lose
+    t = ("Add.", "Carry.", "Add.", "Carry.")
+    base, seen0 = one_step(tiny_world, tmp_path / "none", fuse=True, templates=t)
+    wide, seen1 = one_step(tiny_world, tmp_path / "wide", True, templates=t, opening_tokens=3, opening_gate=1e-30)
+    closed, seen2 = one_step(tiny_world, tmp_path / "closed", True, templates=t, opening_tokens=3, opening_gate=1.0)
     assert seen0["train/reward"] == seen1["train/reward"] == seen2["train/reward"]  # the same rollouts
     for p, q in zip(base.policy.parameters(), wide.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -17,11 +17,12 @@ the context forward the ratio mask runs anyway.
 
 **Opening gate** (``opening_tokens`` = n > 0, ``opening_gate`` = γ; not in the paper, off by default): the first n
 response tokens of a distilled row (where the templated behaviour is chosen, e.g. a scratchpad instead of a direct
-answer) stay out of its policy-gradient term until the plain prompt continues that row about as well as its
-template does: the geometric mean of the context ratio ρ = π(y_t|x) / π(y_t|t(x)) over the row's remaining tokens
-is at least γ. Until then distillation teaches the plain prompt the templated *skill* (the continuation) but not to
-*switch* to it, so the plain prompt does not trade answers it gets right for a behaviour it cannot yet carry out;
-each row opens on its own evidence, from the log-probs the ratio mask reads anyway (no extra pass, no state).
+answer) stay out of its policy-gradient term unless the plain prompt has nothing to lose on that prompt (its group
+holds plain rollouts and all of them failed) or it already continues the row about as well as its template does
+(the geometric mean of the context ratio ρ = π(y_t|x) / π(y_t|t(x)) over the row's remaining tokens is at least γ).
+A prompt the plain prompt still solves is taught the templated *skill* (the continuation) but not to *switch* to
+it, so the plain prompt does not trade answers it gets right for a behaviour it cannot yet carry out; each row
+opens on its own evidence, from the rewards and the log-probs the ratio mask reads anyway (no extra pass, no state).
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def opening_gate(
     distilled: Tensor,  # [m] bool
     opening_tokens: int,
     gate: float,
+    nothing_to_lose: Tensor | None = None,  # [m] bool: the row's group has plain rollouts and none succeeded
 ) -> Tensor:
     """[m, R] float: 0 on the first ``opening_tokens`` tokens of the distilled rows whose continuation the plain
-    prompt does not yet carry (geometric-mean context ratio of the tokens after the opening < ``gate``), 1 elsewhere.
-    A row with no token after its opening counts as carried.
+    prompt does not yet carry (geometric-mean context ratio of the tokens after the opening < ``gate``) and whose
+    prompt it still solves (not ``nothing_to_lose``), 1 elsewhere. A row with no token after its opening counts as
+    carried.
     """
     positions = torch.arange(loss_mask.shape[1], device=loss_mask.device)[None, :]  # [1, R]
     opening = positions < opening_tokens  # [1, R]
@@ -99,9 +102,19 @@ def opening_gate(
     log_rho = (old_logp - context_logp).float() * rest  # [m, R]
     mean_log_rho = log_rho.sum(1) / rest.sum(1).clamp(min=1)  # [m]
     closed = distilled & (mean_log_rho < math.log(gate))  # [m]
+    if nothing_to_lose is not None:
+        closed = closed & ~nothing_to_lose
     return 1.0 - (closed[:, None] & opening).float()
 
 
 def opening_open_rows(keep: Tensor, distilled: Tensor, opening_tokens: int) -> Tensor:
     """How many distilled rows have their opening taught (``keep`` from :func:`opening_gate`)."""
     return (distilled & (keep[:, :opening_tokens] > 0).all(1)).sum().float()
+
+
+def plain_failed_groups(batch: RolloutBatch) -> Tensor:
+    """[G] bool: the group holds rollouts sampled from the plain prompt and none of them succeeded."""
+    g, k = batch.num_groups, batch.group_size
+    plain = ~torch.tensor(batch.plan.templated_rows, device=batch.rewards.device).view(g, k)  # [G, K]
+    solved = ((batch.rewards >= 1.0) & plain).any(1)  # [G]
+    return plain.any(1) & ~solved

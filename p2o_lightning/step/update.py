@@ -42,7 +42,14 @@ from torch import Tensor
 from p2o_lightning.fused_head import RatioOneLoss
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.step.distill import anchor_mask, context_mask, needs_context_logp, opening_gate, opening_open_rows
+from p2o_lightning.step.distill import (
+    anchor_mask,
+    context_mask,
+    needs_context_logp,
+    opening_gate,
+    opening_open_rows,
+    plain_failed_groups,
+)
 from p2o_lightning.step.logprobs import LogProbSettings, forward_rows, micro_batches
 from p2o_lightning.step.stats import UpdateStats
 from p2o_lightning.stopwatch import Stopwatch, measured
@@ -226,6 +233,7 @@ class PPOUpdate:
         anchored = plan.anchored  # the skill anchor needs log π(y|t(x)) with grad
         with_context = plan.update_context
         anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
+        nothing_to_lose = plain_failed_groups(batch) if s.opening_tokens > 0 else None  # [G]
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
             entropy_all = torch.zeros_like(mask)
@@ -274,7 +282,10 @@ class PPOUpdate:
                     gate = None
                     if s.opening_tokens > 0 and context is not None:  # [m, R]: distilled openings not yet earned
                         distilled = batch.distilled[micro]
-                        gate = opening_gate(old, context, mask[micro], distilled, s.opening_tokens, s.opening_gate)
+                        gate = opening_gate(
+                            old, context, mask[micro], distilled, s.opening_tokens, s.opening_gate,
+                            nothing_to_lose=nothing_to_lose[micro // K],
+                        )  # fmt: skip
                         advantages = advantages[:, None] * gate  # [m, R]
                     with torch.no_grad() if head_value is not None else contextlib.nullcontext():
                         loss, loss_stats = loss_fn(

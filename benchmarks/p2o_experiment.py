@@ -130,7 +130,7 @@ SPLITS = ("in_dist", "hard", "ood")
 SUBSETS = ("easy",)  # the in-dist subset whose valley the issue names (val/easy/greedy_acc)
 # P²O's extra costs over GRPO, each logged apart: the template search (its records), the forward on the prompt a
 # distilled row was sampled under, the skill anchor's backward, the callback's greedy check of the distilled prompts
-EXTRAS = ("search", "context_forward", "anchor_backward", "distilled_eval")
+EXTRAS = ("search", "context_forward", "anchor_backward", "distilled_eval", "reference_forward")
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: str | None = None) -> Path:

@@ -33,7 +33,7 @@ from torch import Tensor
 from p2o_lightning.fused_head import HEAD_DTYPES, RatioOneLoss
 from p2o_lightning.ops import tis_weights
 from p2o_lightning.step.batch import RolloutBatch
-from p2o_lightning.stopwatch import Stopwatch
+from p2o_lightning.stopwatch import Stopwatch, measured
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,9 @@ def rollout_logprobs(
             policy, batch, ops, settings, return_entropy=True, with_context=with_context, stopwatch=stopwatch
         )
         changes.update(old_logp=old, entropy=entropy, context_logp=context)
-    if reference is not None:
-        changes["ref_logp"] = token_logprobs(reference, batch, ops, settings)[0]
+    if reference is not None:  # the KL term's reference, measured as ``reference_forward``
+        with measured(stopwatch, "reference_forward"):
+            changes["ref_logp"] = token_logprobs(reference, batch, ops, settings)[0]
     return batch.with_(**changes)
 
 

@@ -29,8 +29,8 @@ from p2o_lightning.step.distill import context_mask
 from p2o_lightning.stopwatch import Stopwatch
 
 # the step's stages and, inside them, P²O's extra costs over GRPO (p2o_lightning.stopwatch): the forward on the
-# prompt a distilled row was sampled under, and the skill anchor's backward
-STEP_TIMES = ("rollout", "logprob", "update", "context_forward", "anchor_backward")
+# prompt a distilled row was sampled under, the skill anchor's backward, and the KL term's reference forward
+STEP_TIMES = ("rollout", "logprob", "update", "context_forward", "anchor_backward", "reference_forward")
 
 REDUCTIONS: dict[str, str] = {
     # the PPO loss and its terms (ops.policy_loss's stats)

@@ -41,6 +41,7 @@ from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 
 __all__ = [
     "ARCHS", "Case", "KernelSpace", "Resources", "cases", "check_space", "compile_all", "compile_case", "find_case",
+    "first_cases",
 ]  # fmt: skip
 
 # arch → (name, largest shared memory per block in bytes, with the opt-in) — CUDA programming guide, table 23
@@ -156,6 +157,14 @@ def cases(space: KernelSpace) -> Iterator[Case]:
             yield Case(space, launched, dtype, feats)
 
 
+def first_cases(space: KernelSpace) -> Iterator[Case]:
+    """One case a dtype: its first launch config, with the features at their heaviest (the first case :func:`cases`
+    makes of that dtype). Every kernel in every dtype, a fraction of the sweep's compile time.
+    """
+    for dtype in space.dtypes:
+        yield find_case(space, dtype, space.configs_for(dtype)[0], {})
+
+
 def _signature(case: Case) -> tuple[dict, dict, dict]:
     space = case.space
     compute, dtype_constexprs = space.dtypes[case.dtype]
@@ -233,9 +242,13 @@ def ptxas_versions() -> dict[str, str]:
 
 
 def compile_all(
-    spaces: tuple[KernelSpace, ...], archs: tuple[int, ...] = tuple(ARCHS), log: Callable[[str], None] | None = None
+    spaces: tuple[KernelSpace, ...],
+    archs: tuple[int, ...] = tuple(ARCHS),
+    log: Callable[[str], None] | None = None,
+    pick: Callable[[KernelSpace], Iterator[Case]] = cases,
 ) -> list[dict]:
-    """Check every space, compile every case for every arch; one row per (case, arch), ``error`` set on failure.
+    """Check every space, compile its cases (``pick``: every case, or :func:`first_cases`) for every arch; one row per
+    (case, arch), ``error`` set on failure.
 
     A cold compile takes ~0.5 s (elementwise kernels) to ~3.5 s (the matmul kernels) per case and arch on one core;
     Triton's on-disk cache (``TRITON_CACHE_DIR``) makes a rerun of unchanged kernels take seconds.
@@ -244,7 +257,7 @@ def compile_all(
     rows = []
     for space in spaces:
         check_space(space)
-        for case in cases(space):
+        for case in pick(space):
             for arch in archs:
                 row = dict(kernel=space.name, dtype=case.dtype, arch=arch, case=case.label, matmul=space.matmul,
                            config=case.config, features={k: _short(v) for k, v in case.features.items()})  # fmt: skip

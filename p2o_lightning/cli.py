@@ -10,7 +10,8 @@ file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`
 (a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
 atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
 not Lightning's: ``world`` (check, measure or rebuild the shipped embedded world) and ``report`` (plots of finished
-runs).
+runs); ``--help`` lists them below Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is
+an error, not a guess (``allow_abbrev=False``: argparse's default expands a prefix of one key to that key).
 
 A ``--ckpt_path`` file is checked as soon as the command line is parsed: LightningCLI reads its hyperparameters
 before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to load it with
@@ -19,12 +20,13 @@ before any of our code runs, and a truncated or foreign file would otherwise mee
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any
 
 import lightning as L
-from jsonargparse import get_loader, set_loader
+from jsonargparse import DefaultHelpFormatter, get_loader, set_loader
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -36,6 +38,18 @@ from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
 from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
+
+PROG = "python -m p2o_lightning"
+
+# the sub-commands that are not Lightning's (``main`` runs them before LightningCLI parses anything), for ``--help``
+OTHER_COMMANDS = {
+    "world": "check, measure or rebuild the shipped embedded world",
+    "report": "plots of finished runs (side by side, or one beside a reference)",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, but the description and epilog keep their line breaks (the list of other commands)."""
 
 
 class P2OCLI(LightningCLI):
@@ -139,7 +153,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> P2OCLI:
         save_config_kwargs={"overwrite": True},  # the run-folder check (before_fit) guards earlier runs
         # the data module shards prompts across ranks itself (resumable, per-epoch shuffles)
         trainer_defaults={"use_distributed_sampler": False},
-        parser_kwargs={"description": "P²O / GRPO trainer (p2o-lightning)"},
+        parser_kwargs={
+            "prog": PROG,
+            "description": "P²O / GRPO trainer (p2o-lightning)",
+            "epilog": "other commands (not Lightning's; each has its own --help):\n"
+            + "".join(f"  {PROG} {name:<8} {what}\n" for name, what in OTHER_COMMANDS.items()),
+            "formatter_class": _HelpFormatter,
+            # an abbreviated option is an error, not a guess: argparse would take --model.lr for --model.lr_schedule
+            "allow_abbrev": False,
+        },
     )
 
 

@@ -135,7 +135,7 @@ def best_templates(run: Path, top: int = 3) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m p2o_lightning report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m p2o_lightning report", description=__doc__, allow_abbrev=False)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding a metrics.csv")
     parser.add_argument("--out", type=Path, default=None, help="where the side-by-side PNGs go")
     parser.add_argument("--reference", type=Path, default=None,

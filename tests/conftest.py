@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny embedded world (built once per session, in seconds) and quiet, 2-core torch."""
+"""Shared fixtures: a tiny embedded world (built once per session, in seconds) and quiet, one-thread torch."""
 
 import os
 
@@ -7,7 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths; ne
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread: the test models (a few K to 400 K parameters) have little to split, and where the cores are busy (CI,
+# the ranks of a multi-process test, other jobs) OpenMP's waiting threads spin: on a shared 2-core machine the short
+# P²O fit of test_p2o.py took 58 CPU-s on two threads, 7.5 on one
+torch.set_num_threads(1)
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported (Lightning imports it): set it before any test module loads, so the
     # kernels run in the interpreter whichever module is collected first

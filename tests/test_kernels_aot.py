@@ -1,15 +1,18 @@
 """Every Triton kernel compiles for real GPUs — sm_80 (A100), sm_90 (H100 / H200), sm_100 (B200) — without one.
 
-:mod:`p2o_lightning.kernels.aot` compiles every launch config × dtype of every ``@triton.jit`` kernel (plus each
-feature constexpr's other values) to a cubin with the ``ptxas`` Triton ships, in a subprocess (this suite runs the
-kernels in the interpreter, and AOT needs them compiled), and reads back registers, spills and shared memory. The
-limits asserted here are the hardware's and the kernels' design: shared memory within the architecture's per-block
-maximum; no spill in the log-prob, loss and fused-head kernels; the log-prob matmuls on tensor cores (``wgmma`` on
-sm_90, ``tcgen05`` on sm_100, ``mma`` on sm_80) for 16-bit inputs.
+:mod:`p2o_lightning.kernels.aot` compiles ``@triton.jit`` kernels to cubins with the ``ptxas`` Triton ships, in a
+subprocess (this suite runs the kernels in the interpreter, and AOT needs them compiled), and reads back registers,
+spills and shared memory. The limits asserted here are the hardware's and the kernels' design: shared memory within
+the architecture's per-block maximum; no spill in the log-prob, loss and fused-head kernels; the log-prob matmuls on
+tensor cores (``wgmma`` on sm_90, ``tcgen05`` on sm_100, ``mma`` on sm_80) for 16-bit inputs.
 
-Cold, the compiles take minutes on one core; they go to Triton's on-disk cache under the project cache
-(``$P2O_CACHE`` or ``~/.cache/p2o_lightning``)/triton-aot, so a rerun with unchanged kernels takes seconds.
-``benchmarks/aot_kernels.py`` writes the same rows as the committed table.
+The same tests run over two sets of rows. By default, ``first``: every kernel in every dtype, its first launch
+config at the heaviest features, for the three architectures (:func:`~p2o_lightning.kernels.aot.first_cases`).
+Under the ``aot_sweep`` marker, which the default run deselects (``pytest -m aot_sweep``; ``.ci/run`` runs it as its
+second step), ``sweep``: every launch config × dtype, plus each feature constexpr's other values — the cases a launcher
+or the autotuner can choose. The compiles go to Triton's on-disk cache under the project cache (``$P2O_CACHE`` or
+``~/.cache/p2o_lightning``)/triton-aot, so a rerun with unchanged kernels takes seconds.
+``benchmarks/aot_kernels.py`` writes the sweep's rows as the committed table.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ def aot_cache_dir() -> Path:
     return Path(os.environ.get("P2O_CACHE", Path.home() / ".cache" / "p2o_lightning")) / "triton-aot"
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
+@pytest.fixture(scope="module", params=["first", pytest.param("sweep", marks=pytest.mark.aot_sweep)])
+def rows(request, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("aot") / "aot.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_CACHE_DIR", str(aot_cache_dir()))
     command = [sys.executable, "-m", "p2o_lightning.kernels.catalog", "--out", str(out)]
+    command += ["--first-cases"] if request.param == "first" else []
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]

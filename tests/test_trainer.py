@@ -12,7 +12,7 @@ import torch
 from helpers import REPO, KillAt, read_csv, small_data, small_module, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from p2o_lightning.cli import cli_main
+from p2o_lightning.cli import cli_main, main
 from p2o_lightning.module import P2OModule
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -115,6 +115,37 @@ def test_unknown_config_key_is_named(capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--model.num_rolouts=4"])
     assert "num_rolouts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "unrecognized"),
+    [
+        # --model.lr is a prefix of --model.lr_schedule only: argparse's default would set the schedule to "2e-5"
+        (["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--model.lr", "2e-5", "--print_config"], "--model.lr"),
+        (["world", "--rep"], "--rep"),  # argparse's default would take it for --report
+    ],
+    ids=["fit", "world"],
+)
+def test_an_abbreviated_option_is_an_error_not_a_guess(args, unrecognized, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    out = capsys.readouterr()
+    assert f"unrecognized arguments: {unrecognized}" in out.err
+    assert "lr_schedule: 2e-5" not in out.out
+
+
+def test_help_names_every_command_the_readme_uses(capsys):
+    import re
+
+    used = set(re.findall(r"python -m p2o_lightning (\w+)", (REPO / "README.md").read_text()))
+    assert {"fit", "world", "report"} <= used
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: python -m p2o_lightning ")
+    assert not [command for command in used if not re.search(rf"\b{command}\b", help_text)]
 
 
 @pytest.mark.parametrize(

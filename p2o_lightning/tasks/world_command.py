@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     With it: the recipe's world built here (into the cache), compared with the shipped one; ``--ship`` replaces the
     shipped copy with it. ``--report`` measures whichever of the two it names.
     """
-    parser = argparse.ArgumentParser(prog="python -m p2o_lightning world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m p2o_lightning world", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--report", action="store_true", help="measure the world under sampling and print a table")
     parser.add_argument("--save-report", action="store_true", help="--report, and write it to the world's report.md")
     rebuild = "build the recipe's world here (in the cache) and compare it with the shipped one"

@@ -339,7 +339,7 @@ class P2OModule(L.LightningModule):
         t0 = time.perf_counter()
         rollouts = reprompt(rollouts, self.engine.encode_prompts)
         reference = self.reference if hp.kl_coef > 0 else None
-        plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
+        plan = self.ppo.plan(rollouts, hp.tis_cap, any_rank)  # π_old from the update when it can; same on every rank
         lp = self.ppo.logprob
         rollouts = rollout_logprobs(self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context)
         mismatch = None

@@ -4,11 +4,13 @@ Under FSDP2 (Lightning's ``ModelParallelStrategy``, the policy sharded by ``full
 ``last.ckpt`` is a folder: one shard per rank written by ``torch.distributed.checkpoint`` (DCP), its ``.metadata``,
 and Lightning's ``meta.pt`` with the training state.
 
-- :class:`FSDP2Strategy` is ``ModelParallelStrategy`` with two changes. It writes each checkpoint into a temporary
-  folder beside its target and swaps it in once every rank's shard is written: DCP itself overwrites the shards of
-  the previous checkpoint in place, so a kill mid-save would leave a folder mixing two steps. And it checks a
-  checkpoint before loading it (:func:`~p2o_lightning.checks.check_checkpoint_file`: a missing or truncated shard is
-  named, nothing loads). On load DCP reshards: a checkpoint written by N ranks resumes on any number of ranks.
+- :class:`FSDP2Strategy` is ``ModelParallelStrategy`` with three changes. By default it shards over every rank
+  (Lightning's default leaves a node's devices to tensor parallelism, which the policy does not apply). It writes
+  each checkpoint into a temporary folder beside its target and swaps it in once every rank's shard is written:
+  DCP itself overwrites the shards of the previous checkpoint in place, so a kill mid-save would leave a folder
+  mixing two steps. And it checks a checkpoint before loading it (:func:`~p2o_lightning.checks.check_checkpoint_file`:
+  a missing or truncated shard is named, nothing loads). On load DCP reshards: a checkpoint written by N ranks
+  resumes on any number of ranks.
 - :func:`consolidated_checkpoint` reads such a folder into one ordinary checkpoint (full tensors, no process
   group), as Lightning's ``consolidate_checkpoint`` does: what a single process without FSDP2 resumes from
   (:class:`~p2o_lightning.outputs.AtomicCheckpointIO` calls it for a folder).
@@ -96,12 +98,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._all_ranks = data_parallel_size == "auto" and tensor_parallel_size in ("auto", 1)
 
     def setup_environment(self) -> None:
-        if self._all_ranks:  # before Lightning resolves "auto" to the number of nodes
+        if self._all_ranks:  # ModelParallelStrategy's own sizes, set before it resolves "auto" to the number of nodes
             self._data_parallel_size = self.num_nodes * self.num_processes
             self._tensor_parallel_size = 1
         super().setup_environment()
-        if self._all_ranks and self.device_mesh["data_parallel"].size() != self.world_size:  # Lightning changed
-            raise RuntimeError(f"FSDP2Strategy: the data-parallel mesh does not span the {self.world_size} ranks")
+        if self._all_ranks and self.device_mesh["data_parallel"].size() != self.world_size:  # checked: not public API
+            raise RuntimeError(
+                f"FSDP2Strategy: the data-parallel mesh does not span the {self.world_size} ranks (this Lightning "
+                "version sets ModelParallelStrategy's sizes elsewhere): give data_parallel_size explicitly"
+            )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """Write into ``.<name>.tmp`` beside ``filepath``, then (rank 0, once every rank has written its shard)

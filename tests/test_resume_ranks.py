@@ -73,6 +73,19 @@ class Record(L.Callback):
         self._save(trainer, pl_module, "end")
 
 
+if cfg.get("die_in_save"):  # kill -9 in that save, once DCP has written every shard (before the swap)
+    import torch.distributed.checkpoint as dcp
+
+    real_save, saves = dcp.save, []
+
+    def dying_save(*args, **kwargs):
+        saves.append(1)
+        real_save(*args, **kwargs)
+        if len(saves) == cfg["die_in_save"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    dcp.save = dying_save
+
 L.seed_everything(0)
 module = ParityReward(model=cfg["world"], num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
                       warmup_steps=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
@@ -255,3 +268,13 @@ def test_data_position_is_kept_on_another_number_of_ranks(monkeypatch):
         assert resumed.yielded == consumed
     resumed.load_state_dict({"epoch": 0, "consumed": 2})  # a checkpoint written before the world size was saved
     assert resumed.yielded == 2
+
+
+def test_kill_during_a_distributed_save_keeps_the_previous_checkpoint(runs, tmp_path):
+    root = tmp_path / "dies"
+    proc = _run(runs["tmp"], runs["world"], root, devices=1, die_in_save=2)  # the saves at steps 2 and 4
+    assert proc.returncode == -9, proc.stderr[-4000:]
+    last = root / "ckpt" / "last.ckpt"
+    check_checkpoint_file(last)  # whole
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 2
+    assert (root / "ckpt" / ".last.ckpt.tmp" / ".metadata").is_file()  # the new one was written beside it, not over it

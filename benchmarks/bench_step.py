@@ -141,11 +141,11 @@ def build_bpe_model(folder: Path) -> tuple[str, str]:
 
 
 def make_strategy(name: str):
-    """``single`` (one process), ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``: the module shards itself)."""
+    """``single`` (one process), ``ddp`` or ``fsdp2`` (``FSDP2Strategy``: the module shards itself over every rank)."""
     if name == "fsdp2":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from p2o_lightning.sharded import FSDP2Strategy
 
-        return ModelParallelStrategy()
+        return FSDP2Strategy()
     return "ddp" if name == "ddp" else "auto"
 
 

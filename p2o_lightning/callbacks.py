@@ -178,6 +178,10 @@ class P2OCallback(L.Callback):
         self.reflection.bind(pl_module)
         pl_module.template_assignments = self.assignments
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a sharded (FSDP2) checkpoint is restored after on_fit_start: hand the module the restored assignments
+        pl_module.template_assignments = self.assignments
+
     # ------------------------------------------------------------------ collection
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         hard = hard_groups(outputs["rewards"], outputs.get("plain_rows"), self.tau, self.hardness)  # [B]
@@ -197,6 +201,10 @@ class P2OCallback(L.Callback):
             and step - self.last_search_step >= self.every_n_steps
         ):
             self.search(trainer, pl_module)
+        if self.searches:
+            # the latest search's numbers in every row after it: Lightning repeats a value logged at one step in the
+            # later rows of its epoch anyway, and a run resumed mid-epoch would otherwise write other rows
+            self._log_search(pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
@@ -260,6 +268,12 @@ class P2OCallback(L.Callback):
         pl_module.template_assignments = self.assignments
         if self.clear_pool_after_search:
             self.hard_pool = {}
+        if not in_step:  # a search in a step is logged by on_train_batch_end
+            self._log_search(pl_module, on_step=False)
+
+    def _log_search(self, pl_module: L.LightningModule, on_step: bool) -> None:
+        """The number of searches so far, the prompts holding templates, and what the latest search found and cost."""
+        record = self.searches[-1]
         for key, value in (
             ("p2o/searches", len(self.searches)),
             ("p2o/assigned_prompts", len(self.assignments)),
@@ -269,7 +283,7 @@ class P2OCallback(L.Callback):
             ("p2o/search_metric_calls", record.metric_calls),  # examples scored (gepa's budget unit)
             ("p2o/search_evaluations", record.evaluations),  # scorer calls: one generate per 64 examples
         ):
-            pl_module.log(key, float(value), on_step=in_step, on_epoch=not in_step)
+            pl_module.log(key, float(value), on_step=on_step, on_epoch=not on_step)
 
     def _run_search(self, trainer, pl_module, step: int, scorer: CollectiveScorer, max_new_tokens: int) -> SearchRecord:
         """:func:`~p2o_lightning.prompt.search.search_templates` on the hard pool, placed in the run and written to

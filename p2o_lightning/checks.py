@@ -7,6 +7,11 @@ issue". These checks name the path and say what is missing, before any model is 
 A checkpoint that does not load is never answered with torch's own message: for a file its safe (weights-only)
 unpickler refuses, that message advises retrying with ``weights_only=False``, which runs whatever code the file
 holds. :func:`unreadable_checkpoint` says why in one line of its own instead.
+
+A distributed checkpoint (FSDP2: ``last.ckpt`` is a folder of shards) is checked as carefully as a file, without
+reading a tensor: torch.distributed.checkpoint's ``.metadata`` lists every shard with the bytes it holds, so a missing
+or truncated shard is named before anything loads, and Lightning's ``meta.pt`` (the training state) is checked as a
+checkpoint file is (:func:`check_checkpoint_folder`).
 """
 
 from __future__ import annotations
@@ -88,9 +93,8 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
 
     Lightning's keywords (``last``, ``best``, ``hpc``, ``registry…``) and remote URLs are left to Lightning. The
     tensors are memory-mapped, not read, so a checkpoint of any size is checked in about the time of its unpickling.
+    A folder is a distributed checkpoint (:func:`check_checkpoint_folder`).
     """
-    import torch
-
     text = str(path)
     if text in CKPT_PATH_KEYWORDS or text.startswith("registry") or "://" in text:
         return
@@ -98,11 +102,65 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} (--ckpt_path; `--ckpt_path last` resumes a run folder)")
     if path.is_dir():
-        raise IsADirectoryError(f"--ckpt_path {path} is a folder, not a checkpoint file; give its last.ckpt")
+        check_checkpoint_folder(path)
+        return
+    check_checkpoint(_load_checked(path), path)
+
+
+def _load_checked(path: Path) -> Any:
+    """A torch file loaded by the safe (weights-only) unpickler, tensors memory-mapped; else a ValueError naming it."""
+    import torch
+
     if not zipfile.is_zipfile(path):  # what torch.save writes; a truncated copy has lost the archive's directory
         raise unreadable_checkpoint(path, "not the zip archive that torch.save writes")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # the unpickler raises many types for a file that is not a whole torch file
         raise unreadable_checkpoint(path, err) from None
+
+
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a folder's shards (written last, by rank 0)
+LIGHTNING_META = "meta.pt"  # Lightning's training state beside the shards (loops, callbacks, hyperparameters)
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> None:
+    """A distributed checkpoint folder, as Lightning's ``ModelParallelStrategy`` writes it: its ``.metadata`` loads,
+    every shard it lists is there and holds at least the bytes listed, and ``meta.pt`` is a training checkpoint of
+    this project whose weights (listed in ``.metadata``) are the policy's. Reads no tensor.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    if not (path / DCP_METADATA).is_file():
+        what = "a save that did not finish" if any(path.glob("*.distcp")) else "not a distributed checkpoint"
+        raise ValueError(
+            f"{path} is not a checkpoint of p2o-lightning: a folder without {DCP_METADATA} ({what}); resume from a "
+            "run folder's checkpoints/last.ckpt"
+        )
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as err:  # a truncated or foreign .metadata fails to unpickle in many ways
+        reason = f"its index of shards does not load ({type(err).__name__}: {str(err)[:200]})"
+        raise unreadable_checkpoint(path / DCP_METADATA, reason) from None
+    needed: dict[str, int] = {}  # shard file -> bytes the metadata says it holds
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if name is not None:
+            needed[name] = max(needed.get(name, 0), end)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise ValueError(f"{path} is an incomplete distributed checkpoint: its shard {name} is missing")
+        if shard.stat().st_size < size:
+            raise ValueError(
+                f"{path} is an incomplete distributed checkpoint: its shard {name} holds {shard.stat().st_size} of "
+                f"the {size} bytes its {DCP_METADATA} lists (truncated: a save or copy that did not finish)"
+            )
+    meta = path / LIGHTNING_META
+    if not meta.is_file():
+        raise ValueError(f"{path} is not a checkpoint of p2o-lightning: shards without Lightning's {LIGHTNING_META}")
+    checkpoint = _load_checked(meta)
+    weights = {key.split(".", 1)[1]: None for key in metadata.state_dict_metadata if key.startswith("state_dict.")}
+    if isinstance(checkpoint, dict) and "state_dict" not in checkpoint:
+        checkpoint = {**checkpoint, "state_dict": weights}  # the weights are in the shards
     check_checkpoint(checkpoint, path)

@@ -7,15 +7,17 @@ would silently keep the last, e.g. a ``val_files`` split named twice). ``data.ta
 so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
 last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
 file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
-(a live bar on a terminal, plain lines in a log) unless the config names another. Checkpoints are written
-atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`). Two extra sub-commands are
-not Lightning's: ``world`` (check, measure or rebuild the shipped embedded world) and ``report`` (plots of finished
-runs); ``--help`` lists them below Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is
-an error, not a guess (``allow_abbrev=False``: argparse's default expands a prefix of one key to that key).
+(a live bar on a terminal, plain lines in a log) unless the config names another; on several ranks a rank that is
+lost is named (:class:`~p2o_lightning.ranks.LostRanks`). Checkpoints are written atomically and checked when loaded
+(:class:`~p2o_lightning.outputs.AtomicCheckpointIO`; a distributed one by
+:class:`~p2o_lightning.sharded.FSDP2Strategy`). Two extra sub-commands are not Lightning's: ``world`` (check, measure
+or rebuild the shipped embedded world) and ``report`` (plots of finished runs); ``--help`` lists them below
+Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is an error, not a guess
+(``allow_abbrev=False``: argparse's default expands a prefix of one key to that key).
 
-A ``--ckpt_path`` file is checked as soon as the command line is parsed: LightningCLI reads its hyperparameters
-before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to load it with
-``weights_only=False``.
+A ``--ckpt_path`` file or folder is checked as soon as the command line is parsed: LightningCLI reads its
+hyperparameters before any of our code runs, and a truncated or foreign file would otherwise meet torch's advice to
+load it with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
+from p2o_lightning.ranks import LostRanks
 from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
 
 PROG = "python -m p2o_lightning"
@@ -76,12 +79,16 @@ class P2OCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with :func:`~p2o_lightning.console.progress_bar` as its progress bar (a live bar on a
         terminal, plain lines otherwise) unless the config names another or turns the bar off
-        (``--trainer.enable_progress_bar false``).
+        (``--trainer.enable_progress_bar false``), and :class:`~p2o_lightning.ranks.LostRanks` (on several ranks, a
+        lost rank is named).
         """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
+        extra = [] if any(isinstance(c, LostRanks) for c in callbacks) else [LostRanks()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, progress_bar()])
+            extra.append(progress_bar())
+        if extra:
+            kwargs.setdefault("callbacks", [*callbacks, *extra])
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:

@@ -205,11 +205,16 @@ class PromptBatches(Sampler[list[int]]):
     # Lightning does not prefetch from a loader that has a length, so every batch handed out has been (or is being)
     # trained on when a checkpoint is written: the position to resume from is the number handed out.
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.yielded}
+        _, world = _rank_and_world()
+        return {"epoch": self.epoch, "consumed": self.yielded, "world": world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the checkpoint's place in the epoch's order; on another number of ranks a step holds another
+        number of prompts, so the place is counted in prompts and rounded down to a whole step (a few may repeat).
+        """
+        _, world = _rank_and_world()
         self.epoch = int(state["epoch"])
-        self.yielded = int(state["consumed"])
+        self.yielded = int(state["consumed"]) * int(state.get("world", world)) // world
 
 
 def problem_rows(problems: list[Problem], split: str) -> list[dict]:

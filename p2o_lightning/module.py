@@ -36,7 +36,7 @@ from p2o_lightning.policy import (
     resolve_model_path,
 )
 from p2o_lightning.rewards import SafeGrader
-from p2o_lightning.rng import capture_rng_state, restore_rng_state
+from p2o_lightning.rng import capture_rank_rng_states, capture_rng_state, rank_rng_state, restore_rng_state
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
 from p2o_lightning.step.batch import RolloutBatch
@@ -357,7 +357,7 @@ class P2OModule(L.LightningModule):
         with watch.measure("logprob"):
             rollouts = reprompt(rollouts, self.engine.encode_prompts)
             reference = self.reference if hp.kl_coef > 0 else None
-            plan = self.ppo.plan(rollouts, hp.tis_cap)  # one update: π_old = π_θ detached, from the update's forward
+            plan = self.ppo.plan(rollouts, hp.tis_cap, any_rank)  # π_old from the update when it can; every rank alike
             lp = self.ppo.logprob
             rollouts = rollout_logprobs(
                 self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context, stopwatch=watch
@@ -397,13 +397,13 @@ class P2OModule(L.LightningModule):
         evaluate(self, batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["p2o_rng"] = capture_rng_state()
+        checkpoint["p2o_rng"] = capture_rank_rng_states()  # every rank's: rank 0 writes the checkpoint's metadata
         checkpoint["p2o_rollout_steps"] = self.rollout_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.rollout_steps = checkpoint.get("p2o_rollout_steps", 0)
         if checkpoint.get("p2o_rng") is not None:
-            restore_rng_state(checkpoint["p2o_rng"])
+            restore_rng_state(rank_rng_state(checkpoint["p2o_rng"], self.global_rank))
 
     def on_train_start(self) -> None:
         self.engine.sync_weights(self.policy.lm)  # a resumed policy is not the checkpoint the engine was built from

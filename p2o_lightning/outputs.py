@@ -1,7 +1,8 @@
 """What a run leaves behind: atomic checkpoints, the exported policy, and a metrics plot a person can read.
 
 - :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, fsyncs it and renames
-  it into place, so a run killed mid-save never leaves a truncated ``last.ckpt``.
+  it into place, so a run killed mid-save never leaves a truncated ``last.ckpt``. It loads a distributed (FSDP2)
+  checkpoint folder too, consolidated (:func:`~p2o_lightning.sharded.consolidated_checkpoint`).
 - :class:`ExportPolicy` saves the trained policy with ``save_pretrained`` (plus its tokenizer) at the end of fit,
   loadable by ``AutoModelForCausalLM.from_pretrained`` with no prompt and no p2o-lightning.
 - :class:`MetricsPlot` draws reward, in-distribution and OOD accuracy and the collapse rate against the step from
@@ -24,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from p2o_lightning.checks import check_checkpoint, unreadable_checkpoint
 from p2o_lightning.plots import plot_metrics
+from p2o_lightning.sharded import consolidated_checkpoint, swap_in
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,7 +34,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A kill or a full disk mid-save leaves the previous file at ``<path>`` whole, and a failed write is an ``OSError``
     naming the path. A file that does not load (truncated, corrupt, not torch) or is not this project's checkpoint
     is a ``ValueError`` naming it (:func:`~p2o_lightning.checks.check_checkpoint`), never torch's advice to load it
-    with ``weights_only=False``.
+    with ``weights_only=False``. A folder is a distributed checkpoint, checked and consolidated into full tensors.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -44,14 +46,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            swap_in(tmp, path)  # over a file, or over the folder of a distributed checkpoint this run resumed
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
-            kept = "the previous checkpoint there is untouched" if path.is_file() else "no checkpoint was written"
+            kept = "the previous checkpoint there is untouched" if path.exists() else "no checkpoint was written"
             raise OSError(f"writing checkpoint {path} failed ({err}); {kept}") from err
         finally:
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if Path(path).is_dir():  # a distributed (FSDP2) checkpoint, resumed by a single process
+            return consolidated_checkpoint(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:

@@ -106,8 +106,10 @@ class PolicyLogProb(nn.Module):
         if rows is None:
             return self._response_hidden(context_ids, context_mask, response_len)
         out = hidden.detach().clone()
-        if rows.any():
-            out[rows] = self._response_hidden(context_ids[rows], context_mask[rows], response_len).to(out.dtype)
+        if not rows.any():  # still one forward (of a row whose context is its own prompt): ranks run in lockstep
+            rows = torch.zeros_like(rows)
+            rows[0] = True
+        out[rows] = self._response_hidden(context_ids[rows], context_mask[rows], response_len).to(out.dtype)
         return out
 
     def forward(
@@ -196,10 +198,23 @@ def load_reference(path: str, dtype: str, attn_implementation: str | None) -> Po
 
 
 def fully_shard_policy(policy: PolicyLogProb, device_mesh) -> None:
-    """FSDP2: one ``fully_shard`` unit per decoder layer, and one for the rest (embeddings, norm, LM head)."""
+    """FSDP2: one ``fully_shard`` unit per decoder layer, and one for the rest (embeddings, norm, LM head), sharded
+    over the mesh's ``data_parallel`` ranks. The policy applies no tensor parallelism: a mesh with a
+    ``tensor_parallel`` size above 1 is refused, since its ranks would train separate, unsynchronised copies.
+    """
     from torch.distributed.fsdp import fully_shard
 
-    mesh = device_mesh["data_parallel"] if "data_parallel" in device_mesh.mesh_dim_names else None
+    names = device_mesh.mesh_dim_names or ()
+    tp = device_mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if tp > 1:
+        raise ValueError(
+            f"the device mesh has tensor_parallel_size={tp}, but the policy applies no tensor parallelism: its "
+            f"{tp} ranks per data-parallel group would each train their own copy, never synchronised. Shard over "
+            "all ranks: strategy p2o_lightning.sharded.FSDP2Strategy (its default), or ModelParallelStrategy with "
+            "data_parallel_size = the number of ranks and tensor_parallel_size=1 (Lightning's 'auto' gives the "
+            "devices of a node to tensor parallelism)"
+        )
+    mesh = device_mesh["data_parallel"] if "data_parallel" in names else None
     layers = getattr(policy.lm.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError("FSDP2 sharding expects the decoder's blocks at `.layers` (Llama / Qwen layout)")
@@ -212,20 +227,34 @@ def fully_shard_policy(policy: PolicyLogProb, device_mesh) -> None:
 def gathered(policy: PolicyLogProb) -> Iterator[None]:
     """Full parameters for code that runs outside the wrapper's forward (``generate``): FSDP2 all-gathers them here.
 
+    Every FSDP2 unit (each decoder layer, and the root) is all-gathered once on entry and kept whole until the exit
+    (``set_reshard_after_forward(False)``, as FSDP2 advises for evaluation): ranks may then run different numbers of
+    forwards (a decode loop stops when its rows end; a search's shares differ in size) without a collective in
+    between, which would otherwise pair one rank's all-gather with another's and hang or mix steps. On exit the
+    units reshard and get back FSDP2's defaults (layers reshard after forward, the root does not).
+
     Re-entrant: a nested ``gathered`` (a search's evaluation around each ``sample``) gathers once. Without FSDP2,
-    nothing happens. Every rank must enter it together: the all-gather is a collective.
+    nothing happens. Every rank must enter and leave it together: the all-gathers are collectives.
     """
     if not hasattr(policy, "unshard"):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+
     depth = getattr(policy, "_p2o_gathered", 0)
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
     if depth == 0:
         policy._get_fsdp_state()._lazy_init()  # the root initialises first, or a layer takes itself for the root
-        policy.unshard()
+        policy.set_reshard_after_forward(False)  # every unit: its full parameters stay between forwards
+        for unit in units:
+            unit.unshard()
     policy._p2o_gathered = depth + 1
     try:
         yield
     finally:
         policy._p2o_gathered = depth
         if depth == 0:
-            policy.reshard()
+            for unit in units:
+                unit.reshard()
+            policy.set_reshard_after_forward(True)  # FSDP2's defaults: the layers reshard after forward ...
+            policy.set_reshard_after_forward(False, recurse=False)  # ... the root keeps its parameters for backward

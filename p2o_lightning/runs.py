@@ -13,6 +13,10 @@ rules keep its history whole:
   removes the outputs this project writes, and nothing else).
 - **Lightning's own warning** ("previous log files will be deleted") never fires: the folder check replaces it.
 
+Under FSDP2 Lightning restores the checkpoint after it logs the hyperparameters: :class:`RunFolder` tells the logger
+at setup, and ``hparams.yaml`` of a folder holding a run is then written with the first metrics row, once the run is
+known to resume it.
+
 Before anything loads, :func:`check_run_paths` makes sure every folder the run writes into can be one: a path that
 goes through a file (``--trainer.default_root_dir notes.txt/run``) or into a folder without write permission is an
 error naming the path and its culprit, instead of a bare ``NotADirectoryError`` from deep inside setup.
@@ -144,17 +148,32 @@ class RunMetricsWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str, resuming: bool = False) -> None:
         self.resuming = resuming
+        self.restores_late = False  # the strategy restores checkpoints after hparams are logged (FSDP2)
         super().__init__(log_dir)
         # Lightning creates the writer in setup, before it restores a checkpoint: whether this is a resume is known
         # at the first write, where a metrics file of another run is refused (the folder check was bypassed)
         self._foreign = os.path.isfile(self.metrics_file_path)
+        self._hparams_pending = False  # hparams.yaml held back until the first row says whether this resumes
 
     def _check_first_write(self) -> None:
         if self._foreign and not self.resuming:
             raise refusal(self.log_dir)
         self._foreign = False
+        if self._hparams_pending:
+            self._hparams_pending = False
+            super().log_hparams({})
 
     def log_hparams(self, params: dict[str, Any]) -> None:
+        """Write ``hparams.yaml``; into a folder that holds a run, only once the run is known to resume it.
+
+        Under a strategy that restores checkpoints after setup (FSDP2), Lightning logs hyperparameters before the
+        restore: a resumed run is not yet known as one there, so the file is written with the first metrics row,
+        after the check.
+        """
+        if self._foreign and not self.resuming and self.restores_late:
+            self.hparams.update(params)
+            self._hparams_pending = True
+            return
         self._check_first_write()
         super().log_hparams(params)
 
@@ -229,6 +248,7 @@ class RunCSVLogger(CSVLogger):
     ) -> None:
         super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
         self._resuming = False
+        self._restores_late = False
 
     def resume(self) -> None:
         """Called when a checkpoint is loaded: the next rows replace those logged after it, the rest stay."""
@@ -236,12 +256,19 @@ class RunCSVLogger(CSVLogger):
         if self._experiment is not None:
             self._experiment.resuming = True
 
+    def restore_after_setup(self) -> None:
+        """Called at setup when the strategy restores a checkpoint only after hparams are logged (FSDP2)."""
+        self._restores_late = True
+        if self._experiment is not None:
+            self._experiment.restores_late = True
+
     @property
     @rank_zero_experiment
     def experiment(self) -> RunMetricsWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = RunMetricsWriter(self.log_dir, resuming=self._resuming)
+            self._experiment.restores_late = self._restores_late
         return self._experiment
 
 
@@ -259,6 +286,12 @@ class RunFolder(L.Callback):
         self.start = time.monotonic()
         self.cpu_start = time.process_time()
         self.resumed_at: int | None = None  # global step of the checkpoint this session resumed from
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.strategy.restore_checkpoint_after_setup:
+            for logger in trainer.loggers:
+                if isinstance(logger, RunCSVLogger):
+                    logger.restore_after_setup()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start, self.cpu_start = time.monotonic(), time.process_time()

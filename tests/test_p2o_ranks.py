@@ -1,4 +1,4 @@
-"""P²O on two processes with FSDP2 (ModelParallelStrategy, gloo): a search runs, every rank scores its share of
+"""P²O on two processes with FSDP2 (FSDP2Strategy, gloo): a search runs, every rank scores its share of
 each evaluation, and both ranks hold the same assignments. Before the collective scorer this deadlocked: rank 0's
 FSDP2 all-gather waited for a rank that sat in a broadcast."""
 
@@ -7,17 +7,19 @@ import os
 import subprocess
 import sys
 
+from helpers import REPO
+
 SCRIPT = """
 import dataclasses, json, sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from p2o_lightning.callbacks import P2OCallback
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
+from p2o_lightning.sharded import FSDP2Strategy
 
 world, out = sys.argv[1], Path(sys.argv[2])
 
@@ -48,7 +50,7 @@ module = ParityReward(model=world, num_rollouts=4, max_new_tokens=8, micro_batch
                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
 p2o = P2OCallback(trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
                   parents_per_iteration=2, template_lifetime="forever", clear_pool_after_search=False)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=4, logger=False,
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=4, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
                     default_root_dir=str(out), callbacks=[p2o, Record()])
@@ -63,7 +65,8 @@ trainer.fit(module, datamodule=PromptDataModule(batch_size=2, train_file=str(tra
 def test_p2o_search_under_fsdp2_on_two_ranks(tiny_world, tmp_path):
     script = tmp_path / "run_p2o.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this checkout's package
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_world), str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,

@@ -175,7 +175,7 @@ def test_the_8gpu_config_carries_the_paper_s_settings():
 
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "qwen3-4b-deepscaler-8gpu.yaml").read_text())
     model, trainer = config["model"], config["trainer"]
-    assert trainer["devices"] == 8 and "ModelParallelStrategy" in trainer["strategy"]["class_path"]
+    assert trainer["devices"] == 8 and trainer["strategy"]["class_path"] == "p2o_lightning.sharded.FSDP2Strategy"
     assert (model["num_rollouts"], model["temperature"], model["max_new_tokens"]) == (6, 0.6, 12288)
     assert model["optimizer"]["init_args"]["lr"] == 1e-6 and model["warmup_steps"] == 0.05 and model["kl_coef"] == 0.0
     assert config["data"]["batch_size"] * 8 == 128 and model["ppo_mini_batch_size"] * 8 == 64

@@ -183,12 +183,12 @@ def test_mini_batch_not_dividing_the_batch_fails_before_loading(tiny_world, tmp_
     assert module.policy is None
 
 
-FSDP2 = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}'
+FSDP2 = '{"class_path": "p2o_lightning.sharded.FSDP2Strategy"}'
 
 
 @pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
 def test_two_cpu_processes_via_cli(tiny_world, tmp_path, strategy):
-    """The user's command with DDP or FSDP2 (fully_shard via ModelParallelStrategy), devices=2 on gloo."""
+    """The user's command with DDP or FSDP2 (fully_shard via FSDP2Strategy), devices=2 on gloo."""
     cmd = [
         sys.executable, "-m", "p2o_lightning", "fit", "--config", str(REPO / "configs" / "toy.yaml"),
         f"--model.model={tiny_world}", f"--trainer.strategy={strategy}", "--trainer.devices=2", "--trainer.max_steps=2",
@@ -197,7 +197,8 @@ def test_two_cpu_processes_via_cli(tiny_world, tmp_path, strategy):
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # this checkout's package
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "toy"

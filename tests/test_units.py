@@ -183,7 +183,7 @@ def test_prompt_batches_reshuffle_per_epoch_and_resume():
     fresh = PromptBatches(12, batch_size=3, seed=1)
     _take(fresh, 2)
     state = fresh.state_dict()
-    assert state == {"epoch": 0, "consumed": 2}
+    assert state == {"epoch": 0, "consumed": 2, "world": 1}
     resumed = PromptBatches(12, batch_size=3, seed=1)
     resumed.load_state_dict(state)
     assert list(resumed) == epoch0[2:]

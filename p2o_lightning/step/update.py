@@ -169,21 +169,27 @@ class PPOUpdate:
         """
         return single_update(self.settings, batch.num_groups) and not (batch.reprompted and self.masks_tokens)
 
-    def plan(self, batch: RolloutBatch, tis_cap: float | None) -> LogProbPlan:
+    def plan(self, batch: RolloutBatch, tis_cap: float | None, any_rank: Callable[[bool], bool] = bool) -> LogProbPlan:
         """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
         update), the context log-probs when a row is distilled and something reads them, the anchor's; and whether
         the update runs the fused head (``LogProbSettings.fused_head``): only where the ratio is 1 (no π_old pass)
         and the loss's gradient is known from each token's log-prob before the forward (no skill anchor, whose
-        second loss needs log π(y|t(x)) with a gradient; no opening gate, whose advantages wait for the forward's
-        log-probs). The ``tokens`` scope with distilled rows already takes the π_old pass.
+        second loss needs log π(y|t(x)) with a gradient; no opening gate or ``kl_rows``, whose advantages and
+        references wait for the forward's log-probs). The ``tokens`` scope with distilled rows already takes the π_old
+        pass.
+
+        Every rank takes the same passes: a pass that one rank's rows need (``any_rank``, an all-reduce under
+        ``torch.distributed``) all run, since FSDP2's all-gathers in each forward are collectives. A rank without
+        distilled rows scores its sampled prompts, which are its trained ones: the same numbers, one more forward.
         """
         s = self.settings
-        old_pass = tis_cap is not None or not self.fuses_old_logprobs(batch)
-        anchored = s.anchor_weight > 0 and batch.reprompted
-        gated = (s.opening_tokens > 0 or s.kl_rows != "all") and batch.reprompted  # wait for the forward's logp
+        old_pass = any_rank(tis_cap is not None or not self.fuses_old_logprobs(batch))
+        anchored = any_rank(s.anchor_weight > 0 and batch.reprompted)
+        gated = any_rank((s.opening_tokens > 0 or s.kl_rows != "all") and batch.reprompted)  # wait for the logp
+        context = needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens)
         return LogProbPlan(
             old_pass=old_pass,
-            context=needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens),
+            context=any_rank(context),
             anchored=anchored,
             fused_head=self.logprob.fused_head and not old_pass and not anchored and not gated,
         )

@@ -186,8 +186,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
     """``python -m p2o_lightning fit`` of the embedded world, its run folder under ``<out>/runs/<name>``.
 
-    ``train_p2o`` is ``configs/p2o-toy.yaml`` with the skill anchor at lr 6e-5 (the setting that beat GRPO, README)
-    and a search budget of 300 greedy evaluations, written to ``<out>/p2o-gpu-check.yaml``.
+    ``train_p2o`` is ``configs/p2o-toy.yaml`` with the skill anchor at lr 6e-5 (the setting that beat GRPO,
+    docs/experiments.md) and a search budget of 300 greedy evaluations, written to ``<out>/p2o-gpu-check.yaml``.
     """
     config = REPO / "configs" / ("toy.yaml" if name == "train_grpo" else "p2o-toy.yaml")
     if name == "train_p2o":

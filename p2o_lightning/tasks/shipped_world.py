@@ -1,7 +1,7 @@
 """The shipped world: the embedded world's built folder, part of the package, checked against its manifest.
 
 A build of :data:`~p2o_lightning.tasks.world.DEFAULT_RECIPE` is deterministic on one machine but not across
-machines: another CPU's BLAS kernels train other weights from the same recipe (README, *One recipe, two worlds*).
+machines: another CPU's BLAS kernels train other weights from the same recipe (docs/experiments.md).
 So the world is built once and shipped, and ``model: embedded`` loads this copy on every machine instead of
 building its own: the same weights everywhere, and no 3-minute build on a new machine.
 

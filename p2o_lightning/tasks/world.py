@@ -18,7 +18,7 @@ recipe, weights ``a318d3d3a0d8``. Its report (``python -m p2o_lightning world --
 row; ``report.md`` beside it): plain prompt 50% on easy (20% of groups all-wrong), 0% on hard (100% all-wrong), 0%
 on the zero-padded OOD form; a taught instruction 85–88% on hard, 65% on OOD, 0% on 7-digit operands; unseen
 phrases sharing two or more taught words 65–83%, single taught words 2–17%; an instruction taught to answer
-directly, or an unrelated one, 0%. A build takes about 3 minutes on 2 idle cores.
+directly, or an unrelated one, 0%. A build took 1,056–1,929 s on 2 cores here (docs/experiments.md).
 
 Speed is what shaped it (the first run had to build this and train for minutes within ten): 370 K parameters (3
 layers, width 96), responses of at most :data:`MAX_NEW_TOKENS` tokens, examples packed whole into rows of 128

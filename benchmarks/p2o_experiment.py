@@ -11,6 +11,7 @@ of optimizer steps, data, learning rate and validation; only the method differs:
 | p2o_paper_loss       | configs/p2o-toy.yaml | ``model.anchor_weight=0`` (the paper's loss)                 |
 | p2o_no_distill       | configs/p2o-toy.yaml | ``model.distill=false`` (gradient on the templated prompt)   |
 | p2o_one_template     | configs/p2o-toy.yaml | one template for all K rollouts of a prompt                  |
+| p2o_all_templated    | configs/p2o-toy.yaml | ``model.plain_rollouts=0`` (all K rollouts templated)        |
 | p2o_paper            | configs/p2o-toy.yaml | the paper's loss and the full search (dev 300, 1,500 calls)  |
 | p2o_no_ratio_mask    | configs/p2o-toy.yaml | p2o_paper and ``model.context_ratio_bounds=null``            |
 | p2o_plain0           | configs/p2o-toy.yaml | p2o_paper and ``model.plain_rollouts=0`` (all K templated)   |
@@ -98,6 +99,7 @@ SETTINGS = {
     "p2o_paper_loss": ("p2o-toy.yaml", PAPER_LOSS),
     "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
     "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("group_diversity", False)]),
+    "p2o_all_templated": ("p2o-toy.yaml", [_set("model.plain_rollouts", 0)]),  # all K rollouts templated
     # the earlier runs' settings: the paper's loss with the full search, and its variations
     "p2o_paper": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH]),
     "p2o_no_ratio_mask": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.context_ratio_bounds", None)]),
@@ -434,7 +436,7 @@ def verdict(summary: dict[str, dict[str, list[float]]], runs: dict[str, list[Pat
     extra = mean_std(p2o["extra_cpu_share"])[0]
     lines.append(f"- P²O's extra costs over GRPO, shares of its CPU time: {shares}; together {extra:.3f} (target <= "
                  f"0.20) -> {'unknown' if extra != extra else 'met' if extra <= 0.20 else 'NOT met'}")  # fmt: skip
-    for ablation in ("p2o_no_distill", "p2o_one_template"):
+    for ablation in ("p2o_paper_loss", "p2o_no_distill", "p2o_one_template", "p2o_all_templated", "grpo_k"):
         if ablation in summary:
             a, p = mean_std(summary[ablation]["in_dist"])[0], mean_std(p2o["in_dist"])[0]
             lines.append(f"- {ablation} in_dist {a:.3f} below P²O {p:.3f} -> {'yes' if a < p else 'NO'}")

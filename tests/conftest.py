@@ -31,6 +31,14 @@ def tiny_world(world_cache):
 
 
 @pytest.fixture(scope="session")
+def default_world():
+    """The embedded world of the default run: the shipped one, like `fit` loads."""
+    from p2o_lightning.tasks.shipped_world import shipped_world
+
+    return shipped_world()
+
+
+@pytest.fixture(scope="session")
 def math_rows():
     """The repo's own math problems (prompt with the \\boxed{} instruction, exact answer, kind)."""
     from p2o_lightning.tasks.math_data import math_problems

@@ -123,14 +123,6 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
             assert float(a[step][key]) == pytest.approx(float(b[step][key]), rel=1e-5), (step, key)
 
 
-@pytest.fixture(scope="session")
-def default_world():
-    """The embedded world of the default run: the shipped one, like `fit` loads."""
-    from p2o_lightning.tasks.shipped_world import shipped_world
-
-    return shipped_world()
-
-
 @pytest.mark.slow
 def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
     """A short real P²O fit: the search runs, templates reach hard prompts, and their groups get a gradient."""

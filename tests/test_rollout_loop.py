@@ -2,13 +2,16 @@
 model's distribution, sampling log-probs are the policy's, and the preallocated cache keeps rows apart when it
 repeats and compacts them."""
 
+import re
+
 import pytest
 import torch
+import transformers
 from helpers import response_logprobs, small_data, small_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, SamplingParams
-from p2o_lightning.rollout.loop import preallocated_cache
+from p2o_lightning.rollout.loop import PreallocatedLayer, preallocated_cache
 
 
 def load(path):
@@ -117,3 +120,36 @@ def test_trainer_runs_on_the_loop_engine(tiny_world, tmp_path):
     module = small_module(tiny_world, rollout_engine="loop", val_num_samples=2)
     trainer(tmp_path, max_steps=2).fit(module, datamodule=small_data())
     assert isinstance(module.engine, LoopRolloutEngine) and module.rollout_steps == 2
+
+
+def test_first_batch_checks_the_loop_against_the_uncached_forward(default_world, bpe_checkpoint, math_rows):
+    for path, prompts in [(default_world, ["12+34=", "5+6=", "123+4567="]), (bpe_checkpoint, [math_rows[0]["prompt"]])]:
+        engine = LoopRolloutEngine(*load(path))
+        assert not engine.checked
+        engine.generate(prompts, SamplingParams(2, 1.0, 1.0, 6))
+        assert engine.checked  # the check ran on the first batch and passed: no error
+
+
+def test_a_cache_that_corrupts_decode_steps_is_caught_on_the_first_batch(default_world, monkeypatch):
+    update = PreallocatedLayer.update
+
+    def corrupted(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[-2] == 1:  # decode steps only: the prefill, hence the first token, stays right
+            key_states = 2 * key_states  # the new token's keys written wrong: its attention weights shift
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(PreallocatedLayer, "update", corrupted)
+    engine = LoopRolloutEngine(*load(default_world))  # trained: the tiny world answers "=" whatever it sees
+    with pytest.raises(RuntimeError, match=rf"transformers {re.escape(transformers.__version__)}.*rollout_engine hf"):
+        engine.generate(["12+34=", "5+6=", "123+4567=", "9+0="], SamplingParams(2, 1.0, 1.0, 6))
+    assert not engine.checked
+
+
+def test_a_cache_the_model_does_not_take_is_caught(tiny_world, monkeypatch):
+    """transformers 5.19's forward took ``past_key_values``, 5.25's ``cache``: under the wrong name the model swallowed
+    the loop's cache in ``**kwargs`` and every decode step lost the prompt (every reward 0, no error)."""
+    engine = LoopRolloutEngine(*load(tiny_world))
+    assert engine.cache_argument in ("cache", "past_key_values")
+    monkeypatch.setattr(engine, "cache_argument", "kv_cache_of_another_version")
+    with pytest.raises(RuntimeError, match=r"did not fill the loop's KV cache under transformers"):
+        engine.generate(["12+34="], SamplingParams(2, 1.0, 1.0, 6))

@@ -19,13 +19,23 @@ row-steps decode padding. This loop:
 It runs on the policy's own parameters (no weight sync, like :class:`~p2o_lightning.rollout.hf.HFRolloutEngine`) and
 returns exactly what that engine returns: same left-padded prompts (``PromptEncoder``), responses cut at the first
 EOS, ``temperature == 0`` = greedy; greedy ids equal ``generate``'s.
+
+The cache layer subclasses transformers' ``DynamicLayer``, whose contract with the model (what it calls on a layer,
+and how the forward takes the cache: 5.24 renamed ``past_key_values`` to ``cache``) changes between releases without
+notice; such a change can make the loop decode wrong tokens without an error. So the engine checks itself on its
+first batch (:func:`check_against_uncached`): a few greedy steps of the loop against the argmax of the model's own
+forward over prompt + prefix without a cache; where they differ it stops with an error naming the installed
+transformers.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import transformers
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import Cache, DynamicLayer
 
 from p2o_lightning.rollout.base import PromptEncoder, Rollouts, SamplingParams, eos_token_ids
 
@@ -89,6 +99,13 @@ def preallocated_cache(num_layers: int, max_len: int):
     return Cache(layers=[PreallocatedLayer(max_len) for _ in range(num_layers)])
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` (transformers ≥ 5.24) or the older
+    ``past_key_values``. Under the wrong name the model would swallow it in ``**kwargs`` and run without it.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
     """Next tokens [n] and their log-probs [n] (float32) under the processed distribution of ``logits`` [n, V].
 
@@ -114,7 +131,8 @@ class LoopRolloutEngine:
     """Samples with our own decode loop over the HF model (see the module docstring); eval mode while sampling.
 
     The prompts go through the same :class:`PromptEncoder` as the other engines (``self.prompts.render`` shows the
-    chat-templated text).
+    chat-templated text). The first :meth:`generate` checks the loop against the model's uncached forward
+    (:func:`check_against_uncached`) before it samples; ``checked`` is then True.
     """
 
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None) -> None:
@@ -122,6 +140,8 @@ class LoopRolloutEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model.generation_config, tokenizer)
         self.prompts = PromptEncoder(tokenizer, self.eos_token_ids, chat_template)
+        self.cache_argument = cache_argument(model)
+        self.checked = False
 
     @property
     def use_chat_template(self) -> bool:
@@ -140,6 +160,9 @@ class LoopRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            if not self.checked:
+                check_against_uncached(self, prompt_ids, prompt_mask)
+                self.checked = True
             response_ids, sampling_logp = self._decode(prompt_ids, prompt_mask, sampling)
         finally:
             self.model.train(was_training)
@@ -167,9 +190,15 @@ class LoopRolloutEngine:
         cache = preallocated_cache(self.model.config.get_text_config().num_hidden_layers, p + r)
         position_ids = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)  # as generate() sets them
         out = self.model(
-            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, cache=cache, use_cache=True,
-            logits_to_keep=1,
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+            logits_to_keep=1, **{self.cache_argument: cache},
         )  # fmt: skip
+        if cache.get_seq_length() != p:  # the model ran on a cache of its own: every decode step would lose the prompt
+            raise RuntimeError(
+                f"rollout_engine 'loop': the model did not fill the loop's KV cache under transformers "
+                f"{transformers.__version__} (its forward takes the cache as {self.cache_argument!r}?); use "
+                "`--model.rollout_engine hf` or the transformers version of constraints.txt"
+            )
         cache.batch_repeat_interleave(k)  # the K rollouts of a prompt share its prefill
         logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # [M, V]
         mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), prompt_mask.new_ones(m, r)], dim=1)  # [M, P + R]
@@ -191,8 +220,63 @@ class LoopRolloutEngine:
                 cache.batch_select_indices(keep)
             out = self.model(
                 input_ids=token[:, None], attention_mask=mask[:, : p + t + 1], position_ids=next_position,
-                cache=cache, use_cache=True,
+                use_cache=True, **{self.cache_argument: cache},
             )  # fmt: skip
             logits = out.logits[:, -1]
             next_position = next_position + 1
         return responses[:, :steps], logps[:, :steps]
+
+
+CHECK_PROMPTS, CHECK_ROLLOUTS, CHECK_STEPS = 8, 2, 4  # the first batch's first 8 prompts, K = 2, 4 greedy tokens
+
+
+def logit_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to max(1, |best logit|)) a chosen token's logit may fall below the best one: a near tie can
+    fall either way between the cached and the uncached path, a broken cache falls much further.
+    """
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)  # 16-bit: ~13 of bf16's relative 2^-8 steps
+
+
+def check_against_uncached(engine: LoopRolloutEngine, prompt_ids: Tensor, prompt_mask: Tensor) -> None:
+    """Raise if the loop's greedy tokens are not the model's own: its cached decode against one uncached forward.
+
+    The loop decodes ``CHECK_STEPS`` greedy tokens for the first ``CHECK_PROMPTS`` prompts [B, P], each repeated
+    ``CHECK_ROLLOUTS`` times (so the prefill's repeat, and the compaction when a row ends, are in the path); one
+    forward without a cache over prompt + those tokens gives the logits each token was chosen from. A token whose
+    logit there falls more than :func:`logit_tolerance` below its position's best is a disagreement; tokens after a
+    row's first EOS are not counted. It costs one short greedy decode and one forward, on the first batch only.
+    """
+    prompt_ids, prompt_mask = prompt_ids[:CHECK_PROMPTS], prompt_mask[:CHECK_PROMPTS]
+    k = CHECK_ROLLOUTS
+    tokens, _ = engine._decode(prompt_ids, prompt_mask, SamplingParams(k, 0.0, 1.0, CHECK_STEPS))  # [M, s]
+    s = tokens.shape[1]
+    if s == 0:
+        return
+    ids = torch.cat([prompt_ids.repeat_interleave(k, dim=0), tokens], dim=1)  # [M, P + s]
+    mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), torch.ones_like(tokens)], dim=1)  # [M, P + s]
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    out = engine.model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=s + 1
+    )
+    logits = out.logits[:, :-1].float()  # [M, s, V]: position P - 1 + t predicts response token t
+    best, chosen = logits.max(dim=-1).values, logits.gather(2, tokens[..., None]).squeeze(2)  # [M, s]
+    eos = torch.isin(tokens, torch.tensor(engine.eos_token_ids, device=tokens.device))  # [M, s]
+    counted = (eos.long().cumsum(1) - eos.long()) == 0  # up to and including a row's first EOS
+    device = tokens.device.type  # under autocast the model computes in its dtype, not the parameters'
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else engine.model.dtype
+    tolerance = logit_tolerance(dtype) * best.abs().clamp(min=1.0)
+    wrong = counted & (best - chosen > tolerance)  # [M, s]
+    if not bool(wrong.any()):
+        return
+    row, t = (int(i) for i in wrong.nonzero()[0])
+    ours, theirs = int(tokens[row, t]), int(logits[row, t].argmax())
+    name = engine.tokenizer.convert_ids_to_tokens
+    raise RuntimeError(
+        f"rollout_engine 'loop' decodes tokens the model does not choose, under transformers "
+        f"{transformers.__version__}: {int(wrong.sum())} of {int(counted.sum())} greedy tokens of its first batch are "
+        f"not the argmax of the model's forward without a cache (first: row {row}, token {t}: the loop chose {ours} "
+        f"{name(ours)!r}, the forward {theirs} {name(theirs)!r}, {float(best[row, t] - chosen[row, t]):.3g} logits "
+        "higher). The loop's KV cache subclasses transformers' DynamicLayer, whose contract this version may have "
+        "changed: use `--model.rollout_engine hf` (transformers generate), or the transformers version of "
+        "constraints.txt"
+    )

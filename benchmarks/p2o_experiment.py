@@ -251,29 +251,23 @@ def extra_costs(run: Path) -> dict[str, float]:
 
 
 def accuracy_at_cpu(run: Path, budget: float, split: str = "in_dist") -> float:
-    """The plain-prompt greedy accuracy a run shows once it has spent ``budget`` CPU seconds: its last validation
-    whose CPU clock (``time/run_cpu_s`` of the next training step, so the validation itself is paid) is within it."""
-    m = read_metrics(run / "metrics.csv")
-    acc, cpu = m.get(f"val/{split}/greedy_acc", []), m.get("time/run_cpu_s", [])
-    if not acc or not cpu:
-        return float("nan")
-    shown = acc[0][1]
-    for step, value in acc:
-        paid = next((c for s, c in cpu if s > step), cpu[-1][1])
-        if paid <= budget:
-            shown = value
-    return shown
+    """The plain-prompt greedy accuracy a run shows once it has spent ``budget`` CPU seconds (:func:`accuracy_by_cpu`
+    at one budget)."""
+    return accuracy_by_cpu(run, [budget], split)[0]
 
 
 def accuracy_by_cpu(run: Path, grid: list[float], split: str = "in_dist") -> list[float]:
-    """The plain-prompt greedy accuracy a run shows at each CPU time of ``grid`` (:func:`accuracy_at_cpu`'s rule: a
-    validation counts once the step after it has paid for it; before any, the run's start)."""
+    """The plain-prompt greedy accuracy a run shows at each CPU time of ``grid``: its last validation whose CPU clock
+    (``time/run_cpu_s`` of the next training step, so the validation itself is paid) is within it; before any, the
+    run's start; NaN for a run without validations or CPU clock."""
     m = read_metrics(run / "metrics.csv")
     acc, cpu = m.get(f"val/{split}/greedy_acc", []), m.get("time/run_cpu_s", [])
+    if not acc or not cpu:
+        return [float("nan")] * len(grid)
     paid = [(next((c for s, c in cpu if s > step), cpu[-1][1]), value) for step, value in acc]
     out = []
     for budget in grid:
-        shown = acc[0][1] if acc else float("nan")
+        shown = acc[0][1]
         for when, value in paid:
             if when <= budget:
                 shown = value
@@ -401,7 +395,12 @@ def plot_curves(runs: dict[str, list[Path]], out: Path) -> None:
     plt.close(fig)
 
 
-def verdict(summary: dict[str, dict[str, list[float]]], runs: dict[str, list[Path]], method: str = "p2o") -> list[str]:
+def verdict(
+    summary: dict[str, dict[str, list[float]]],
+    runs: dict[str, list[Path]],
+    method: str = "p2o",
+    by_cpu: dict | None = None,
+) -> list[str]:
     """The issue's target, checked on the numbers: P²O (K, setting ``method``) against GRPO (2K) and its ablations."""
     lines = []
     if method not in summary or "grpo_2k" not in summary:
@@ -427,7 +426,7 @@ def verdict(summary: dict[str, dict[str, list[float]]], runs: dict[str, list[Pat
         f"- equal compute: in_dist of P²O after GRPO 2K's {budget:.0f} CPU-s {em:.3f} ± {es:.3f} vs GRPO 2K's "
         f"final {gm:.3f}: +{em - gm:.3f} (needs > {margin:.3f}) -> {'met' if em - gm > margin else 'NOT met'}"
     )
-    by_cpu = budget_verdict(runs, method)
+    by_cpu = by_cpu or budget_verdict(runs, method)
     worst, at = by_cpu["worst_gap_std"], by_cpu["worst_at_cpu"]
     lines.append(
         f"- at every matched CPU time (to {by_cpu['grid'][-1]:.0f} CPU-s): P²O's largest shortfall below GRPO 2K "
@@ -529,7 +528,8 @@ def main() -> None:
     head = f"World {world['world']} (weights {world['weights']}), commit {world['commit']}, lr {args.lr:g}"
     head += f" ({own}), " if own else ", "
     head += f"{args.max_steps} steps, K={args.k}, {args.threads} thread(s) per run.\n"
-    table = "\n".join([head, *lines, "", *verdict(summary, runs, args.method)])
+    by_cpu = budget_verdict(runs, args.method) if "grpo_2k" in runs and args.method in runs else None
+    table = "\n".join([head, *lines, "", *verdict(summary, runs, args.method, by_cpu)])
     print(table)
     (args.out / "summary.md").write_text(table + "\n")
     (args.out / "summary.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
@@ -540,8 +540,8 @@ def main() -> None:
         for s, v in summary.items():
             writer.writerow([s, *(f"{x:.4f}" for c in columns for x in mean_std(v[c]))])
     plot_curves(runs, args.out / "curves.png")
-    if "grpo_2k" in runs and args.method in runs:
-        plot_accuracy_vs_cpu(runs, budget_verdict(runs, args.method), args.method, args.out / "accuracy_vs_cpu.png")
+    if by_cpu is not None:
+        plot_accuracy_vs_cpu(runs, by_cpu, args.method, args.out / "accuracy_vs_cpu.png")
     archive_metrics(runs, args.out)
     seed0 = [paths[0] for paths in runs.values()]
     subprocess.run(

@@ -91,6 +91,10 @@ class RolloutBatch:
         return torch.tensor(self.plan.distilled_rows, device=self.response_ids.device)
 
     @property
+    def plain_rows(self) -> Tensor:  # [M] bool: the row was sampled from the plain prompt (no template)
+        return ~torch.tensor(self.plan.templated_rows, device=self.response_ids.device)
+
+    @property
     def reprompted(self) -> bool:
         """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ ``gen_ids``)."""
         return any(self.plan.distilled_rows)
@@ -105,7 +109,7 @@ class RolloutBatch:
             "answers": self.answers[::k],
             "rewards": self.rewards.detach().cpu(),
             "templated": list(self.plan.templated_groups),
-            "plain_rows": ~torch.tensor(self.plan.templated_rows).view(-1, k),  # [G, K] sampled from the plain prompt
+            "plain_rows": self.plain_rows.cpu().view(-1, k),  # [G, K] sampled from the plain prompt
         }
 
     def with_(self, **changes) -> RolloutBatch:

@@ -114,7 +114,6 @@ def opening_open_rows(keep: Tensor, distilled: Tensor, opening_tokens: int) -> T
 
 def plain_failed_groups(batch: RolloutBatch) -> Tensor:
     """[G] bool: the group holds rollouts sampled from the plain prompt and none of them succeeded."""
-    g, k = batch.num_groups, batch.group_size
-    plain = ~torch.tensor(batch.plan.templated_rows, device=batch.rewards.device).view(g, k)  # [G, K]
+    plain = batch.plain_rows.view(batch.num_groups, batch.group_size).to(batch.rewards.device)  # [G, K]
     solved = ((batch.rewards >= 1.0) & plain).any(1)  # [G]
     return plain.any(1) & ~solved

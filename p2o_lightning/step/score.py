@@ -44,8 +44,7 @@ def score_groups(
     if plain_advantage == "nonnegative" and batch.plan.any_templated:
         k = batch.group_size
         in_templated = torch.tensor(batch.plan.templated_groups, device=advantages.device).repeat_interleave(k)
-        plain = ~torch.tensor(batch.plan.templated_rows, device=advantages.device)  # [M]
-        advantages = torch.where(in_templated & plain, advantages.clamp(min=0.0), advantages)
+        advantages = torch.where(in_templated & batch.plain_rows, advantages.clamp(min=0.0), advantages)
     rewards = batch.rewards.view(-1).tolist()
     in_loss = torch.tensor(rows_in_loss(batch.plan, rewards, drop_failed_templated), device=batch.rewards.device)
     loss_mask = batch.response_mask.float() * in_loss.float()[:, None]  # [M, R]

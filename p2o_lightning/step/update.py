@@ -240,6 +240,8 @@ class PPOUpdate:
         with_context = plan.update_context
         anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
         nothing_to_lose = plain_failed_groups(batch) if s.opening_tokens > 0 else None  # [G]
+        distilled_rows = batch.distilled  # [M] bool
+        templated_groups = distilled_rows.view(G, K).any(1)  # [G] bool: some row sampled under a template
         if fused_old:
             old_all = torch.zeros_like(mask)  # [M, R]
             entropy_all = torch.zeros_like(mask)
@@ -259,9 +261,9 @@ class PPOUpdate:
                     ref = None if batch.ref_logp is None else batch.ref_logp[micro]
                     kl_free = None  # [m] bool: rows the KL term leaves alone (their reference becomes π_old)
                     if ref is not None and s.kl_rows != "all" and batch.reprompted:
-                        kl_free = batch.distilled[micro]
+                        kl_free = distilled_rows[micro]
                         if s.kl_rows == "untemplated":  # every row of a group sampled with templates
-                            kl_free = batch.distilled.view(G, K).any(1)[micro // K]
+                            kl_free = templated_groups[micro // K]
                     head_loss = None
                     if plan.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
                         head_loss = RatioOneLoss.of(
@@ -287,7 +289,7 @@ class PPOUpdate:
                     advantages = batch.advantages[micro]  # [m]
                     gate = None
                     if s.opening_tokens > 0 and context is not None:  # [m, R]: distilled openings not yet earned
-                        distilled = batch.distilled[micro]
+                        distilled = distilled_rows[micro]
                         gate = opening_gate(
                             old, context, mask[micro], distilled, s.opening_tokens, s.opening_gate,
                             nothing_to_lose=nothing_to_lose[micro // K],

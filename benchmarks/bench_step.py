@@ -435,7 +435,7 @@ def setup_variant(module: P2OModule, variant: str) -> None:
         def two_pass(policy, reference, batch, ops, settings, need_old=True, with_context=False, stopwatch=None):
             out = logprobs.rollout_logprobs(policy, reference, batch, ops, settings, need_old, stopwatch=stopwatch)
             if with_context:
-                sampled = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
+                sampled = batch.with_(prompt_ids=batch.sampled_prompt_ids, prompt_mask=batch.sampled_prompt_mask)
                 with torch.no_grad():
                     out = out.with_(context_logp=logprobs.token_logprobs(policy, sampled, ops, settings)[0])
             return out

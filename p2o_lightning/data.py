@@ -4,7 +4,7 @@ A batch is a plain ``list[dict]`` of ``{"prompt", "answer", "index", "split"}``:
 tensors; tokenization happens in the rollout engine. Every row is checked before training starts: an empty file,
 a line that is not JSON, a row without a prompt or an answer is an error naming the file and every bad row (up to
 ten, then a count). Answers written as numbers are taken as their text. Once the model is known, every prompt is
-checked against its context (:meth:`PromptDataModule.fit_to_context`, :mod:`p2o_lightning.context`): too long is an
+checked against its positions (:meth:`PromptDataModule.fit_to_positions`, :mod:`p2o_lightning.overlong`): too long is an
 error naming the file and rows, or, with ``filter_overlong_prompts``, the rows are dropped and counted.
 
 The training loader is resumable: its batch sampler shuffles with a generator seeded by ``(seed, epoch)``, shards
@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from p2o_lightning.context import fit_split, prompt_limit
+from p2o_lightning.overlong import fit_split, prompt_limit
 from p2o_lightning.tasks import Problem, get_task
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -254,7 +254,7 @@ class PromptDataModule(L.LightningDataModule):
         seed: seed of the training order (shuffled anew each epoch).
         world_seed: seed of the embedded world's splits.
         max_prompt_length: the most tokens a prompt may have (as the rollout engine encodes it: chat template and
-            special tokens included). None: the model's context (``max_position_embeddings``, or vLLM's
+            special tokens included). None: the model's positions (``max_position_embeddings``, or vLLM's
             ``max_model_len``) minus ``model.max_new_tokens`` (``val_max_new_tokens`` for validation splits), which
             also caps a larger value. Checked for every split when the model is set up.
         filter_overlong_prompts: drop the prompts longer than that, with a warning counting them per file (verl's
@@ -281,7 +281,9 @@ class PromptDataModule(L.LightningDataModule):
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
         if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"data.max_prompt_length must be >= 1 (or null: the model's context): {max_prompt_length}")
+            raise ValueError(
+                f"data.max_prompt_length must be >= 1 (or null: the model's positions): {max_prompt_length}"
+            )
         if train_file is None and task != "addition":
             raise ValueError(f"task={task!r} has no embedded data: set data.train_file (and data.val_files)")
         for name in val_files or {}:
@@ -299,7 +301,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length, self.filter_overlong_prompts = max_prompt_length, filter_overlong_prompts
         self.rows: dict[str, tuple[str, list[str]]] = {}  # split -> (its file, where each problem is in it)
         self.dropped_prompts: dict[str, int] = {}  # split -> overlong prompts dropped (filter_overlong_prompts)
-        self._fitted_to_context: set[str] = set()  # splits checked by fit_to_context
+        self._fitted_splits: set[str] = set()  # splits checked by fit_to_positions
         self.train_problems: list[Problem] = []
         self.val_problems: dict[str, list[Problem]] = {}
         self.val_subsets: dict[str, list[str]] = {}  # split -> per-problem subset name, reported on its own too
@@ -345,29 +347,30 @@ class PromptDataModule(L.LightningDataModule):
                 f"batch_size={self.batch_size} on {world} device(s)"
             )
 
-    def fit_to_context(
+    def fit_to_positions(
         self,
         prompt_lengths: Callable[[list[str]], list[int]],
-        context: int | None,
+        positions: int | None,
         response_tokens: int,
         val_response_tokens: int,
         train: bool = True,
     ) -> None:
-        """Check the prompts of every split against the model (:mod:`p2o_lightning.context`), each split once,
-        after :meth:`setup`; the training split only when ``train`` (a fit).
+        """Check the prompts of every split against the model's positions (:mod:`p2o_lightning.overlong`), each
+        split once, after :meth:`setup`; the training split only when ``train`` (a fit).
 
-        ``prompt_lengths`` counts prompts as the rollout engine encodes them; ``context`` is the model's positions
-        (None: unknown); the response budgets are ``max_new_tokens`` for training and validation. A prompt over its
-        split's limit is an error naming its file and row, or, with ``filter_overlong_prompts``, dropped and counted.
+        ``prompt_lengths`` counts prompts as the rollout engine encodes them; ``positions`` is the model's number of
+        positions (None: unknown); the response budgets are ``max_new_tokens`` for training and validation. A prompt
+        over its split's limit is an error naming its file and row, or, with ``filter_overlong_prompts``, dropped and
+        counted.
         """
         splits = {"train": self.train_problems} if train else {}
         splits.update(self.val_problems)
         for split, problems in splits.items():
-            if split in self._fitted_to_context:
+            if split in self._fitted_splits:
                 continue
-            self._fitted_to_context.add(split)
+            self._fitted_splits.add(split)
             budget = response_tokens if split == "train" else val_response_tokens
-            limit, why = prompt_limit(context, budget, self.max_prompt_length)
+            limit, why = prompt_limit(positions, budget, self.max_prompt_length)
             if limit is None:
                 continue
             source, where = self.rows[split][0], self.rows[split][1][: len(problems)]  # max_val_samples: the first

@@ -27,12 +27,12 @@ from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,
-    context_length,
     gathered,
     load_causal_lm,
     load_policy,
     load_reference,
     load_tokenizer,
+    max_positions,
     resolve_model_path,
 )
 from p2o_lightning.rewards import SafeGrader
@@ -274,22 +274,22 @@ class P2OModule(L.LightningModule):
                 raise ValueError(
                     "dynamic_sampling='filter' draws more prompts: it needs PromptDataModule (extra_batch)"
                 )
-        if hasattr(dm, "fit_to_context"):  # prompts against the model's context, before any weights load
-            self._fit_prompts_to_context(dm, train=stage == "fit")
+        if hasattr(dm, "fit_to_positions"):  # prompts against the model's positions, before any weights load
+            self._fit_prompts_to_positions(dm, train=stage == "fit")
         add_val_metrics(self, getattr(dm, "val_split_names", None) or [])
 
-    def _fit_prompts_to_context(self, dm, train: bool) -> None:
-        """The data's prompts against the model's context: ``max_position_embeddings`` (vLLM's ``max_model_len`` when
+    def _fit_prompts_to_positions(self, dm, train: bool) -> None:
+        """The data's prompts against the model's positions: ``max_position_embeddings`` (vLLM's ``max_model_len`` when
         smaller) minus the response budget, counted by the tokenizer as the rollout engine encodes prompts.
         """
         hp = self.hparams
-        context = context_length(hp.model)
+        positions = max_positions(hp.model)
         engine_len = (hp.vllm_options or {}).get("max_model_len") if hp.rollout_engine == "vllm" else None
         if engine_len:
-            context = min(context, engine_len) if context else engine_len
+            positions = min(positions, engine_len) if positions else engine_len
         prompts = PromptEncoder(load_tokenizer(hp.model), eos_token_ids=[])
         val_budget = hp.val_max_new_tokens or hp.max_new_tokens
-        dm.fit_to_context(prompts.prompt_lengths, context, hp.max_new_tokens, val_budget, train=train)
+        dm.fit_to_positions(prompts.prompt_lengths, positions, hp.max_new_tokens, val_budget, train=train)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
@@ -357,13 +357,13 @@ class P2OModule(L.LightningModule):
         with watch.measure("logprob"):
             rollouts = reprompt(rollouts, self.engine.encode_prompts)
             reference = self.reference if hp.kl_coef > 0 else None
-            plan = self.ppo.plan(rollouts, hp.tis_cap, any_rank)  # π_old from the update when it can; every rank alike
+            passes = self.ppo.passes(rollouts, hp.tis_cap, any_rank)  # π_old from the update when it can; ranks alike
             lp = self.ppo.logprob
             rollouts = rollout_logprobs(
-                self.policy, reference, rollouts, ops, lp, plan.old_pass, plan.context, stopwatch=watch
+                self.policy, reference, rollouts, ops, lp, passes.old_pass, passes.context, stopwatch=watch
             )
             mismatch = None
-            if plan.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
+            if passes.old_pass:  # π_old vs π_rollout, and truncated importance sampling (with tis_cap)
                 mismatch, tis = rollout_mismatch(rollouts, hp.tis_cap)
                 rollouts = apply_tis(rollouts, tis)
 
@@ -371,7 +371,7 @@ class P2OModule(L.LightningModule):
             opt = self.optimizers()
             optimizer_step = partial(self._optimizer_step, opt, self.lr_schedulers())  # -> (grad norm, skipped)
             stats, rollouts = self.ppo(
-                rollouts, plan, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where,
+                rollouts, passes, self.policy, ops, self.manual_backward, opt.zero_grad, optimizer_step, self._where,
                 stopwatch=watch,
             )  # fmt: skip
             self.engine.sync_weights(self.policy.lm)  # the next rollouts sample from the updated policy

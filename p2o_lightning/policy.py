@@ -67,7 +67,7 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def context_length(path: str) -> int | None:
+def max_positions(path: str) -> int | None:
     """The model's positions (``max_position_embeddings`` of its text config), read from its config alone."""
     from transformers import AutoConfig
 

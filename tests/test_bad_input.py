@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.checks import check_checkpoint_file
 from p2o_lightning.cli import cli_main
-from p2o_lightning.context import prompt_limit
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
+from p2o_lightning.overlong import prompt_limit
 
 
 def test_model_path_missing_is_named(tmp_path):
@@ -158,7 +158,7 @@ def _train_file_with_a_long_prompt(tmp_path):
     return path
 
 
-def test_prompt_longer_than_the_context_is_named(tiny_world, tmp_path):
+def test_prompt_longer_than_the_model_positions_is_named(tiny_world, tmp_path):
     train = _train_file_with_a_long_prompt(tmp_path)
     module = small_module(tiny_world)  # the tiny world has 256 positions; max_new_tokens=12 leaves 244 for a prompt
     with pytest.raises(ValueError) as err:
@@ -195,6 +195,6 @@ def test_prompt_limit():
     assert prompt_limit(None, 12, 500) == (500, "data.max_prompt_length=500")
     assert prompt_limit(None, 12, None) == (None, "")
     with pytest.raises(
-        ValueError, match=r"max_new_tokens=256 leaves no room for a prompt in the model's context of 256"
+        ValueError, match=r"max_new_tokens=256 leaves no room for a prompt in the model's 256 positions"
     ):
         prompt_limit(256, 256, None)

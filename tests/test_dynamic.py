@@ -23,8 +23,8 @@ def _sample_groups(rows):
     ids = torch.tensor([[0] * (width - len(p)) + [7] * len(p) for p in plan.prompts])  # [M, P] left-padded
     response = torch.tensor([[5, 6, 9][: 1 + len(p) % 3] + [0] * (2 - len(p) % 3) for p in plan.prompts])  # [M, 3]
     return RolloutBatch(
-        plan=plan, answers=["1"] * len(plan.prompts), gen_ids=ids, gen_mask=(ids > 0).long(), prompt_ids=ids,
-        prompt_mask=(ids > 0).long(), response_ids=response, response_mask=(response > 0).long(),
+        plan=plan, answers=["1"] * len(plan.prompts), sampled_prompt_ids=ids, sampled_prompt_mask=(ids > 0).long(),
+        prompt_ids=ids, prompt_mask=(ids > 0).long(), response_ids=response, response_mask=(response > 0).long(),
         texts=list(plan.prompts), rewards=torch.tensor([REWARDS[p] for p in prompts]),
     )  # fmt: skip
 
@@ -40,7 +40,7 @@ def test_dynamic_sample_keeps_informative_groups_by_hand():
     assert rounds == 2 and seen.plan.prompts[::2] == ["ab", "zz", "zzz", "abc"]
     assert kept.plan.prompts == ["ab", "ab", "abc", "abc"] and kept.rewards.tolist() == [[1, 0], [0, 1]]
     # rows of both rounds are padded to common widths: round 1 prompts are 2 wide, round 2's 3
-    assert seen.gen_ids.shape == (8, 3) and seen.gen_ids[0].tolist() == [0, 7, 7]
+    assert seen.sampled_prompt_ids.shape == (8, 3) and seen.sampled_prompt_ids[0].tolist() == [0, 7, 7]
     assert kept.response_ids.shape[0] == kept.response_mask.shape[0] == 4 and len(kept.texts) == 4
     # the rounds run out (max 2): kept "ab", then filled with the first dropped group "zz" (zero advantage)
     extra = iter([_rows("zzz", "zz")])

@@ -173,7 +173,7 @@ def test_refuses_the_tokens_scope_with_a_context_mask():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The trainer: one RL step with the fused head equals the unfused one; the plan decides where it runs
+# The trainer: one RL step with the fused head equals the unfused one; its passes decide where it runs
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -213,21 +213,21 @@ def test_one_step_with_the_fused_head_equals_the_unfused_step(tiny_world, tmp_pa
     assert moved > 0  # SGD moved the weights: equal parameters mean equal gradients
 
 
-def test_the_plan_runs_the_fused_head_only_at_ratio_one(tiny_world):
-    """PPOUpdate.plan: fused where π_old is π_θ detached and no skill anchor; else the unfused path."""
+def test_the_passes_run_the_fused_head_only_at_ratio_one(tiny_world):
+    """PPOUpdate.passes: fused where π_old is π_θ detached and no skill anchor; else the unfused path."""
     batch = SimpleNamespace(num_groups=4, reprompted=True, sampling_logp=None)
 
-    def plan(tis_cap=None, **kw):
-        return small_module(tiny_world, fused_head=True, **kw).ppo.plan(batch, tis_cap)
+    def passes(tis_cap=None, **kw):
+        return small_module(tiny_world, fused_head=True, **kw).ppo.passes(batch, tis_cap)
 
-    assert plan().fused_head and not plan().old_pass  # one epoch, one mini-batch: ratio 1
-    assert not plan(ppo_epochs=2).fused_head  # a second epoch's ratio is not 1
-    assert not plan(ppo_mini_batch_size=2).fused_head  # nor a second mini-batch's
-    assert plan(ppo_mini_batch_size=4).fused_head  # one mini-batch of all 4 groups
-    assert not plan(tis_cap=2.0).fused_head  # TIS weights need π_old before the update
-    assert not plan(anchor_weight=0.5).fused_head  # the anchor's loss needs log π(y|t(x)) with a gradient
-    assert not plan(context_mask_scope="tokens").fused_head  # its means divide by the kept tokens (old pass)
-    assert not small_module(tiny_world).ppo.plan(batch, None).fused_head  # off by default
+    assert passes().fused_head and not passes().old_pass  # one epoch, one mini-batch: ratio 1
+    assert not passes(ppo_epochs=2).fused_head  # a second epoch's ratio is not 1
+    assert not passes(ppo_mini_batch_size=2).fused_head  # nor a second mini-batch's
+    assert passes(ppo_mini_batch_size=4).fused_head  # one mini-batch of all 4 groups
+    assert not passes(tis_cap=2.0).fused_head  # TIS weights need π_old before the update
+    assert not passes(anchor_weight=0.5).fused_head  # the anchor's loss needs log π(y|t(x)) with a gradient
+    assert not passes(context_mask_scope="tokens").fused_head  # its means divide by the kept tokens (old pass)
+    assert not small_module(tiny_world).ppo.passes(batch, None).fused_head  # off by default
 
 
 def test_head_dtype_is_refused_where_it_would_not_apply(tiny_world):

@@ -17,14 +17,14 @@ def test_plan_rows_by_hand():
     # group 1 (rows 4-7): "2+2=" sampled under A., B., A. and (plain_rollouts=1) its last row under x itself;
     #                     all four trained on x (distillation)
     assert plan.templates == ["", "", "", "", "A.", "B.", "A.", ""]
-    assert plan.sample_prompts == ["1+1="] * 4 + ["A.\n\n2+2=", "B.\n\n2+2=", "A.\n\n2+2=", "2+2="]
-    assert plan.train_prompts == ["1+1="] * 4 + ["2+2="] * 4
+    assert plan.sampled_prompts == ["1+1="] * 4 + ["A.\n\n2+2=", "B.\n\n2+2=", "A.\n\n2+2=", "2+2="]
+    assert plan.trained_prompts == ["1+1="] * 4 + ["2+2="] * 4
     assert plan.templated_groups == [False, True]
     assert plan.templated_rows == [False] * 4 + [True, True, True, False]
     assert plan.distilled_rows == [False] * 4 + [True, True, True, False]
     # no distillation (the paper's ablation): trained on the prompt it was sampled under
     plan = plan_rollouts(["1+1=", "2+2="], assignments, num_rollouts=4, plain_rollouts=0, distill=False)
-    assert plan.train_prompts == plan.sample_prompts == ["1+1="] * 4 + ["A.\n\n2+2=", "B.\n\n2+2=", "A.\n\n2+2=",
+    assert plan.trained_prompts == plan.sampled_prompts == ["1+1="] * 4 + ["A.\n\n2+2=", "B.\n\n2+2=", "A.\n\n2+2=",
                                                                         "C.\n\n2+2="]  # fmt: skip
     assert not any(plan.distilled_rows)
     # the seed template drawn into a group (as the reference) is a plain row: sampled and trained on x

@@ -43,7 +43,7 @@ def test_one_pass_context_logprobs_equal_two_passes(tiny_world, backend):
         pytest.importorskip("triton")
     module = small_module(tiny_world, backend=backend, micro_batch_size=5)
     batch = _distilled_batch(module)
-    assert batch.reprompted and not torch.equal(batch.gen_ids, batch.prompt_ids)
+    assert batch.reprompted and not torch.equal(batch.sampled_prompt_ids, batch.prompt_ids)
     ops, settings = get_ops(backend, "cpu"), module.ppo.logprob
     with torch.no_grad():
         # one pass: log π(y|x) and log π(y|t(x)) from one linear_logprob_multi call per micro-batch
@@ -52,7 +52,7 @@ def test_one_pass_context_logprobs_equal_two_passes(tiny_world, backend):
         )
         # two passes: the trained prompts, then the sampled prompts, each through linear_logprob
         logp2, entropy2, _ = token_logprobs(module.policy, batch, ops, settings, return_entropy=True)
-        sampled = batch.with_(prompt_ids=batch.gen_ids, prompt_mask=batch.gen_mask)
+        sampled = batch.with_(prompt_ids=batch.sampled_prompt_ids, prompt_mask=batch.sampled_prompt_mask)
         context2 = token_logprobs(module.policy, sampled, ops, settings)[0]
     torch.testing.assert_close(logp, logp2, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, entropy2, rtol=0, atol=1e-5)

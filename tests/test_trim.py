@@ -80,17 +80,17 @@ def _random_batch(vocab: int, pad: int, templated: bool, seed: int = 0) -> Rollo
     response_mask = (torch.arange(R) < lengths[:, None]).long()  # [M, R]
     response_ids = torch.randint(3, vocab, (m, R), generator=gen).masked_fill(response_mask == 0, pad)
     distilled = [templated and i % K != K - 1 for i in range(m)]  # the last rollout of each group: plain
-    gen_ids, gen_mask = _left_padded(gen, torch.randint(3, PG - 2, (m,), generator=gen), PG, vocab, pad)
+    sampled_ids, sampled_mask = _left_padded(gen, torch.randint(3, PG - 2, (m,), generator=gen), PG, vocab, pad)
     plain = torch.tensor([not d for d in distilled])
-    gen_ids[plain], gen_mask[plain] = torch.nn.functional.pad(prompt_ids[plain], (PG - P, 0), value=pad), 0
-    gen_mask[plain, PG - P :] = prompt_mask[plain]
+    sampled_ids[plain], sampled_mask[plain] = torch.nn.functional.pad(prompt_ids[plain], (PG - P, 0), value=pad), 0
+    sampled_mask[plain, PG - P :] = prompt_mask[plain]
     prompts = [f"x{i // K}" for i in range(m)]
     templates = ["t" if d else "" for d in distilled]
     plan = RolloutPlan(
         prompts=prompts,
         templates=templates,
-        sample_prompts=[f"{t} {x}".strip() for t, x in zip(templates, prompts)],
-        train_prompts=prompts,
+        sampled_prompts=[f"{t} {x}".strip() for t, x in zip(templates, prompts)],
+        trained_prompts=prompts,
         templated_groups=[templated] * G,
     )
     in_loss = torch.ones(m)
@@ -98,8 +98,8 @@ def _random_batch(vocab: int, pad: int, templated: bool, seed: int = 0) -> Rollo
     return RolloutBatch(
         plan=plan,
         answers=[""] * m,
-        gen_ids=gen_ids,
-        gen_mask=gen_mask,
+        sampled_prompt_ids=sampled_ids,
+        sampled_prompt_mask=sampled_mask,
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
@@ -121,11 +121,11 @@ def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: Lo
     ops = get_ops("torch", "cpu")
     settings = LogProbSettings(1.0, 7, micro_batch_size=5, trim=trim, micro_batch_tokens=tokens)
     update = PPOUpdate(ppo, loss, settings)
-    plan = update.plan(batch, None)  # the step's passes, as the module decides them
+    passes = update.passes(batch, None)  # the step's passes, as the module decides them
     if loss.kl_coef > 0:  # the policy itself stands in for the reference: the no-grad pass, trimmed or not
         batch = rollout_logprobs(policy, copy.deepcopy(policy0), batch, ops, settings, need_old=False)
-    if plan.old_pass:
-        batch = rollout_logprobs(policy, None, batch, ops, settings, need_old=True, with_context=plan.context)
+    if passes.old_pass:
+        batch = rollout_logprobs(policy, None, batch, ops, settings, need_old=True, with_context=passes.context)
     params = list(policy.parameters())
     grads = []
 
@@ -142,7 +142,9 @@ def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: Lo
             p.grad = None
 
     torch.manual_seed(0)  # the same group shuffle
-    stats, out = update(batch, plan, policy, ops, lambda loss: loss.backward(), zero_grad, step, lambda: "in the test")
+    stats, out = update(
+        batch, passes, policy, ops, lambda loss: loss.backward(), zero_grad, step, lambda: "in the test"
+    )
     widths = [(w, None if c is None else c.shape[1]) for w, c in widths]
     return stats, out, grads, widths
 

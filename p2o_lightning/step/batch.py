@@ -1,8 +1,9 @@
 """``RolloutBatch``: one RL step's rollouts and everything the stages attach to them, in one typed record.
 
 M = G·K rows: G groups (prompts) of K rollouts, group g = rows g·K … g·K + K − 1. Each row names both of its
-prompts (through its :class:`~p2o_lightning.step.plan.RolloutPlan`): the one it is *sampled* under (``gen_ids``:
-x, or template(x) for a P²O hard prompt) and the one it is *trained* under (``prompt_ids``: x when distilling).
+prompts (through its :class:`~p2o_lightning.step.plan.RolloutPlan`): the one it is *sampled* under
+(``sampled_prompt_ids``: x, or template(x) for a P²O hard prompt) and the one it is *trained* under (``prompt_ids``:
+x when distilling).
 A stage takes a batch and returns ``dataclasses.replace(batch, ...)``; tensors are on the policy's device.
 
 The three policies of verl's vocabulary, spelled out: π_rollout sampled the responses; ``old_logp`` is π_old (the
@@ -28,8 +29,8 @@ class RolloutBatch:
 
     plan: RolloutPlan  # per row: x, its template, the prompt sampled under, the prompt trained under
     answers: list[str]  # [M] gold answer of each row
-    gen_ids: Tensor  # [M, Pg] the prompt each row is sampled under, left-padded
-    gen_mask: Tensor  # [M, Pg]
+    sampled_prompt_ids: Tensor  # [M, Pg] the prompt each row is sampled under, left-padded
+    sampled_prompt_mask: Tensor  # [M, Pg]
     prompt_ids: Tensor  # [M, P] the prompt each row is trained under (x when distilling), left-padded
     prompt_mask: Tensor  # [M, P]
     response_ids: Tensor  # [M, R] right-padded with the pad id
@@ -55,34 +56,6 @@ class RolloutBatch:
         return self.rewards.shape[0]
 
     @property
-    def sampled_prompts(self) -> list[str]:  # [M]
-        return self.plan.sample_prompts
-
-    @property
-    def trained_prompts(self) -> list[str]:  # [M]
-        return self.plan.train_prompts
-
-    @property
-    def input_ids(self) -> Tensor:  # [M, P + R] trained prompt, then response
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:  # [M, P + R]
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
-
-    @property
-    def context_input_ids(self) -> Tensor:  # [M, Pg + R] sampled prompt, then response
-        return torch.cat([self.gen_ids, self.response_ids], dim=1)
-
-    @property
-    def context_attention_mask(self) -> Tensor:  # [M, Pg + R]
-        return torch.cat([self.gen_mask, self.response_mask], dim=1)
-
-    @property
-    def targets(self) -> Tensor:  # [M, R] response ids, -100 where masked (the log-prob ops' ignore_index)
-        return self.response_ids.masked_fill(self.response_mask == 0, -100)
-
-    @property
     def truncated(self) -> Tensor:  # [M] bool: hit max_new_tokens without an EOS
         return self.response_mask.bool().all(dim=1)
 
@@ -96,7 +69,7 @@ class RolloutBatch:
 
     @property
     def reprompted(self) -> bool:
-        """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ ``gen_ids``)."""
+        """Some row is trained under another prompt than it was sampled under (``prompt_ids`` ≠ its sampled one)."""
         return any(self.plan.distilled_rows)
 
     def outputs(self) -> dict:
@@ -124,8 +97,8 @@ class RolloutBatch:
         plan = RolloutPlan(
             prompts=[self.plan.prompts[r] for r in rows],
             templates=[self.plan.templates[r] for r in rows],
-            sample_prompts=[self.plan.sample_prompts[r] for r in rows],
-            train_prompts=[self.plan.train_prompts[r] for r in rows],
+            sampled_prompts=[self.plan.sampled_prompts[r] for r in rows],
+            trained_prompts=[self.plan.trained_prompts[r] for r in rows],
             templated_groups=[self.plan.templated_groups[g] for g in groups],
         )
         changes: dict = {
@@ -159,15 +132,15 @@ def cat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     plan = RolloutPlan(
         prompts=[p for plan in plans for p in plan.prompts],
         templates=[t for plan in plans for t in plan.templates],
-        sample_prompts=[p for plan in plans for p in plan.sample_prompts],
-        train_prompts=[p for plan in plans for p in plan.train_prompts],
+        sampled_prompts=[p for plan in plans for p in plan.sampled_prompts],
+        trained_prompts=[p for plan in plans for p in plan.trained_prompts],
         templated_groups=[g for plan in plans for g in plan.templated_groups],
     )
     return RolloutBatch(
         plan=plan,
         answers=[a for b in batches for a in b.answers],
-        gen_ids=cat("gen_ids", pad_id, left=True),
-        gen_mask=cat("gen_mask", 0, left=True),
+        sampled_prompt_ids=cat("sampled_prompt_ids", pad_id, left=True),
+        sampled_prompt_mask=cat("sampled_prompt_mask", 0, left=True),
         prompt_ids=cat("prompt_ids", pad_id, left=True),
         prompt_mask=cat("prompt_mask", 0, left=True),
         response_ids=cat("response_ids", pad_id, left=False),

@@ -4,8 +4,8 @@ One pass over the rows in micro-batches. When some row is distilled (trained und
 each micro-batch runs the decoder on both prompts and scores both contexts with **one** ``linear_logprob_multi``
 call, so the LM head weight is streamed once for log π(y|x) and log π(y|t(x)) (both backends; the Triton kernel
 multiplies each weight tile with the two contexts' rows in one ``tl.dot``). The reference model (only when
-``kl_coef > 0``) is a second pass. Which passes run is the step's :class:`~p2o_lightning.step.update.LogProbPlan`
-(``PPOUpdate.plan``): when the PPO update is a single one, π_old is π_θ at that update, detached, the update's
+``kl_coef > 0``) is a second pass. Which passes run is the step's :class:`~p2o_lightning.step.update.LogProbPasses`
+(``PPOUpdate.passes``): when the PPO update is a single one, π_old is π_θ at that update, detached, the update's
 forward gives it and the context, and this stage computes only the reference. The engine's sampling log-probs are
 compared with π_old once it is known (:func:`rollout_mismatch`: before the update, where TIS weights the
 advantages, :func:`apply_tis`; after it when the update gives π_old).
@@ -43,8 +43,8 @@ class LogProbSettings:
     micro_batch_size: int  # rows per forward
     trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
     micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
-    # the update's loss and LM-head gradients in the log-prob pass when its plan says the ratio is 1
-    # (:mod:`p2o_lightning.fused_head`, ``LogProbPlan.fused_head``); False: log-probs, then the loss through autograd
+    # the update's loss and LM-head gradients in the log-prob pass when its passes say the ratio is 1
+    # (:mod:`p2o_lightning.fused_head`, ``LogProbPasses.fused_head``); False: log-probs, then the loss through autograd
     fused_head: bool = False
     # the fused head's matmul operands: None (float32 on the torch backend, the weight's dtype on Triton) or
     # "bfloat16" (fp32 softmax and accumulation; for CPUs with AMX / AVX512-BF16 units and GPUs; not timed on one)
@@ -140,17 +140,19 @@ def forward_rows(
     """
     response, response_mask = batch.response_ids[rows], batch.response_mask[rows]  # [m, R]
     prompt, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]  # [m, P]
-    gen, gen_mask = (batch.gen_ids[rows], batch.gen_mask[rows]) if with_context else (None, None)  # [m, Pg]
+    sampled, sampled_mask = None, None  # [m, Pg] the prompt each row was sampled under, when scored
+    if with_context:
+        sampled, sampled_mask = batch.sampled_prompt_ids[rows], batch.sampled_prompt_mask[rows]
     full_width = response.shape[1]
     if settings.trim:
-        width, starts = trimmed_widths(response_mask, prompt_mask, *([gen_mask] if with_context else []))
+        width, starts = trimmed_widths(response_mask, prompt_mask, *([sampled_mask] if with_context else []))
         response, response_mask = response[:, :width], response_mask[:, :width]  # [m, R']
         prompt, prompt_mask = prompt[:, starts[0] :], prompt_mask[:, starts[0] :]  # [m, P']
         if with_context:
-            gen, gen_mask = gen[:, starts[1] :], gen_mask[:, starts[1] :]  # [m, Pg']
+            sampled, sampled_mask = sampled[:, starts[1] :], sampled_mask[:, starts[1] :]  # [m, Pg']
     context = None, None
     if with_context:
-        context = (torch.cat([gen, response], 1), torch.cat([gen_mask, response_mask], 1))
+        context = (torch.cat([sampled, response], 1), torch.cat([sampled_mask, response_mask], 1))
     outs = model(
         torch.cat([prompt, response], 1),  # [m, P' + R']
         torch.cat([prompt_mask, response_mask], 1),

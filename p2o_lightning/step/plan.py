@@ -30,8 +30,8 @@ class RolloutPlan:
 
     prompts: list[str]  # [M] the plain prompt x of each row
     templates: list[str]  # [M] the template a row is sampled under; "" = sampled from x itself
-    sample_prompts: list[str]  # [M] what the engine is given: template(x), or x
-    train_prompts: list[str]  # [M] what the row's log-probs are computed on: x when distilling
+    sampled_prompts: list[str]  # [M] what the engine is given: template(x), or x
+    trained_prompts: list[str]  # [M] what the row's log-probs are computed on: x when distilling
     templated_groups: list[bool]  # [B] the prompt held templates this step
 
     @property
@@ -46,7 +46,7 @@ class RolloutPlan:
     @property
     def distilled_rows(self) -> list[bool]:
         """[M] the row is sampled under one prompt and trained under another (needs the context ratio mask)."""
-        return [s != t for s, t in zip(self.sample_prompts, self.train_prompts)]
+        return [s != t for s, t in zip(self.sampled_prompts, self.trained_prompts)]
 
 
 def plan_rollouts(
@@ -78,8 +78,8 @@ def plan_rollouts(
     return RolloutPlan(
         prompts=rows_x,
         templates=rows_t,
-        sample_prompts=sample,
-        train_prompts=list(rows_x) if distill else list(sample),
+        sampled_prompts=sample,
+        trained_prompts=list(rows_x) if distill else list(sample),
         templated_groups=groups,
     )
 

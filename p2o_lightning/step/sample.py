@@ -46,13 +46,13 @@ def sample_rollouts(sample: SampleFn, plan: RolloutPlan, answers: list[str], sam
     if not plan.any_templated:
         rollouts, grade = sample(plan.prompts[::k], list(answers), sampling)
     else:
-        rollouts, grade = sample(plan.sample_prompts, row_answers, replace(sampling, n=1))
+        rollouts, grade = sample(plan.sampled_prompts, row_answers, replace(sampling, n=1))
     rewards = torch.tensor(grade.rewards, dtype=torch.float32, device=rollouts.response_ids.device).view(g, k)
     return RolloutBatch(
         plan=plan,
         answers=row_answers,
-        gen_ids=rollouts.prompt_ids,
-        gen_mask=rollouts.prompt_mask,
+        sampled_prompt_ids=rollouts.prompt_ids,
+        sampled_prompt_mask=rollouts.prompt_mask,
         prompt_ids=rollouts.prompt_ids,  # trained under the sampled prompt until distillation re-prompts the rows
         prompt_mask=rollouts.prompt_mask,
         response_ids=rollouts.response_ids,

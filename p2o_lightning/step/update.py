@@ -16,7 +16,7 @@ divides by the tokens the mask keeps: those are known only from π_old, so the o
 known as soon as the log-prob is, so the LM head's backward can run inside the forward
 (:mod:`p2o_lightning.fused_head`): the update hands the forward the loss's per-token weights
 (:class:`~p2o_lightning.fused_head.RatioOneLoss`) and gets the loss back with its gradients; the statistics still
-come from ``policy_loss`` (no grad) on the same log-probs. :meth:`PPOUpdate.plan` decides, per step, where it runs.
+come from ``policy_loss`` (no grad) on the same log-probs. :meth:`PPOUpdate.passes` decides, per step, where it runs.
 
 **The skill anchor's backward** is its own: the distillation loss's backward runs first, then w × the anchor's
 (the two graphs share only the parameters, so the gradients add up to one backward of their sum, up to float
@@ -127,8 +127,8 @@ class PPOSettings:
 
 
 @dataclass(frozen=True)
-class LogProbPlan:
-    """The log-prob passes of one step, decided once (:meth:`PPOUpdate.plan`): the log-prob stage and the update
+class LogProbPasses:
+    """The log-prob passes of one step, decided once (:meth:`PPOUpdate.passes`): the log-prob stage and the update
     both read it.
     """
 
@@ -169,7 +169,9 @@ class PPOUpdate:
         """
         return single_update(self.settings, batch.num_groups) and not (batch.reprompted and self.masks_tokens)
 
-    def plan(self, batch: RolloutBatch, tis_cap: float | None, any_rank: Callable[[bool], bool] = bool) -> LogProbPlan:
+    def passes(
+        self, batch: RolloutBatch, tis_cap: float | None, any_rank: Callable[[bool], bool] = bool
+    ) -> LogProbPasses:
         """The step's log-prob passes: a separate π_old pass unless the update fuses it (TIS needs π_old before the
         update), the context log-probs when a row is distilled and something reads them, the anchor's; and whether
         the update runs the fused head (``LogProbSettings.fused_head``): only where the ratio is 1 (no π_old pass)
@@ -187,7 +189,7 @@ class PPOUpdate:
         anchored = any_rank(s.anchor_weight > 0 and batch.reprompted)
         gated = any_rank((s.opening_tokens > 0 or s.kl_rows != "all") and batch.reprompted)  # wait for the logp
         context = needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens)
-        return LogProbPlan(
+        return LogProbPasses(
             old_pass=old_pass,
             context=any_rank(context),
             anchored=anchored,
@@ -221,7 +223,7 @@ class PPOUpdate:
     def __call__(
         self,
         batch: RolloutBatch,
-        plan: LogProbPlan,
+        passes: LogProbPasses,
         policy,
         ops,
         backward: Callable[[Tensor], None],
@@ -235,9 +237,9 @@ class PPOUpdate:
         G, K = batch.num_groups, batch.group_size
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
-        fused_old = not plan.old_pass  # single update: π_old comes from this forward
-        anchored = plan.anchored  # the skill anchor needs log π(y|t(x)) with grad
-        with_context = plan.update_context
+        fused_old = not passes.old_pass  # single update: π_old comes from this forward
+        anchored = passes.anchored  # the skill anchor needs log π(y|t(x)) with grad
+        with_context = passes.update_context
         anchor_tokens = anchor_mask(batch) if anchored else None  # [M, R]
         nothing_to_lose = plain_failed_groups(batch) if s.opening_tokens > 0 else None  # [G]
         distilled_rows = batch.distilled  # [M] bool
@@ -265,7 +267,7 @@ class PPOUpdate:
                         if s.kl_rows == "untemplated":  # every row of a group sampled with templates
                             kl_free = templated_groups[micro // K]
                     head_loss = None
-                    if plan.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
+                    if passes.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
                         head_loss = RatioOneLoss.of(
                             batch.advantages[micro], mask[micro], ref_logp=ref, kl_coef=self.loss.kl_coef,
                             kl_estimator=self.loss.kl_estimator, loss_agg=self.loss.loss_agg, num_tokens=num_tokens,

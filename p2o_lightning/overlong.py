@@ -1,11 +1,11 @@
-"""Prompts against the model's context: each split's prompts counted in tokens when the data is set up, and those
-that do not fit refused (the file and every row named) or, when asked, dropped and counted.
+"""Overlong prompts: each split's prompts counted in tokens when the data is set up, and those
+that do not fit the model's positions refused (the file and every row named) or, when asked, dropped and counted.
 
-Nothing else stops a prompt longer than the model's context: transformers prints a "friendly reminder" inside the
+Nothing else stops a prompt longer than the model's positions: transformers prints a "friendly reminder" inside the
 progress bar, generates past the positions the model was trained on, and the step takes minutes. The convention is
 verl's ``data.max_prompt_length`` and ``data.filter_overlong_prompts``:
 
-- **the limit** of a split (:func:`prompt_limit`) is the model's context (``max_position_embeddings``, or vLLM's
+- **the limit** of a split (:func:`prompt_limit`) is the model's positions (``max_position_embeddings``, or vLLM's
   ``max_model_len`` when smaller) minus the split's response budget (``max_new_tokens``; ``val_max_new_tokens`` for
   validation splits), or ``data.max_prompt_length`` when that is smaller;
 - **a prompt is counted** as the rollout engine encodes it: rendered by the tokenizer's chat template when it has
@@ -23,21 +23,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 MAX_LISTED = 10  # overlong rows listed in one message; the rest are counted
 
 
-def prompt_limit(context: int | None, response_tokens: int, max_prompt_length: int | None) -> tuple[int | None, str]:
+def prompt_limit(positions: int | None, response_tokens: int, max_prompt_length: int | None) -> tuple[int | None, str]:
     """``(limit, why)``: the most tokens a prompt may have, and where that number comes from (None: no limit known).
 
-    ``context`` is the model's number of positions (None: unknown), ``response_tokens`` the split's response budget.
+    ``positions`` is the model's number of positions (None: unknown), ``response_tokens`` the split's response budget.
     """
-    room = context - response_tokens if context else None
+    room = positions - response_tokens if positions else None
     if room is not None and room < 1:
         raise ValueError(
-            f"max_new_tokens={response_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"max_new_tokens={response_tokens} leaves no room for a prompt in the model's {positions} "
             "positions: lower it"
         )
     if max_prompt_length is not None and (room is None or max_prompt_length <= room):
         return max_prompt_length, f"data.max_prompt_length={max_prompt_length}"
     if room is not None:
-        return room, f"the model's {context} positions minus {response_tokens} response tokens"
+        return room, f"the model's {positions} positions minus {response_tokens} response tokens"
     return None, ""
 
 

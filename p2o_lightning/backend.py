@@ -17,15 +17,7 @@ import torch
 from torch import Tensor
 
 from p2o_lightning.fused_head import fused_linear_policy_loss
-from p2o_lightning.ops import (
-    collapsed_groups,
-    context_ratio_mask,
-    group_advantage,
-    kl_penalty,
-    linear_logprob,
-    linear_logprob_multi,
-    policy_loss,
-)
+from p2o_lightning.ops import group_advantage, linear_logprob, linear_logprob_multi, policy_loss
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -42,9 +34,6 @@ class Ops:
     group_advantage: Callable[..., Tensor]
     policy_loss: Callable[..., tuple[Tensor, dict[str, Tensor]]]
     fused_linear_policy_loss: Callable[..., tuple[Tensor, Tensor, Tensor | None]]  # p2o_lightning.fused_head
-    kl_penalty: Callable[..., Tensor] = kl_penalty  # always the reference (no kernel planned)
-    collapsed_groups: Callable[..., Tensor] = collapsed_groups  # always the reference
-    context_ratio_mask: Callable[..., Tensor] = context_ratio_mask  # always the reference (a comparison)
 
 
 def _kernel_ops() -> dict[str, Callable]:

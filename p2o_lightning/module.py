@@ -28,7 +28,6 @@ from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,
     gathered,
-    load_causal_lm,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -51,7 +50,7 @@ from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
 from p2o_lightning.stopwatch import Stopwatch
 from p2o_lightning.tasks import get_task
 
-__all__ = ["P2OModule", "PolicyLogProb", "load_causal_lm", "resolve_model_path"]
+__all__ = ["P2OModule"]
 
 
 class P2OModule(L.LightningModule):

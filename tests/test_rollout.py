@@ -15,8 +15,9 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.data import PromptDataModule, load_problems
-from p2o_lightning.module import P2OModule, resolve_model_path
+from p2o_lightning.module import P2OModule
 from p2o_lightning.ops import policy_loss, tis_weights
+from p2o_lightning.policy import resolve_model_path
 from p2o_lightning.rollout import HFRolloutEngine, SamplingParams
 from p2o_lightning.tasks.math import MathTask
 from p2o_lightning.tasks.math_data import KINDS, write_math_jsonl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -43,21 +43,6 @@ class Rollouts:
     def truncated(self) -> Tensor:
         """[M] bool: the response hit ``max_new_tokens`` without an EOS."""
         return self.response_mask.bool().all(dim=1)
-
-    def select(self, rows: Tensor) -> Rollouts:
-        """The rollouts at ``rows`` (a 1-D index tensor)."""
-        return Rollouts(
-            self.prompt_ids[rows],
-            self.prompt_mask[rows],
-            self.response_ids[rows],
-            self.response_mask[rows],
-            [self.texts[i] for i in rows.tolist()],
-            None if self.sampling_logp is None else self.sampling_logp[rows],
-        )
-
-    def with_prompt_ids(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollouts:
-        """The same responses (and their sampling log-probs) behind other prompts, one per row."""
-        return replace(self, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
 
 
 class RolloutEngine(Protocol):

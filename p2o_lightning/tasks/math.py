@@ -1,8 +1,9 @@
 r"""Competition math graded by ``math-verify``: the paper's binary reward for a correct ``\\boxed{}`` answer.
 
-The prompt is the problem text with the usual instruction to put the final answer in ``\\boxed{}``; the gold answer
-and the response are both parsed by math-verify and compared symbolically. math-verify's own signal-based timeouts
-only work on the main thread, so they are off here: :class:`~p2o_lightning.rewards.SafeGrader` enforces the timeout.
+The prompt is the problem text with the usual instruction to put the final answer in ``\\boxed{}``
+(:data:`BOXED_INSTRUCTION`, which :mod:`~p2o_lightning.tasks.math_data` appends); the gold answer and the response
+are both parsed by math-verify and compared symbolically. math-verify's own signal-based timeouts only work on the
+main thread, so they are off here: :class:`~p2o_lightning.rewards.SafeGrader` enforces the timeout.
 """
 
 from __future__ import annotations
@@ -25,16 +26,11 @@ class MathTask:
 
     name = "math"
 
-    def __init__(self, instruction: str = BOXED_INSTRUCTION) -> None:
+    def __init__(self) -> None:
         from math_verify import parse, verify  # imported lazily: it pulls sympy and antlr
 
         _quiet_math_verify()
         self._parse, self._verify = parse, verify
-        self.instruction = instruction
-
-    def format_question(self, question: str) -> str:
-        """The user message for a raw problem statement (used when a dataset holds bare problems)."""
-        return f"{question.strip()}\n{self.instruction}" if self.instruction else question
 
     def extract_answer(self, response: str) -> str | None:
         parsed = self._parse(response, parsing_timeout=None)

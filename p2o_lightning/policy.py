@@ -6,7 +6,8 @@ of response tokens straight from the decoder's last hidden states and the LM hea
 templated prompt) it runs the decoder on both and scores the two contexts with one ``linear_logprob_multi`` call, so
 the LM head weight is streamed once for log π(y|x) and log π(y|t(x)); when log π(y|t(x)) carries a gradient (P²O's
 skill anchor) it is scored by a call of its own, so that its graph, and its backward, are apart from log π(y|x)'s.
-The forward on the templated prompt is P²O's extra cost over GRPO, measured as ``context_forward`` on the
+With ``pack`` the decoder runs on the rows' real tokens packed end to end (:mod:`p2o_lightning.packing`), not on the
+padded rows. The forward on the templated prompt is P²O's extra cost over GRPO, measured as ``context_forward`` on the
 :class:`~p2o_lightning.stopwatch.Stopwatch` it is given: the decoder, and the LM head where the context has a call
 of its own (inside the stacked call the context's share of the head cannot be told apart).
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from p2o_lightning.checks import check_model_dir
+from p2o_lightning.packing import PositionTally, pack_rows, packing_isolates
 from p2o_lightning.stopwatch import Stopwatch, measured
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,28 +90,63 @@ class PolicyLogProb(nn.Module):
         head = lm.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("the LM head has a bias; the fused log-prob assumes logits = hidden @ weight.T")
+        self._packing: bool | None = None  # packed forwards keep sequences apart (checked on first use)
+        self._pad_id = getattr(lm.config.get_text_config(), "pad_token_id", None) or 0  # a packed row's tail
 
-    def _response_hidden(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-        hidden = self.lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # [M, P + R, H]
+    def _packs(self) -> bool:
+        """Whether packed forwards keep their sequences apart here (checked once: :func:`packing_isolates`)."""
+        if self._packing is None:
+            lm = self.lm
+            self._packing = packing_isolates(lm.get_decoder(), lm.config.get_text_config().vocab_size, lm.device)
+        return self._packing
+
+    def _response_hidden(
+        self, input_ids: Tensor, attention_mask: Tensor, response_len: int, pack: bool, tally: PositionTally | None
+    ) -> Tensor:
+        """[M, R, H] the hidden states of the positions that predict the response tokens; with ``pack`` from a
+        forward on the rows' real tokens packed end to end (:func:`~p2o_lightning.packing.pack_rows`).
+        """
+        decoder = self.lm.get_decoder()
+        if pack and self._packs():
+            packed = pack_rows(input_ids, attention_mask, self._pad_id)
+            hidden = decoder(
+                input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
+            ).last_hidden_state  # [r, L, H]
+            hidden = packed.unpack(hidden)  # [M, P + R, H], zeros at the padding
+            positions, tokens = packed.positions, packed.tokens
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # [M, P + R, H]
+            positions, tokens = input_ids.numel(), None
+        if tally is not None:
+            tally.add(positions, int(attention_mask.sum()) if tokens is None else tokens)
         return hidden[:, -response_len - 1 : -1]  # [M, R, H]: the positions that predict the response tokens
 
     def _context_hidden(
-        self, context_ids: Tensor, context_mask: Tensor, response_len: int, hidden: Tensor, rows: Tensor | None
+        self,
+        context_ids: Tensor,
+        context_mask: Tensor,
+        response_len: int,
+        hidden: Tensor,
+        rows: Tensor | None,
+        pack: bool,
+        tally: PositionTally | None,
     ) -> Tensor:
         """[M, R, H] the response's hidden states behind ``context_ids``: a forward over ``rows`` only (those sampled
         under another prompt than they are trained under); every other row's context is its trained prompt, whose
         hidden states ``hidden`` already holds (copied, without gradient).
         """
         if rows is None:
-            return self._response_hidden(context_ids, context_mask, response_len)
+            return self._response_hidden(context_ids, context_mask, response_len, pack, tally)
         out = hidden.detach().clone()
         if not rows.any():  # still one forward (of a row whose context is its own prompt): ranks run in lockstep
             rows = torch.zeros_like(rows)
             rows[0] = True
-        out[rows] = self._response_hidden(context_ids[rows], context_mask[rows], response_len).to(out.dtype)
+        out[rows] = self._response_hidden(context_ids[rows], context_mask[rows], response_len, pack, tally).to(
+            out.dtype
+        )
         return out
 
     def forward(
@@ -128,6 +165,8 @@ class PolicyLogProb(nn.Module):
         head_loss: Any = None,  # p2o_lightning.fused_head.RatioOneLoss [M, R]: the fused head of a single update
         head_dtype: torch.dtype | None = None,  # the fused head's matmul operands (None: the op's default)
         stopwatch: Stopwatch | None = None,  # measures the forward on context_ids as ``context_forward``
+        pack: bool = False,  # the decoder on the rows' real tokens packed end to end (p2o_lightning.packing)
+        tally: PositionTally | None = None,  # adds up the decoder's positions and real tokens
     ) -> tuple[Tensor, Tensor | None, Tensor | None] | tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """``(logp, entropy, context_logp)``, each [M, R] float32 or None; ``context_logp`` is log π of the same
         tokens behind ``context_ids`` (the decoder runs only on ``context_rows``; the other rows' context is the
@@ -140,7 +179,7 @@ class PolicyLogProb(nn.Module):
         when given, is scored first (no gradient): the loss's context ratio mask reads it.
         """
         response_len = targets.shape[1]
-        hidden = self._response_hidden(input_ids, attention_mask, response_len)  # [M, R, H]
+        hidden = self._response_hidden(input_ids, attention_mask, response_len, pack, tally)  # [M, R, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
         kwargs = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
         if head_loss is not None:
@@ -151,7 +190,9 @@ class PolicyLogProb(nn.Module):
             context_logp = None
             if context_ids is not None:
                 with torch.no_grad(), measured(stopwatch, "context_forward"):
-                    context_hidden = self._context_hidden(context_ids, context_mask, response_len, hidden, context_rows)
+                    context_hidden = self._context_hidden(
+                        context_ids, context_mask, response_len, hidden, context_rows, pack, tally
+                    )
                     context_logp = ops.linear_logprob(
                         context_hidden, weight, targets, **dict(kwargs, return_entropy=False)
                     )[0]
@@ -165,7 +206,9 @@ class PolicyLogProb(nn.Module):
             return logp, entropy, None
         anchored = context_grad and torch.is_grad_enabled()  # else the context feeds the ratio mask only
         with torch.set_grad_enabled(anchored), measured(stopwatch, "context_forward"):
-            context_hidden = self._context_hidden(context_ids, context_mask, response_len, hidden, context_rows)
+            context_hidden = self._context_hidden(
+                context_ids, context_mask, response_len, hidden, context_rows, pack, tally
+            )
             if anchored:  # a head call of its own: the anchor's graph stays apart from log π(y|x)'s
                 context_logp = ops.linear_logprob(context_hidden, weight, targets, **dict(kwargs, return_entropy=False))
         if anchored:

@@ -1,6 +1,7 @@
-"""Trimmed micro-batches (``LogProbSettings.trim``) and micro-batches by a token budget (``micro_batch_tokens``): each
-forward on its rows' own widths gives the padded forward's log-probs, entropies, context log-probs, losses and
-gradients, on random-length rollouts (GRPO and P²O rows)."""
+"""Trimmed micro-batches (``LogProbSettings.trim``), micro-batches by a token budget (``micro_batch_tokens``) and packed
+forwards (``pack``, :mod:`p2o_lightning.packing`): each forward on its rows' own widths, its sequences packed end to
+end, gives the padded forward's log-probs, entropies, context log-probs, losses and gradients, on random-length
+rollouts (GRPO and P²O rows, the fused head's update too)."""
 
 import copy
 from types import SimpleNamespace
@@ -111,15 +112,20 @@ def _random_batch(vocab: int, pad: int, templated: bool, seed: int = 0) -> Rollo
     )
 
 
-def _update(policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: LossSettings, tokens: int | None):
-    """One PPO update stage from ``policy0`` (a copy, SGD lr 0.1) with micro-batches of 5 rows, or of ``tokens``:
-    (stats, batch out, gradients of every optimizer step, the input widths of every forward)."""
+def _update(
+    policy0, batch: RolloutBatch, trim: bool, ppo: PPOSettings, loss: LossSettings, tokens: int | None, fused=False
+):
+    """One PPO update stage from ``policy0`` (a copy, SGD lr 0.1) with micro-batches of 5 rows, or of ``tokens``;
+    packed where trimmed, padded otherwise: (stats, batch out, gradients of every optimizer step, the input widths of
+    every forward)."""
     policy = copy.deepcopy(policy0)
     widths = []
     hook = lambda m, args, kw: widths.append((args[0].shape[1], kw.get("context_ids")))  # noqa: E731
     policy.register_forward_pre_hook(hook, with_kwargs=True)
     ops = get_ops("torch", "cpu")
-    settings = LogProbSettings(1.0, 7, micro_batch_size=5, trim=trim, micro_batch_tokens=tokens)
+    settings = LogProbSettings(
+        1.0, 7, micro_batch_size=5, trim=trim, micro_batch_tokens=tokens, pack=trim, fused_head=fused
+    )
     update = PPOUpdate(ppo, loss, settings)
     passes = update.passes(batch, None)  # the step's passes, as the module decides them
     if loss.kl_coef > 0:  # the policy itself stands in for the reference: the no-grad pass, trimmed or not
@@ -161,24 +167,29 @@ CASES = {  # rows templated, PPO settings, loss settings, micro_batch_tokens of 
     "p2o-anchor-by-tokens": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings(), 40),
     "p2o-two-epochs-tokens-scope": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), None),
     "p2o-two-epochs-by-tokens": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), 40),
+    "grpo-fused-head-by-tokens": (False, PPOSettings(1, None), LossSettings(kl_coef=0.05), 40),
+    "p2o-fused-head": (True, PPOSettings(1, None), LossSettings(), None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trimmed_update_equals_the_padded_one(tiny_world, case):
     templated, ppo, loss, tokens = CASES[case]
+    fused = "fused-head" in case  # the loss's LM-head gradients in the forward, on both sides
     module = small_module(tiny_world)
     module.configure_model()
     batch = _random_batch(module.policy.lm.config.vocab_size, module.tokenizer.pad_token_id, templated)
     assert batch.reprompted == templated
-    padded = _update(module.policy, batch, False, ppo, loss, None)
-    trimmed = _update(module.policy, batch, True, ppo, loss, tokens)
+    padded = _update(module.policy, batch, False, ppo, loss, None, fused)
+    trimmed = _update(module.policy, batch, True, ppo, loss, tokens, fused)
 
     # the trimmed forwards are narrower (the test is not vacuous); the padded ones are all P + R (Pg + R) wide
     assert {w for w, _ in padded[3]} == {P + R}
     assert max(w for w, _ in trimmed[3]) < P + R
     if templated:  # the sampled prompts' context, in the forwards that score it
         assert {c for _, c in padded[3] if c} == {PG + R} and max(c for _, c in trimmed[3] if c) < PG + R
+    # the packed forwards ran on their tokens: the padded ones are mostly padding (the rows are 2 to 15 tokens)
+    assert padded[0].pop("padding_share") > 0.5 and trimmed[0].pop("padding_share") < 0.25
     assert padded[0].keys() == trimmed[0].keys()
     for key, value in padded[0].items():
         assert trimmed[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

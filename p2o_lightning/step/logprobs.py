@@ -19,6 +19,11 @@ are padding everywhere changes no position and no attention; the results equal t
 rounding (``LogProbSettings.trim=False`` runs it at full width). With ``micro_batch_tokens`` the rows are sorted by
 length before they are cut into micro-batches (:func:`micro_batches`), so that each one's widths are close to its
 rows' lengths; the loss is normalised by the whole mini-batch, so only the order of gradient accumulation changes.
+
+**Packed forwards** (``LogProbSettings.pack``, on by default). Inside each forward the decoder runs on the rows'
+real tokens packed end to end, position ids restarting with every sequence (:mod:`p2o_lightning.packing`), and its
+hidden states go back to the trimmed layout before the LM head: the padding that trimming leaves (short rows beside
+long ones) costs no decoder compute. Equal to the padded forward up to float rounding (``tests/test_trim.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import Tensor
 
 from p2o_lightning.fused_head import HEAD_DTYPES, RatioOneLoss
 from p2o_lightning.ops import tis_weights
+from p2o_lightning.packing import PositionTally
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.stopwatch import Stopwatch, measured
 
@@ -43,6 +49,7 @@ class LogProbSettings:
     micro_batch_size: int  # rows per forward
     trim: bool = True  # each forward on its micro-batch's own widths (:func:`trimmed_widths`); False: the batch's
     micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
+    pack: bool = True  # the decoder on each micro-batch's real tokens packed end to end (p2o_lightning.packing)
     # the update's loss and LM-head gradients in the log-prob pass when its passes say the ratio is 1
     # (:mod:`p2o_lightning.fused_head`, ``LogProbPasses.fused_head``); False: log-probs, then the loss through autograd
     fused_head: bool = False
@@ -129,6 +136,7 @@ def forward_rows(
     context_grad: bool = False,
     head_loss: RatioOneLoss | None = None,
     stopwatch: Stopwatch | None = None,
+    tally: PositionTally | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """One forward of ``model`` over ``rows``: ``(logp, entropy, context_logp, loss)``, the first three each
     [len(rows), R] or None (``context_logp`` with a gradient when ``context_grad``); ``loss`` is the fused head's
@@ -168,6 +176,8 @@ def forward_rows(
         head_loss=None if head_loss is None else head_loss.narrow(response.shape[1]),
         head_dtype=settings.head_torch_dtype,
         stopwatch=stopwatch,
+        pack=settings.pack,
+        tally=tally,
     )
     pad = full_width - response.shape[1]
     if pad:  # zeros beyond the longest response: what the padded forward gives for masked targets

@@ -53,6 +53,7 @@ REDUCTIONS: dict[str, str] = {
     # per update
     "grad_norm": "mean",
     "skipped_steps": "count",
+    "padding_share": "mean",  # the update's decoder positions that are padding, over its real tokens (packing.py)
     # per step (train/...)
     "reward": "mean",
     "accuracy": "mean",

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from p2o_lightning.fused_head import RatioOneLoss
 from p2o_lightning.ops import CONTEXT_MASK_SCOPES
+from p2o_lightning.packing import PositionTally
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import (
     anchor_mask,
@@ -249,6 +250,7 @@ class PPOUpdate:
             entropy_all = torch.zeros_like(mask)
             context_all = torch.zeros_like(mask) if with_context else None
         stats = UpdateStats()
+        tally = PositionTally()  # the update's forward positions against its real tokens: train/padding_share
         for _ in range(s.ppo_epochs):
             groups = torch.randperm(G)  # shuffle whole groups; the K rollouts of a prompt stay together
             for group_ids in groups.split(s.mini_batch_groups or G):
@@ -275,7 +277,7 @@ class PPOUpdate:
                             context_mask_scope=self.loss.context_mask_scope,
                         )  # fmt: skip
                     logp, entropy, live_context, head_value = forward_rows(
-                        policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss, stopwatch=stopwatch
+                        policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss, stopwatch, tally
                     )
                     if fused_old:
                         old = logp.detach()
@@ -334,4 +336,4 @@ class PPOUpdate:
                 stats.end_update(grad_norm=0.0 if skipped else grad_norm, skipped_steps=float(skipped))
         if fused_old:
             batch = batch.with_(old_logp=old_all, entropy=entropy_all, context_logp=context_all)
-        return stats.result(), batch
+        return {**stats.result(), "padding_share": tally.padding_share}, batch

@@ -12,7 +12,6 @@ triton. P²O hooks in through ``template_assignments`` (read by the plan) and th
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Any
 
@@ -27,7 +26,6 @@ from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
     PolicyLogProb,
-    gathered,
     load_policy,
     load_reference,
     load_tokenizer,
@@ -36,14 +34,12 @@ from p2o_lightning.policy import (
 )
 from p2o_lightning.rewards import SafeGrader
 from p2o_lightning.rng import capture_rank_rng_states, capture_rng_state, rank_rng_state, restore_rng_state
-from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, PromptEncoder, SamplingParams
+from p2o_lightning.rollout import PromptEncoder, SamplingParams
 from p2o_lightning.settings import check_settings
-from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import reprompt
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logprobs, rollout_mismatch
-from p2o_lightning.step.plan import RolloutPlan, plan_rollouts
-from p2o_lightning.step.sample import make_engine, sample_rollouts
+from p2o_lightning.step.sample import GroupSampler, Sampler, make_engine
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
 from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
@@ -218,7 +214,7 @@ class P2OModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
         self.grader = SafeGrader(self.task, timeout=reward_timeout)
-        self.policy, self.tokenizer, self.engine = None, None, None  # loaded in configure_model, after the data
+        self.policy, self.tokenizer, self.engine, self.sampler = None, None, None, None  # in configure_model
         self._reference: list[PolicyLogProb] = []  # held outside the module tree: frozen, never checkpointed
         self.collapse = CollapseRate()
         self.rollout_steps = 0  # RL iterations done (checkpointed)
@@ -237,6 +233,7 @@ class P2OModule(L.LightningModule):
         vllm = dict(dtype=hp.dtype, seed=hp.seed, **(hp.vllm_options or {}))
         strategy = getattr(self._trainer, "strategy", None)
         self.engine = make_engine(hp.rollout_engine, self.policy.lm, self.tokenizer, hp.model, strategy, **vllm)
+        self.sampler = Sampler(self.engine, self.grader, self.policy)
 
     @property
     def reference(self) -> PolicyLogProb:
@@ -304,18 +301,11 @@ class P2OModule(L.LightningModule):
     def _where(self) -> str:
         return f"at global step {self.global_step} (rollout step {self.rollout_steps})"
 
-    def plan(self, prompts: list[str]) -> RolloutPlan:
-        """The step's rollout plan: which prompt each of the B·K rows is sampled under and trained under."""
-        hp = self.hparams
-        return plan_rollouts(prompts, self.template_assignments, hp.num_rollouts, hp.plain_rollouts, hp.distill)
-
     def sample(self, prompts: list[str], answers: list[str], sampling: SamplingParams):
-        """Rollouts of ``prompts`` and their rewards, [len(prompts) * n]."""
-        hf = isinstance(self.engine, (HFRolloutEngine, LoopRolloutEngine))  # FSDP2: they run outside its forward
-        with gathered(self.policy) if hf else contextlib.nullcontext():
-            rollouts = self.engine.generate(prompts, sampling)
-        grade = self.grader.grade(rollouts.texts, [a for a in answers for _ in range(sampling.n)])
-        return rollouts, grade
+        """Rollouts of ``prompts`` and their rewards, [len(prompts) * n] (:class:`~.step.sample.Sampler`): what the
+        step, validation and the P²O search sample through (a subclass may reshape the rewards here).
+        """
+        return self.sampler(prompts, answers, sampling)
 
     def _check_finite_weights(self) -> None:
         """NaN / inf in the policy's weights (a bad kernel, a bit flip) stops the run before the step's rollouts and
@@ -341,11 +331,8 @@ class P2OModule(L.LightningModule):
 
         with watch.measure("rollout"):
             sampling = SamplingParams(hp.num_rollouts, hp.temperature, hp.top_p, hp.max_new_tokens)
-
-            def sample_groups(rows: list[dict]) -> RolloutBatch:  # data rows -> their planned, graded rollouts
-                plan = self.plan([row["prompt"] for row in rows])
-                return sample_rollouts(self.sample, plan, [row["answer"] for row in rows], sampling)
-
+            assignments = self.template_assignments  # P²O's, set by its callback
+            sample_groups = GroupSampler(self.sample, sampling, assignments, hp.plain_rollouts, hp.distill)
             draw = getattr(self.trainer.datamodule, "extra_batch", None)  # DAPO's further rounds draw more prompts
             rounds = hp.max_sampling_rounds if hp.dynamic_sampling == "filter" else 1
             any_rank = partial(self.trainer.strategy.reduce_boolean_decision, all=False)  # ranks take equal rounds
@@ -381,7 +368,8 @@ class P2OModule(L.LightningModule):
         metrics.update({f"train/{k}": v for k, v in stats.items()})
         metrics.update(p2o_metrics(rollouts, hp.context_ratio_bounds))
         metrics.update(sampling_metrics(seen, rounds))
-        collapse = log_step(self, metrics, seen.rewards)  # collapse over every sampled group, the dropped ones too
+        # the collapse rate over every sampled group, the dropped ones too
+        collapse = log_step(self.log, self.collapse, metrics, seen.rewards)
         # every group sampled, dropped ones included: the P²O callback's hard samples and its collapse trigger
         return {**seen.outputs(), "all_wrong": collapse["collapse_all_wrong"]}
 

@@ -20,7 +20,7 @@ from p2o_lightning.optim import OptimizerStep  # noqa: E402
 from p2o_lightning.rollout import SamplingParams  # noqa: E402
 from p2o_lightning.step.distill import opening_gate, opening_open_rows, reprompt  # noqa: E402
 from p2o_lightning.step.logprobs import token_logprobs  # noqa: E402
-from p2o_lightning.step.sample import sample_rollouts  # noqa: E402
+from p2o_lightning.step.sample import GroupSampler  # noqa: E402
 from p2o_lightning.step.stats import UpdateStats, rank_reduction, reduction  # noqa: E402
 from p2o_lightning.tasks.addition import world_splits  # noqa: E402
 
@@ -31,9 +31,10 @@ def _distilled_batch(module, n_prompts=3):
     prompts = [p.prompt for p in world_splits()["train"][:n_prompts]]
     answers = [p.answer for p in world_splits()["train"][:n_prompts]]
     k = module.hparams.num_rollouts
-    module.template_assignments = {p: ["Add.", "Carry.", "", "Add."][:k] for p in prompts}
+    assignments = {p: ["Add.", "Carry.", "", "Add."][:k] for p in prompts}
     torch.manual_seed(0)
-    batch = sample_rollouts(module.sample, module.plan(prompts), answers, SamplingParams(k, 1.0, 1.0, 8))
+    sample_groups = GroupSampler(module.sample, SamplingParams(k, 1.0, 1.0, 8), assignments)
+    batch = sample_groups([{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
     return reprompt(batch, module.engine.encode_prompts)
 
 

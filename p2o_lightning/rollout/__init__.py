@@ -7,10 +7,12 @@ which the trainer's own recomputation π_old is compared and, with truncated imp
 ``i*K .. i*K+K-1``. Prompts come back left-padded to a common length P and responses right-padded to R, so
 ``cat([prompt_ids, response_ids], 1)`` is a batch whose response tokens all start at column P.
 
-Engines: :class:`~p2o_lightning.rollout.loop.LoopRolloutEngine` (our own decode loop over the policy's HF model: one
-prefill per prompt, a preallocated KV cache, finished rows dropped),
-:class:`~p2o_lightning.rollout.hf.HFRolloutEngine` (``transformers``' ``generate``; both run on any device and share
-the policy's weights) and :class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine` (a colocated ``vllm.LLM`` whose weights
+Engines, all :class:`~p2o_lightning.rollout.base.RolloutEngine` s (the prompt encoder and stop tokens they share):
+:class:`~p2o_lightning.rollout.loop.LoopRolloutEngine` (our own decode loop over the policy's HF model: one
+prefill per prompt, a preallocated KV cache, finished rows dropped) and
+:class:`~p2o_lightning.rollout.hf.HFRolloutEngine` (``transformers``' ``generate``), both
+:class:`~p2o_lightning.rollout.base.PolicyEngine` s on any device that share the policy's weights, and
+:class:`~p2o_lightning.rollout.vllm.VLLMRolloutEngine` (a colocated ``vllm.LLM`` whose weights
 are synced from the policy after each PPO update; the optional extra ``vllm``, imported lazily). All sample from a
 fresh generation config: only temperature, top-p and the stop tokens shape sampling, never a checkpoint's
 ``generation_config.json`` defaults (repetition penalty, min-p, top-k ...), which would make rollouts silently
@@ -19,6 +21,7 @@ off-policy.
 
 from p2o_lightning.rollout.base import (
     ROLLOUT_ENGINES,
+    PolicyEngine,
     PromptEncoder,
     RolloutEngine,
     Rollouts,
@@ -35,6 +38,7 @@ __all__ = [
     "ROLLOUT_ENGINES",
     "HFRolloutEngine",
     "LoopRolloutEngine",
+    "PolicyEngine",
     "PromptEncoder",
     "RolloutEngine",
     "Rollouts",

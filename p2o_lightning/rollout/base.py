@@ -1,10 +1,15 @@
-"""The rollout interface: sampling settings, the grouped ``Rollouts`` batch, prompt encoding, stop tokens."""
+"""The rollout interface: sampling settings, the grouped ``Rollouts`` batch, prompt encoding, stop tokens, and the
+engines' base classes: :class:`RolloutEngine` (the tokenizer, its stop tokens and the prompt encoder every engine
+holds) and :class:`PolicyEngine` (an engine that samples with the policy's own HF model: nothing to sync, eval mode
+while it samples, its raw responses cut and grouped the same way).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -43,22 +48,6 @@ class Rollouts:
     def truncated(self) -> Tensor:
         """[M] bool: the response hit ``max_new_tokens`` without an EOS."""
         return self.response_mask.bool().all(dim=1)
-
-
-class RolloutEngine(Protocol):
-    """Anything that samples K responses per prompt text and keeps in step with the policy it samples for."""
-
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
-        """K = ``sampling.n`` responses per prompt, with the log-prob each token was sampled with."""
-        ...
-
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Left-padded prompt ids and mask, [len(prompts), P], exactly as ``generate`` feeds them to the model."""
-        ...
-
-    def sync_weights(self, model: nn.Module) -> None:
-        """Make the engine sample from ``model``'s current weights (a no-op for an engine that shares them)."""
-        ...
 
 
 def response_mask_from_eos(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
@@ -133,6 +122,82 @@ def eos_token_ids(generation_config, tokenizer) -> list[int]:
     if not eos:
         raise ValueError("neither the tokenizer nor the generation config names an EOS token")
     return eos
+
+
+class RolloutEngine:
+    """Samples K responses per prompt text and keeps in step with the policy it samples for; a subclass implements
+    :meth:`generate` and :meth:`sync_weights`. Every engine encodes prompts with one :class:`PromptEncoder` (the
+    trainer's tokenizer, the chat template when it has one) and stops at ``eos_token_ids``.
+    """
+
+    shares_policy = False  # samples with the policy's own parameters (FSDP2 gathers them around generate)
+
+    def __init__(self, tokenizer, eos_token_ids: list[int], chat_template: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.prompts = PromptEncoder(tokenizer, eos_token_ids, chat_template)
+
+    @property
+    def use_chat_template(self) -> bool:
+        return self.prompts.use_chat_template
+
+    def render(self, prompts: list[str]) -> list[str]:
+        """User messages → the model input text the engine samples from."""
+        return self.prompts.render(prompts)
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, [len(prompts), P], exactly as ``generate`` feeds them to the model."""
+        return self.prompts.encode_prompts(prompts, device)
+
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
+        """K = ``sampling.n`` responses per prompt, with the log-prob each token was sampled with."""
+        raise NotImplementedError
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Make the engine sample from ``model``'s current weights."""
+        raise NotImplementedError
+
+
+class PolicyEngine(RolloutEngine):
+    """An engine on the policy's own HF model (``transformers`` ``generate``, our decode loop): its stop tokens are
+    the model's generation-config EOS ids and the tokenizer's, it has no weights to sync, it samples in eval mode
+    (the model's mode restored after) and its raw responses become :class:`Rollouts` the same way.
+    """
+
+    shares_policy = True
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None) -> None:
+        super().__init__(tokenizer, eos_token_ids(model.generation_config, tokenizer), chat_template)
+        self.model = model
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to do: the engine samples with the policy's own parameters."""
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Within the block the model is in eval mode; its training mode is restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def rollouts(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, sampling_logp: Tensor, n: int
+    ) -> Rollouts:
+        """The prompts [B, P] and their raw responses [B·n, R] (with their sampling log-probs) as ``Rollouts``: the
+        responses cut at their first EOS (:meth:`PromptEncoder.finish`), each prompt repeated for its n rows.
+        """
+        response_ids, response_mask, sampling_logp, texts = self.prompts.finish(response_ids, sampling_logp)
+        return Rollouts(
+            prompt_ids.repeat_interleave(n, dim=0),
+            prompt_mask.repeat_interleave(n, dim=0),
+            response_ids,
+            response_mask,
+            texts,
+            sampling_logp,
+        )
 
 
 def require_extra(module: str, extra: str, what: str) -> None:

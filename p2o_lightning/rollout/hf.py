@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from p2o_lightning.rollout.base import PromptEncoder, Rollouts, SamplingParams, eos_token_ids
+from p2o_lightning.rollout.base import PolicyEngine, Rollouts, SamplingParams
 
 
 class SamplingLogprobRecorder:
@@ -65,27 +65,8 @@ def fresh_generation_config(model: nn.Module, eos: list[int], pad_token_id: int)
         model.generation_config = saved
 
 
-class HFRolloutEngine:
-    """Samples with ``model.generate``; the model is put in eval mode for sampling and its mode restored after."""
-
-    def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids(model.generation_config, tokenizer)
-        self.prompts = PromptEncoder(tokenizer, self.eos_token_ids, chat_template)
-
-    @property
-    def use_chat_template(self) -> bool:
-        return self.prompts.use_chat_template
-
-    def render(self, prompts: list[str]) -> list[str]:
-        return self.prompts.render(prompts)
-
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        return self.prompts.encode_prompts(prompts, device)
-
-    def sync_weights(self, model: nn.Module) -> None:
-        """Nothing to do: ``generate`` runs on the policy's own parameters."""
+class HFRolloutEngine(PolicyEngine):
+    """Samples with ``model.generate`` on the policy's own parameters (eval mode while sampling)."""
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
@@ -103,29 +84,15 @@ class HFRolloutEngine:
         if not greedy and sampling.top_p < 1.0:
             processors.append(TopPLogitsWarper(sampling.top_p))
         processors.append(recorder)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with fresh_generation_config(self.model, self.eos_token_ids, self.tokenizer.pad_token_id):
-                out = self.model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    max_new_tokens=sampling.max_new_tokens,
-                    num_return_sequences=sampling.n,
-                    do_sample=not greedy,
-                    **({} if greedy else {"top_k": 0}),  # the global default is 50
-                    logits_processor=LogitsProcessorList(processors),
-                )
-        finally:
-            self.model.train(was_training)
+        with self.eval_mode(), fresh_generation_config(self.model, self.eos_token_ids, self.tokenizer.pad_token_id):
+            out = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=sampling.n,
+                do_sample=not greedy,
+                **({} if greedy else {"top_k": 0}),  # the global default is 50
+                logits_processor=LogitsProcessorList(processors),
+            )
         response_ids = out[:, prompt_ids.shape[1] :]
-        sampling_logp = recorder.finish(response_ids)
-        response_ids, response_mask, sampling_logp, texts = self.prompts.finish(response_ids, sampling_logp)
-        return Rollouts(
-            prompt_ids.repeat_interleave(sampling.n, dim=0),
-            prompt_mask.repeat_interleave(sampling.n, dim=0),
-            response_ids,
-            response_mask,
-            texts,
-            sampling_logp,
-        )
+        return self.rollouts(prompt_ids, prompt_mask, response_ids, recorder.finish(response_ids), sampling.n)

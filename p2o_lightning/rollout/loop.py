@@ -37,7 +37,7 @@ import transformers
 from torch import Tensor, nn
 from transformers import Cache, DynamicLayer
 
-from p2o_lightning.rollout.base import PromptEncoder, Rollouts, SamplingParams, eos_token_ids
+from p2o_lightning.rollout.base import PolicyEngine, Rollouts, SamplingParams
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -127,55 +127,27 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Ten
     return token.squeeze(1), logp.gather(1, token).squeeze(1)
 
 
-class LoopRolloutEngine:
-    """Samples with our own decode loop over the HF model (see the module docstring); eval mode while sampling.
-
-    The prompts go through the same :class:`PromptEncoder` as the other engines (``self.prompts.render`` shows the
-    chat-templated text). The first :meth:`generate` checks the loop against the model's uncached forward
+class LoopRolloutEngine(PolicyEngine):
+    """Samples with our own decode loop over the policy's HF model (see the module docstring); eval mode while
+    sampling. The first :meth:`generate` checks the loop against the model's uncached forward
     (:func:`check_against_uncached`) before it samples; ``checked`` is then True.
     """
 
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids(model.generation_config, tokenizer)
-        self.prompts = PromptEncoder(tokenizer, self.eos_token_ids, chat_template)
+        super().__init__(model, tokenizer, chat_template)
         self.cache_argument = cache_argument(model)
         self.checked = False
-
-    @property
-    def use_chat_template(self) -> bool:
-        return self.prompts.use_chat_template
-
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        return self.prompts.encode_prompts(prompts, device)
-
-    def sync_weights(self, model: nn.Module) -> None:
-        """Nothing to do: the loop runs on the policy's own parameters."""
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingParams) -> Rollouts:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = self.encode_prompts(prompts, device)  # [B, P]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.eval_mode():
             if not self.checked:
                 check_against_uncached(self, prompt_ids, prompt_mask)
                 self.checked = True
             response_ids, sampling_logp = self._decode(prompt_ids, prompt_mask, sampling)
-        finally:
-            self.model.train(was_training)
-        response_ids, response_mask, sampling_logp, texts = self.prompts.finish(response_ids, sampling_logp)
-        k = sampling.n
-        return Rollouts(
-            prompt_ids.repeat_interleave(k, dim=0),
-            prompt_mask.repeat_interleave(k, dim=0),
-            response_ids,
-            response_mask,
-            texts,
-            sampling_logp,
-        )
+        return self.rollouts(prompt_ids, prompt_mask, response_ids, sampling_logp, sampling.n)
 
     def _decode(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> tuple[Tensor, Tensor]:
         """Raw responses [M, steps] (pad after a row's EOS) and their sampling log-probs [M, steps]."""

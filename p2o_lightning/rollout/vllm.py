@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from p2o_lightning.rollout.base import PromptEncoder, Rollouts, SamplingParams, eos_token_ids, require_extra
+from p2o_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams, eos_token_ids, require_extra
 
 
 def full_state_items(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -45,7 +45,7 @@ def _reload_worker_weights(worker, weights: list[tuple[str, Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(weights))
 
 
-class VLLMRolloutEngine:
+class VLLMRolloutEngine(RolloutEngine):
     """Samples with a colocated ``vllm.LLM`` built from the policy's checkpoint folder.
 
     Args:
@@ -74,13 +74,11 @@ class VLLMRolloutEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights sync by reference
         from transformers import GenerationConfig
 
-        self.tokenizer = tokenizer
         try:
             generation_config = GenerationConfig.from_pretrained(model_path)
         except OSError:
             generation_config = None
-        self.eos_token_ids = eos_token_ids(generation_config, tokenizer)
-        self.prompts = PromptEncoder(tokenizer, self.eos_token_ids)
+        super().__init__(tokenizer, eos_token_ids(generation_config, tokenizer))
         self.on_cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
         self.sleeps = sleep and self.on_cuda
@@ -103,12 +101,6 @@ class VLLMRolloutEngine:
         if self.sleeps:
             self.llm.sleep(level=1)
         self.syncs = 0
-
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        return self.prompts.encode_prompts(prompts, device)
-
-    def render(self, prompts: list[str]) -> list[str]:
-        return self.prompts.render(prompts)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Load ``model``'s current weights (full tensors, on every rank) into the engine; drop its prefix cache."""

@@ -52,7 +52,8 @@ def dynamic_sample(
 ) -> tuple[RolloutBatch, RolloutBatch, int]:
     """``(kept, seen, rounds)``: the step's batch of ``len(first)`` groups, every group sampled, and the rounds run.
 
-    ``sample_groups(rows)`` samples and grades one batch of data rows; ``draw()`` gives the next batch of rows.
+    ``sample_groups(rows)`` samples and grades one batch of data rows (the step's
+    :class:`~p2o_lightning.step.sample.GroupSampler`); ``draw()`` gives the next batch of rows.
     ``pad_id`` pads the rounds' rows to common widths. ``max_rounds = 1`` is plain GRPO: the first batch as sampled
     (``kept`` is ``seen``).
     """

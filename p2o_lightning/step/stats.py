@@ -18,11 +18,12 @@ name anywhere. An undeclared statistic is an error that names it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.ops import collapsed_groups
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import context_mask
@@ -203,16 +204,19 @@ def sampling_metrics(seen: RolloutBatch, rounds: int) -> dict[str, float]:
     return {"train/sampling_rounds": float(rounds), "train/dropped_groups": float(dropped.sum())}
 
 
-def log_step(module, metrics: Mapping[str, Tensor | float], rewards: Tensor) -> dict[str, float]:
-    """Log a step's metrics on ``module``, each reduced over ranks as declared, and the collapse rate of ``rewards``;
-    returns the collapse shares (``collapse_rate``, ``collapse_all_wrong``, ``collapse_all_right``) of every rank.
+def log_step(
+    log: Callable[..., None], collapse_rate: CollapseRate, metrics: Mapping[str, Tensor | float], rewards: Tensor
+) -> dict[str, float]:
+    """Log a step's metrics through ``log`` (Lightning's ``self.log``), each reduced over ranks as declared, and the
+    collapse rate of ``rewards`` (``collapse_rate``, reset after); returns the collapse shares (``collapse_rate``,
+    ``collapse_all_wrong``, ``collapse_all_right``) of every rank.
     """
     for key, value in metrics.items():
-        module.log(key, value, on_step=True, sync_dist=True, reduce_fx=rank_reduction(key))
-    module.collapse.update(rewards)
-    collapse = {key: value.item() for key, value in module.collapse.compute().items()}  # reduced over ranks
+        log(key, value, on_step=True, sync_dist=True, reduce_fx=rank_reduction(key))
+    collapse_rate.update(rewards)
+    collapse = {key: value.item() for key, value in collapse_rate.compute().items()}  # reduced over ranks
     for key, value in collapse.items():
-        module.log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
-    module.collapse.reset()
-    module.log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
+        log(f"train/{key}", value, on_step=True, prog_bar=key == "collapse_rate")
+    collapse_rate.reset()
+    log("reward", rewards.mean(), on_step=True, prog_bar=True, logger=False, sync_dist=True)
     return collapse

@@ -98,6 +98,11 @@ def last_step(metrics: Path) -> int | None:
         return None
 
 
+def write_meta(arm_dir: Path, meta: dict, resume: bool) -> None:
+    with open(arm_dir / ("meta.json" if not resume else "meta-resume.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def run_arm(args: argparse.Namespace) -> int:
     """Fit one arm in a subprocess and sample it until it exits; returns its exit status."""
     arm_dir = Path(args.work).resolve() / args.arm
@@ -121,6 +126,7 @@ def run_arm(args: argparse.Namespace) -> int:
     }  # fmt: skip
     samples_path = arm_dir / "samples.csv"
     new_file = not samples_path.exists() or not args.resume
+    write_meta(arm_dir, meta, args.resume)  # rewritten with the end and exit status when the fit exits
     log = open(arm_dir / ("fit.log" if not args.resume else "fit-resume.log"), "w")
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -145,10 +151,45 @@ def run_arm(args: argparse.Namespace) -> int:
                 break
             time.sleep(args.interval)
     meta |= {"end": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rc": proc.returncode}
-    with open(arm_dir / ("meta.json" if not args.resume else "meta-resume.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_meta(arm_dir, meta, args.resume)
     print(f"{args.arm}: exit {proc.returncode} after {time.monotonic() - start:.0f} s; samples in {samples_path}")
     return proc.returncode
+
+
+# ---------------------------------------------------------------------------------------------------- probe
+def probe_unit(reps: int = 1000) -> float:
+    """CPU seconds of a fixed piece of work like a step of the embedded world's model (small matmuls, a softmax,
+    Python between them) at one thread: on a shared machine the CPU time of the same work grows with the load
+    (caches and cores shared with other processes), and this says by how much.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(128, 128, generator=gen), torch.randn(128, 384, generator=gen)
+    start = time.thread_time()
+    for _ in range(reps):
+        h = torch.softmax(x @ w, dim=-1)[:, :128]
+        x = torch.tanh(h @ w[:, :128].T @ w[:, :128]) + 0.0 * x
+    return time.thread_time() - start
+
+
+def probe(args: argparse.Namespace) -> None:
+    """Write ``utc, load1, probe_cpu_s`` every ``--interval`` s until ``--until`` exists (or ``--count`` rows)."""
+    path = Path(args.out)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["utc", "load1", "probe_cpu_s"])
+        n = 0
+        while not (args.until and Path(args.until).exists()) and (args.count is None or n < args.count):
+            cpu = probe_unit()
+            writer.writerow([datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             os.getloadavg()[0], f"{cpu:.5f}"])  # fmt: skip
+            f.flush()
+            n += 1
+            time.sleep(args.interval)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -201,7 +242,8 @@ def median(values: list[float]) -> float:
 
 def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     """The numbers of one arm: RSS growth after warm-up, time per token early vs late, folder growth by part."""
-    meta = json.loads((arm_dir / "meta.json").read_text())
+    meta = json.loads((arm_dir / "meta.json").read_text()) if (arm_dir / "meta.json").exists() else {}
+    meta = {"config": ARMS[arm], "steps": "?", "commit": "unknown", "threads": "?", "start": "?"} | meta
     samples = [s for s in read_csv(arm_dir / "samples.csv") if s["step"] != "" and s["rss_mb"] != "nan"]
     steps = step_rows(arm_dir / "run" / "metrics.csv")
     last = steps[-1]["step"]
@@ -217,6 +259,7 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         "arm": arm, "config": meta["config"], "steps_asked": meta["steps"], "steps_done": last,
         "exit": meta.get("rc"), "commit": meta["commit"][:7], "threads": meta["threads"],
         "start": meta["start"], "end": meta.get("end"),
+        "interval_s": median([float(b["t_s"]) - float(a["t_s"]) for a, b in zip(samples, samples[1:])]),
         "load1_median": median([float(s["load1"]) for s in samples]),
         "load1_max": max(float(s["load1"]) for s in samples),
         "rss_warm_mb": median(warm), "rss_late_mb": median(tail), "rss_max_after_warm_mb": max(after, default=0.0),
@@ -227,6 +270,8 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         "cpu_per_token_all_late_us": 1e6 * per_token(late, "run_cpu_delta_s"),
         "wall_per_token_all_early_us": 1e6 * per_token(early, "run_wall_delta_s"),
         "wall_per_token_all_late_us": 1e6 * per_token(late, "run_wall_delta_s"),
+        "load1_early": median([float(s["load1"]) for s in samples if int(s["step"]) < tenth]),
+        "load1_late": median([float(s["load1"]) for s in samples if int(s["step"]) >= last - tenth]),
         "tokens_per_step_early": sum(r["tokens"] for r in early) / len(early),
         "tokens_per_step_late": sum(r["tokens"] for r in late) / len(late),
         "run_cpu_s": last and steps[-1]["run_cpu_s"], "run_wall_s": steps[-1]["run_wall_s"],
@@ -271,7 +316,11 @@ def plot_arm(summary: dict, samples: list[dict], steps: list[dict], path: Path) 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     x = [int(s["step"]) for s in samples]
     ax = axes[0]
-    ax.plot(x, [float(s["rss_mb"]) for s in samples], lw=1, label="VmRSS")
+    rss = [float(s["rss_mb"]) for s in samples]
+    ax.plot(x, rss, ".", ms=1.5, alpha=0.35, label=f"VmRSS, every {summary['interval_s']:g} s (within-step swings)")
+    half = max(1, len(rss) // 40)  # a running median over ~5% of the samples
+    ax.plot(x, [median(rss[max(0, i - half) : i + half + 1]) for i in range(len(rss))], lw=1.5, label="running median")
+    ax.plot(x, [float(s["hwm_mb"]) for s in samples], lw=1.2, color="tab:purple", label="VmHWM (peak so far)")
     ax.axhline(summary["rss_warm_mb"] * 1.10, color="tab:red", ls="--", lw=1, label="+10% of RSS after warm-up")
     ax.axvline(summary["steps_done"] // 10, color="grey", ls=":", lw=1, label="end of warm-up (10%)")
     ax.set(xlabel="RL step", ylabel="MB", title=f"resident memory (growth {summary['rss_growth_pct']:+.1f}%)")
@@ -288,14 +337,18 @@ def plot_arm(summary: dict, samples: list[dict], steps: list[dict], path: Path) 
     ax.set(xlabel="RL step", ylabel="CPU µs per generated token",
            title=f"CPU time per generated token ({window}-step windows, 1 thread)")  # fmt: skip
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower left")
+    twin = ax.twinx()
+    twin.plot(x, [float(s["load1"]) for s in samples], color="grey", lw=0.6, alpha=0.5)
+    twin.set_ylabel("machine load average, 1 min (grey; 2 cores)", color="grey")
+    twin.set_ylim(bottom=0)
 
     ax = axes[2]
     labels = {"checkpoints": "checkpoints/", "p2o": "p2o/ search records", "metrics": "metrics.csv",
               "policy": "policy/ (at the end)", "other": "other (config, hparams, plot, summary)"}  # fmt: skip
     ax.stackplot(x, *[[int(s[f"bytes_{p}"]) / 1e6 for s in samples] for p in labels], labels=list(labels.values()))
     ax.set(xlabel="RL step", ylabel="MB", title="run folder size by part")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
     fig.suptitle(f"{summary['arm'].upper()} on the embedded world ({summary['config']}, {summary['steps_done']} "
                  f"steps, commit {summary['commit']}, {summary['threads']} thread)")  # fmt: skip
     fig.tight_layout()
@@ -309,9 +362,18 @@ def report(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = []
     for arm in ARMS:
-        if not (work / arm / "meta.json").exists():
+        if not (work / arm / "samples.csv").exists():
             continue
         summary, samples, steps = summarize(arm, work / arm)
+        if args.control and (Path(args.control) / arm / "run" / "metrics.csv").exists():
+            control = step_rows(Path(args.control) / arm / "run" / "metrics.csv")
+            control_samples = read_csv(Path(args.control) / arm / "samples.csv")
+            summary |= {
+                "control_steps": control[-1]["step"],
+                "control_load1_median": median([float(s["load1"]) for s in control_samples]),
+                "cpu_per_token_step_control_us": 1e6 * per_token(control, "step_cpu_s"),
+                "cpu_per_token_all_control_us": 1e6 * per_token(control, "run_cpu_delta_s"),
+            }
         summaries.append(summary)
         plot_arm(summary, samples, steps, out_dir / f"{arm}.png")
         with open(out_dir / f"{arm}_samples.csv", "w", newline="") as f:
@@ -331,7 +393,8 @@ def report(args: argparse.Namespace) -> None:
 def table(summaries: list[dict]) -> list[str]:
     """The summary as markdown: one column per arm."""
     rows = [
-        ("steps done / asked", lambda s: f"{s['steps_done']} / {s['steps_asked']}"),
+        ("steps done / asked", lambda s: f"{s['steps_done']} / {s['steps_asked']}"
+                                         + ("" if s["exit"] == 0 else f" (**partial**: exit status {s['exit']})")),
         ("commit, threads", lambda s: f"{s['commit']}, {s['threads']}"),
         ("load average (1 min), median / max", lambda s: f"{s['load1_median']:.2f} / {s['load1_max']:.2f}"),
         ("RSS after warm-up (steps 10-20%), MB", lambda s: f"{s['rss_warm_mb']:.0f}"),
@@ -347,6 +410,11 @@ def table(summaries: list[dict]) -> list[str]:
             f"{s['cpu_per_token_all_late_us']:.0f} ({s['cpu_per_token_all_change_pct']:+.1f}%)"),
         ("wall µs / token, first / last 10% (shared machine)", lambda s: f"{s['wall_per_token_all_early_us']:.0f} "
                                                                         f"/ {s['wall_per_token_all_late_us']:.0f}"),
+        ("load average (1 min) over the first / last 10%", lambda s: f"{s['load1_early']:.1f} / "
+                                                                       f"{s['load1_late']:.1f}"),
+        ("control: a fresh run's first steps, RL step / whole-process CPU µs / token (load)", lambda s: (
+            f"{s['cpu_per_token_step_control_us']:.0f} / {s['cpu_per_token_all_control_us']:.0f} "
+            f"({s['control_steps']} steps, load {s['control_load1_median']:.1f})") if "control_steps" in s else "-"),
         ("run CPU s / wall s", lambda s: f"{s['run_cpu_s']:.0f} / {s['run_wall_s']:.0f}"),
         ("searches run / search records on disk", lambda s: f"{s['searches']} / {s['search_records']}"),
         ("metrics.csv rows", lambda s: f"{s['metrics_rows']}"),
@@ -374,13 +442,23 @@ def main() -> None:
     run.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
     run.add_argument("--resume", action="store_true", help="resume the arm's run (--ckpt_path last)")
     run.add_argument("extra", nargs="*", help="more fit arguments, after --")
+    pro = sub.add_parser("probe", help="the CPU time of a fixed piece of work, sampled (the machine's load)")
+    pro.add_argument("--out", required=True)
+    pro.add_argument("--interval", type=float, default=15.0)
+    pro.add_argument("--until", help="stop once this file exists")
+    pro.add_argument("--count", type=int, help="stop after this many samples")
     rep = sub.add_parser("report", help="summary and plots of the arms under --work")
     rep.add_argument("--work", default="runs/long_run")
     rep.add_argument("--out", default="benchmarks/results/long_run")
+    rep.add_argument(
+        "--control",
+        help="a --work folder of short fresh runs of the arms, run after the long ones: "
+        "the first steps' cost at the load of the long runs' end",
+    )
     args = parser.parse_args()
     if args.command == "run":
         sys.exit(run_arm(args))
-    report(args)
+    probe(args) if args.command == "probe" else report(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from helpers import response_logprobs, small_data, small_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, SamplingParams
-from p2o_lightning.rollout.loop import PreallocatedLayer, preallocated_cache
+from p2o_lightning.rollout.loop import PreallocatedLayer, preallocated_cache, sample_tokens
 
 
 def load(path):
@@ -153,3 +153,29 @@ def test_a_cache_the_model_does_not_take_is_caught(tiny_world, monkeypatch):
     monkeypatch.setattr(engine, "cache_argument", "kv_cache_of_another_version")
     with pytest.raises(RuntimeError, match=r"did not fill the loop's KV cache under transformers"):
         engine.generate(["12+34="], SamplingParams(2, 1.0, 1.0, 6))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_tokens_are_torch_multinomial_s_draws(temperature):
+    """sample_tokens draws what torch.multinomial draws from the same RNG state (the runs before it are reproduced),
+    and its log-probs are the log-softmax's, on [n, V] logits of several shapes (151,936: Qwen's vocabulary)."""
+    for seed, (n, vocab) in enumerate([(1, 7), (5, 100), (64, 4099), (3, 151936)]):
+        logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 4
+        logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+        torch.manual_seed(seed)
+        expected = torch.multinomial(logp.exp(), num_samples=1).squeeze(1)
+        after_multinomial = torch.rand(3)
+        torch.manual_seed(seed)
+        token, token_logp = sample_tokens(logits.clone(), temperature, 1.0)
+        assert torch.equal(token, expected) and torch.equal(torch.rand(3), after_multinomial)  # the same stream
+        assert torch.equal(token_logp, logp.gather(1, expected[:, None]).squeeze(1))
+
+
+def test_non_finite_logits_stop_the_loop_with_an_error(tiny_world):
+    model, tok = load(tiny_world)
+    engine = LoopRolloutEngine(model, tok)
+    engine.generate(["1+1="], SamplingParams(2, 1.0, 1.0, 4))  # the first-batch check passes on good weights
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        engine.generate(["12+34=", "5+6="], SamplingParams(2, 1.0, 1.0, 4))

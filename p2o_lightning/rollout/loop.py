@@ -14,7 +14,9 @@ row-steps decode padding. This loop:
 3. drops finished rows: when rows emit an EOS the batch, its cache, mask and positions are compacted to the live
    rows, so every decode step computes only rows still generating;
 4. samples from the processed distribution (temperature, top-p as HF's ``TopPLogitsWarper``) with one log-softmax
-   of the [n, V] logits row per step and a gather of the sampled token: ``sampling_logp`` needs no [R, M, V] scores.
+   of the [n, V] logits row per step and a gather of the sampled token: ``sampling_logp`` needs no [R, M, V] scores;
+   the draw is ``torch.multinomial``'s without its checks and copies (:func:`sample_tokens`), and the one host sync
+   a step is the one that asks whether a row ended (the batch's rows, and so the next draws, depend on it).
 
 It runs on the policy's own parameters (no weight sync, like :class:`~p2o_lightning.rollout.hf.HFRolloutEngine`) and
 returns exactly what that engine returns: same left-padded prompts (``PromptEncoder``), responses cut at the first
@@ -107,24 +109,33 @@ def cache_argument(model: nn.Module) -> str:
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
-    """Next tokens [n] and their log-probs [n] (float32) under the processed distribution of ``logits`` [n, V].
+    """Next tokens [n] and their log-probs [n] (float32) under the processed distribution of ``logits`` [n, V]; the
+    loop owns its logits, so their memory is reused (overwritten).
 
     Greedy (``temperature <= 0``): the argmax and its log-softmax, as the HF engine records it. Otherwise the logits
     are divided by T, cut to the top-p nucleus (HF's ``TopPLogitsWarper``: the smallest set of tokens whose mass
-    reaches ``top_p``), and a token is drawn from their softmax with the global torch RNG.
+    reaches ``top_p``), and a token is drawn from their softmax p with the global torch RNG by the exponential race
+    argmax_i p_i / E_i, E_i ~ Exp(1), which picks i with probability p_i: the draw ``torch.multinomial(p, 1)`` makes,
+    the same tokens from the same random stream, without its input checks (three full-vocabulary reductions and two
+    host syncs a step; :meth:`LoopRolloutEngine._decode` checks the sampled log-probs once instead) and without a
+    copy for p (written over the spent scores): one log-softmax row and one row of Exp(1) draws per step.
     """
     if temperature <= 0:
         token = logits.argmax(dim=-1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
         return token, logp.gather(1, token[:, None]).squeeze(1)
-    scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+    scores = logits.float()  # fp32 logits themselves; the one fp32 copy of 16-bit ones
+    if temperature != 1.0:
+        scores = scores.div_(temperature)
     if top_p < 1.0:
         from transformers import TopPLogitsWarper
 
         scores = TopPLogitsWarper(top_p)(None, scores)
-    logp = torch.log_softmax(scores, dim=-1)  # [n, V], the one full-vocabulary row per step
-    token = torch.multinomial(logp.exp(), num_samples=1)  # [n, 1]
-    return token.squeeze(1), logp.gather(1, token).squeeze(1)
+    logp = torch.log_softmax(scores, dim=-1)  # [n, V], the one full-vocabulary row of log-probs per step
+    race = torch.empty_like(logp).exponential_(1)  # [n, V] E_i ~ Exp(1), drawn as torch.multinomial draws them
+    probs = torch.exp(logp, out=scores)  # [n, V] p, in the spent scores' memory
+    token = torch.div(probs, race, out=race).argmax(dim=-1)  # [n]
+    return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
 class LoopRolloutEngine(PolicyEngine):
@@ -196,7 +207,14 @@ class LoopRolloutEngine(PolicyEngine):
             )  # fmt: skip
             logits = out.logits[:, -1]
             next_position = next_position + 1
-        return responses[:, :steps], logps[:, :steps]
+        responses, logps = responses[:, :steps], logps[:, :steps]
+        if not bool(torch.isfinite(logps).all()):  # a NaN / inf logit makes its row's log-probs NaN (one sync a batch)
+            raise RuntimeError(
+                "rollout_engine 'loop': the model's logits hold NaN or inf (non-finite sampling log-probs in "
+                f"{int((~torch.isfinite(logps)).any(1).sum())} of {m} rows): the policy's weights or its forward "
+                "went non-finite"
+            )
+        return responses, logps
 
 
 CHECK_PROMPTS, CHECK_ROLLOUTS, CHECK_STEPS = 8, 2, 4  # the first batch's first 8 prompts, K = 2, 4 greedy tokens

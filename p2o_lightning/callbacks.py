@@ -41,13 +41,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from p2o_lightning.greedy import greedy_accuracy
 from p2o_lightning.outputs import run_dir
 from p2o_lightning.prompt.adapter import score_examples
 from p2o_lightning.prompt.record import SearchRecord
 from p2o_lightning.prompt.reflection import OfflineProposer, ReflectionError
 from p2o_lightning.prompt.scorer import CollectiveScorer
 from p2o_lightning.prompt.search import SearchSettings, search_templates
-from p2o_lightning.rollout import SamplingParams
 from p2o_lightning.step.stats import rank_reduction
 from p2o_lightning.stopwatch import Stopwatch
 
@@ -221,19 +221,11 @@ class P2OCallback(L.Callback):
         if self.trigger == "epoch":
             self.search(trainer, pl_module, in_step=False)  # epoch-end hooks may only log on_epoch
 
-    def distilled_accuracy(self, pl_module: L.LightningModule, batch_size: int = 64) -> float:
+    def distilled_accuracy(self, pl_module: L.LightningModule) -> float:
         """Plain-prompt greedy accuracy of the prompts holding templates (every rank scores all of them)."""
         prompts = sorted(p for p in self.assignments if p in self.assigned_answers)
-        if not prompts:
-            return float("nan")
-        sampling = SamplingParams(1, 0.0, 1.0, self.max_new_tokens or pl_module.hparams.max_new_tokens)
-        correct = 0.0
-        with torch.random.fork_rng(devices=[]):
-            for i in range(0, len(prompts), batch_size):
-                chunk = prompts[i : i + batch_size]
-                _, grade = pl_module.sample(chunk, [self.assigned_answers[p] for p in chunk], sampling)
-                correct += sum(r >= 1.0 for r in grade.rewards)
-        return correct / len(prompts)
+        max_new = self.max_new_tokens or pl_module.hparams.max_new_tokens
+        return greedy_accuracy(pl_module, prompts, [self.assigned_answers[p] for p in prompts], max_new)
 
     # ------------------------------------------------------------------ search
     def search(self, trainer: L.Trainer, pl_module: L.LightningModule, in_step: bool = True) -> None:

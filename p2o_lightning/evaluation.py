@@ -1,7 +1,8 @@
 """Validation and test: greedy accuracy and mean@k of each split (and subset) under the plain prompt.
 
 Each batch is one split's (``row["split"]``; rows may carry a ``subset`` reported on its own too, e.g. the embedded
-world's ``easy`` / ``hard`` parts of ``in_dist``). Greedy decoding gives ``{prefix}/{split}/greedy_acc``; k samples
+world's ``easy`` / ``hard`` parts of ``in_dist``). Greedy decoding (:func:`~p2o_lightning.greedy.greedy_scores`, the
+scorer the template search uses too) gives ``{prefix}/{split}/greedy_acc``; k samples
 at ``val_temperature`` give ``{prefix}/{split}/mean@k``. Sampling draws from its own seeded stream, so evaluating
 never shifts the training RNG. The metrics are torchmetrics ``MeanMetric`` held by the module (reduced over ranks).
 """
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from p2o_lightning.greedy import greedy_scores
 from p2o_lightning.rollout import SamplingParams
 
 
@@ -31,8 +33,8 @@ def evaluate(module, batch: list[dict], prefix: str) -> None:
     max_new = hp.val_max_new_tokens or hp.max_new_tokens
     with torch.random.fork_rng(devices=[module.device] if module.device.type == "cuda" else []):
         torch.manual_seed(hp.seed * 7919 + module.global_step * 31 + batch[0]["index"])
-        _, grade = module.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new))
-        _update(module, prefix, batch, "greedy", torch.tensor(grade.rewards, device=module.device))
+        greedy = [reward for _, reward, _ in greedy_scores(module, prompts, answers, max_new, batch_size=None)]
+        _update(module, prefix, batch, "greedy", torch.tensor(greedy, device=module.device))
         if hp.val_num_samples > 0:
             n = hp.val_num_samples
             _, grade = module.sample(prompts, answers, SamplingParams(n, hp.val_temperature, hp.top_p, max_new))

@@ -212,8 +212,8 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
         log=lambda key, value, **kw: logged.__setitem__(key, value),
         # the plain-prompt greedy check: "a" is now solved without its template, "b" not
         sample=lambda prompts, answers, sampling: (
-            None,
-            SimpleNamespace(rewards=[1.0 if p == "a" else 0.0 for p in prompts]),
+            SimpleNamespace(texts=[""] * len(prompts)),
+            SimpleNamespace(rewards=[1.0 if p == "a" else 0.0 for p in prompts], feedback=[""] * len(prompts)),
         ),
     )
     trainer = SimpleNamespace(

@@ -1,6 +1,7 @@
 """The collective GEPA scorer on two gloo processes: rank 0 drives, both ranks score, scores come back in order."""
 
 import datetime
+import math
 import os
 
 import pytest
@@ -64,3 +65,42 @@ def test_collective_scorer_rejects_a_short_shard():
     scorer = CollectiveScorer(lambda examples, template: [])
     with pytest.raises(RuntimeError, match="returned 0 scores for 1 examples"):
         scorer([{"prompt": "a"}], "T")
+
+
+def test_greedy_scores_chunks_grades_and_keeps_the_rng():
+    """The one greedy scorer: chunks of ``batch_size`` in order, greedy sampling, the reward as a float, the training
+    RNG untouched even by an engine that draws from it; a failing chunk raises, or with ``never_raise`` scores 0."""
+    from types import SimpleNamespace
+
+    from p2o_lightning.greedy import greedy_accuracy, greedy_scores
+
+    calls = []
+
+    def sample(prompts, answers, sampling):
+        calls.append((list(prompts), sampling.n, sampling.temperature, sampling.max_new_tokens))
+        torch.rand(3)  # an engine that draws random numbers even when greedy
+        if "boom" in prompts:
+            raise RuntimeError("out of memory (simulated)")
+        rewards = [1 if p == a else 0 for p, a in zip(prompts, answers)]  # an int reward comes back as a float
+        return SimpleNamespace(texts=[p.upper() for p in prompts]), SimpleNamespace(rewards=rewards, feedback=prompts)
+
+    module = SimpleNamespace(device=torch.device("cpu"), sample=sample)
+    prompts, answers = ["a", "b", "c", "d", "e"], ["a", "x", "c", "x", "e"]
+    state = torch.get_rng_state()
+    scored = greedy_scores(module, prompts, answers, max_new_tokens=7, batch_size=2)
+    assert torch.equal(state, torch.get_rng_state())
+    # chunks [a, b], [c, d], [e]: one greedy sample each, 7 new tokens
+    assert calls == [(["a", "b"], 1, 0.0, 7), (["c", "d"], 1, 0.0, 7), (["e"], 1, 0.0, 7)]
+    assert scored == [("A", 1.0, "a"), ("B", 0.0, "b"), ("C", 1.0, "c"), ("D", 0.0, "d"), ("E", 1.0, "e")]
+    assert all(type(reward) is float for _, reward, _ in scored)
+    calls.clear()
+    assert greedy_scores(module, prompts, answers, max_new_tokens=7, batch_size=None) == scored and len(calls) == 1
+    assert greedy_accuracy(module, prompts, answers, max_new_tokens=7) == 3 / 5
+    assert math.isnan(greedy_accuracy(module, [], [], max_new_tokens=7))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        greedy_scores(module, ["a", "boom"], ["a", "x"], max_new_tokens=7)
+    failed = greedy_scores(module, ["a", "b", "boom"], ["a", "x", "x"], 7, batch_size=2, never_raise=True)
+    assert failed[:2] == [("A", 1.0, "a"), ("B", 0.0, "b")]
+    assert failed[2][:2] == ("", 0.0) and "RuntimeError: out of memory" in failed[2][2]
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        greedy_scores(module, ["a", "b"], ["a"], max_new_tokens=7)

@@ -15,9 +15,8 @@ from typing import Any
 
 from gepa import EvaluationBatch
 
+from p2o_lightning.greedy import Scored, greedy_scores
 from p2o_lightning.policy import gathered
-from p2o_lightning.prompt.scorer import Scored
-from p2o_lightning.rollout import SamplingParams
 from p2o_lightning.tasks import apply_template
 
 COMPONENT = "template"
@@ -26,24 +25,15 @@ COMPONENT = "template"
 def score_examples(
     module, examples: Sequence[Mapping[str, str]], template: str, max_new_tokens: int, batch_size: int = 64
 ) -> list[Scored]:
-    """``(response, reward, feedback)`` of each example under ``template``: the module's current policy, greedy.
+    """``(response, reward, feedback)`` of each example under ``template``: the module's current policy, greedy
+    (:func:`~p2o_lightning.greedy.greedy_scores`).
 
     Never raises for a failing chunk: it scores 0 and says why. The policy's parameters are gathered once for all
     chunks (FSDP2), also for an empty list: that all-gather is a collective every rank takes in each evaluation.
     """
-    scored: list[Scored] = []
+    prompts = [apply_template(template, ex["prompt"]) for ex in examples]
     with gathered(module.policy):
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            prompts = [apply_template(template, ex["prompt"]) for ex in chunk]
-            answers = [ex["answer"] for ex in chunk]
-            try:
-                rollouts, grade = module.sample(prompts, answers, SamplingParams(1, 0.0, 1.0, max_new_tokens))
-                scored += zip(rollouts.texts, map(float, grade.rewards), grade.feedback)
-            except Exception as err:  # a broken batch scores 0 with the reason; the search goes on
-                reason = f"The model could not be run on this problem ({type(err).__name__}: {err})."
-                scored += [("", 0.0, reason)] * len(chunk)
-    return scored
+        return greedy_scores(module, prompts, [ex["answer"] for ex in examples], max_new_tokens, batch_size, True)
 
 
 class P2OAdapter:

@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-Scored = tuple[str, float, str]  # (response text, reward, feedback) of one example
+from p2o_lightning.greedy import Scored
+
 ScoreShard = Callable[[Sequence[Mapping[str, str]], str], list[Scored]]  # (examples, template) -> one per example
 
 T = TypeVar("T")

@@ -196,7 +196,7 @@ def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
         cfg = yaml.safe_load(config.read_text())
         for callback in cfg["trainer"]["callbacks"]:
             if callback["class_path"].endswith("P2OCallback"):
-                callback["init_args"]["max_metric_calls"] = 300
+                callback["init_args"]["search"]["max_metric_calls"] = 300
         cfg["model"]["anchor_weight"] = 1.0
         cfg["model"]["optimizer"]["init_args"]["lr"] = 6e-5
         config = out / "p2o-gpu-check.yaml"

@@ -15,7 +15,7 @@ of optimizer steps, data, learning rate and validation; only the method differs:
 | p2o_paper            | configs/p2o-toy.yaml | the paper's loss and the full search (dev 300, 1,500 calls)  |
 | p2o_no_ratio_mask    | configs/p2o-toy.yaml | p2o_paper and ``model.context_ratio_bounds=null``            |
 | p2o_plain0           | configs/p2o-toy.yaml | p2o_paper and ``model.plain_rollouts=0`` (all K templated)   |
-| p2o_forever          | configs/p2o-toy.yaml | p2o_paper and ``template_lifetime: forever``                 |
+| p2o_forever          | configs/p2o-toy.yaml | p2o_paper and ``schedule.template_lifetime: forever``        |
 | p2o_drop_failed      | configs/p2o-toy.yaml | p2o_paper and ``model.drop_failed_templated=true``           |
 | p2o_anchor           | configs/p2o-toy.yaml | the skill anchor with the full search                        |
 | p2o_anchor_no_mask   | configs/p2o-toy.yaml | p2o_anchor and ``model.context_ratio_bounds=null``           |
@@ -74,19 +74,25 @@ def _set(path: str, value):
     return edit
 
 
-def _callback_arg(key: str, value):
+def _callback_arg(path: str, value):
+    """Set the P²O callback's ``init_args.<path>`` (``search.dev_size``: a key of one of its settings groups)."""
+
     def edit(config: dict, args: argparse.Namespace) -> None:
-        _p2o_callback(config)["init_args"][key] = value
+        *groups, leaf = path.split(".")
+        node = _p2o_callback(config)["init_args"]
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = value
 
     return edit
 
 
 # the search of the runs before configs/p2o-toy.yaml became the winning setting (dev 300, 1,500 calls, no stop)
 FULL_SEARCH = [
-    _callback_arg("dev_size", 300),
-    _callback_arg("max_metric_calls", 1500),
-    _callback_arg("search_patience", None),
-    _callback_arg("cache_evaluation", False),
+    _callback_arg("search.dev_size", 300),
+    _callback_arg("search.max_metric_calls", 1500),
+    _callback_arg("search.search_patience", None),
+    _callback_arg("search.cache_evaluation", False),
 ]
 PAPER_LOSS = [_set("model.anchor_weight", 0.0)]
 ANCHOR = [_set("model.anchor_weight", 1.0), *FULL_SEARCH]
@@ -98,18 +104,21 @@ SETTINGS = {
     "p2o": ("p2o-toy.yaml", []),
     "p2o_paper_loss": ("p2o-toy.yaml", PAPER_LOSS),
     "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
-    "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("group_diversity", False)]),
+    "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("search.group_diversity", False)]),
     "p2o_all_templated": ("p2o-toy.yaml", [_set("model.plain_rollouts", 0)]),  # all K rollouts templated
     # the earlier runs' settings: the paper's loss with the full search, and its variations
     "p2o_paper": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH]),
     "p2o_no_ratio_mask": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.context_ratio_bounds", None)]),
     "p2o_plain0": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.plain_rollouts", 0)]),
-    "p2o_forever": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _callback_arg("template_lifetime", "forever")]),
+    "p2o_forever": (
+        "p2o-toy.yaml",
+        [*PAPER_LOSS, *FULL_SEARCH, _callback_arg("schedule.template_lifetime", "forever")],
+    ),
     "p2o_drop_failed": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.drop_failed_templated", True)]),
     "p2o_anchor": ("p2o-toy.yaml", ANCHOR),
     "p2o_anchor_no_mask": ("p2o-toy.yaml", [*ANCHOR, _set("model.context_ratio_bounds", None)]),
     # the valley (issue 17), one change at a time from p2o_anchor
-    "p2o_anchor_tau1": ("p2o-toy.yaml", [*ANCHOR, _callback_arg("tau", 1)]),
+    "p2o_anchor_tau1": ("p2o-toy.yaml", [*ANCHOR, _callback_arg("schedule.tau", 1)]),
     "p2o_anchor_nonneg": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_advantage", "nonnegative")]),
     "p2o_anchor_plain1": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_rollouts", 1)]),
     # the search's cost (issue 17): a 64-problem dev set, 1,000 metric calls, a stop after 12 iterations without a
@@ -118,10 +127,10 @@ SETTINGS = {
         "p2o-toy.yaml",
         [
             _set("model.anchor_weight", 1.0),
-            _callback_arg("dev_size", 64),
-            _callback_arg("max_metric_calls", 1000),
-            _callback_arg("search_patience", 12),
-            _callback_arg("cache_evaluation", True),
+            _callback_arg("search.dev_size", 64),
+            _callback_arg("search.max_metric_calls", 1000),
+            _callback_arg("search.search_patience", 12),
+            _callback_arg("search.cache_evaluation", True),
         ],
     ),
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
@@ -482,7 +491,7 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="one change on top of every P²O setting (a lever): a dotted config key "
-                             "(model.kl_coef=0.05) or p2o.<key> (the P²O callback)")  # fmt: skip
+                             "(model.kl_coef=0.05) or p2o.<key> (the P²O callback's: p2o.schedule.tau=1)")  # fmt: skip
     args = parser.parse_args()
     import yaml
 

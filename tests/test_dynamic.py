@@ -7,6 +7,7 @@ from helpers import KillAt, read_csv, small_data, small_module, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.callbacks import P2OCallback
+from p2o_lightning.prompt.schedule import ScheduleSettings
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.dynamic import check_dynamic_sampling, dynamic_sample
 from p2o_lightning.step.plan import plan_rollouts
@@ -70,7 +71,7 @@ def test_dynamic_sampling_resumes_exactly_and_the_callback_sees_dropped_groups(t
     def run(root, ckpt_path=None, kill_at=None):
         L.seed_everything(0)
         module = small_module(tiny_world, dynamic_sampling="filter", max_sampling_rounds=3)
-        p2o = P2OCallback(trigger="steps", every_n_steps=1000, min_hard_samples=10**6)  # collects, never searches
+        p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=1000, min_hard_samples=10**6))
         callbacks = [p2o, ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)]
         callbacks += [KillAt(kill_at)] if kill_at else []
         t = trainer(root, max_steps=4, callbacks=callbacks, limit_val_batches=0)
@@ -88,4 +89,4 @@ def test_dynamic_sampling_resumes_exactly_and_the_callback_sees_dropped_groups(t
         for key in ("train/reward", "train/loss", "train/entropy", "train/dropped_groups", "p2o/hard_pool"):
             assert float(a[step][key]) == pytest.approx(float(b[step][key]), rel=1e-5, abs=1e-7), (step, key)
     # the hard pool holds prompts of the extra rounds too: more than the 4 steps × 2 prompts of the batches
-    assert len(full.hard_pool) > 8
+    assert len(full.schedule.hard_pool) > 8

@@ -19,6 +19,8 @@ import p2o_lightning.outputs as outputs
 from p2o_lightning.callbacks import P2OCallback
 from p2o_lightning.outputs import AtomicCheckpointIO, ExportPolicy
 from p2o_lightning.prompt.reflection import TeacherReflection
+from p2o_lightning.prompt.schedule import ScheduleSettings
+from p2o_lightning.prompt.search import SearchSettings
 
 
 class _FailingTeacher(BaseHTTPRequestHandler):
@@ -58,8 +60,8 @@ def test_search_survives_a_failing_teacher(tiny_world, tmp_path, mode):
     try:
         teacher = TeacherReflection(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", timeout=0.2, max_retries=0)
         callback = P2OCallback(
-            reflection=teacher, trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4,
-            max_metric_calls=200, parents_per_iteration=1,
+            reflection=teacher, schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=4),
+            search=SearchSettings(dev_size=4, max_metric_calls=200, parents_per_iteration=1),
         )  # fmt: skip
         L.seed_everything(0)
         t = trainer(tmp_path, max_steps=2, callbacks=[callback], limit_val_batches=0)
@@ -67,8 +69,8 @@ def test_search_survives_a_failing_teacher(tiny_world, tmp_path, mode):
     finally:
         server.shutdown()
         server.server_close()
-    assert t.global_step == 2 and len(callback.searches) == 1
-    search = callback.searches[0]
+    assert t.global_step == 2 and len(callback.schedule.searches) == 1
+    search = callback.schedule.searches[0]
     assert search.error is None and search.templates == [""]  # the search ran, its proposals were skipped
     # every failed reflection is counted; three in a row end the search at the next iteration (gepa retries a failed
     # proposal once on its own, so 2 iterations x 2 calls), far below its 200-call budget

@@ -12,6 +12,8 @@ from p2o_lightning.callbacks import P2OCallback
 from p2o_lightning.prompt.adapter import P2OAdapter
 from p2o_lightning.prompt.record import SearchRecord, read_records
 from p2o_lightning.prompt.reflection import OfflineProposer
+from p2o_lightning.prompt.schedule import ScheduleSettings
+from p2o_lightning.prompt.search import SearchSettings
 
 
 def loaded(module):
@@ -44,27 +46,30 @@ def test_adapter_contract_and_no_raise(tiny_world):
     assert out.scores == [0.0, 0.0, 0.0] and "out of memory" in out.trajectories[0]["feedback"]
 
 
-def test_callback_rejects_bad_settings(tiny_world):
+def test_callback_rejects_bad_settings(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="trigger='sometimes'"):
-        P2OCallback(trigger="sometimes")
-    callback = P2OCallback(tau=9)
-    t = trainer(__import__("pathlib").Path("/tmp"), max_steps=1, callbacks=[callback])
-    with pytest.raises(ValueError, match="tau=9 is larger than K=num_rollouts=4"):
+        ScheduleSettings(trigger="sometimes")
+    with pytest.raises(ValueError, match="search_patience must be >= 1 or null, got 0"):
+        SearchSettings(search_patience=0)
+    callback = P2OCallback(schedule=ScheduleSettings(tau=9))
+    t = trainer(tmp_path, max_steps=1, callbacks=[callback])
+    with pytest.raises(ValueError, match=r"schedule.tau=9 is larger than K=num_rollouts=4"):
         t.fit(small_module(tiny_world), datamodule=small_data())
 
 
 def test_callback_state_round_trip():
     callback = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=3))
-    callback.hard_pool = {"12345+67890=": "80235"}
-    callback.assignments = {"99999+1=": ["Add the digits."] * 4}
-    callback.searches = [SearchRecord(rollout_step=3, templates=["", "Add."], dev_mean=[0.0, 0.5])]
-    callback.recent_all_wrong = [0.5, 0.75]
-    callback.last_search_step = 12
+    schedule = callback.schedule
+    schedule.hard_pool = {"12345+67890=": "80235"}
+    schedule.assignments = {"99999+1=": ["Add the digits."] * 4}
+    schedule.searches = [SearchRecord(rollout_step=3, templates=["", "Add."], dev_mean=[0.0, 0.5])]
+    schedule.recent_all_wrong = [0.5, 0.75]
+    schedule.last_search_step = 12
     callback.reflection.mutate("add", 3)
     state = callback.state_dict()
     other = P2OCallback(reflection=OfflineProposer(vocabulary=["add", "carry"], seed=0))
     other.load_state_dict(state)
-    assert other.state_dict() == state and other.searches == callback.searches
+    assert other.state_dict() == state and other.schedule.searches == schedule.searches
     assert other.reflection.mutate("add", 2) == callback.reflection.mutate("add", 2)
 
 
@@ -94,8 +99,9 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
     def run(root, ckpt_path=None, kill_at=None):
         L.seed_everything(0)
         callback = P2OCallback(
-            trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
-            parents_per_iteration=2, clear_pool_after_search=False,
+            schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=4,
+                                      clear_pool_after_search=False),
+            search=SearchSettings(dev_size=4, max_metric_calls=40, parents_per_iteration=2),
         )  # fmt: skip
         callbacks = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)]
         callbacks += [callback] + ([KillAt(kill_at)] if kill_at else [])
@@ -107,16 +113,17 @@ def test_search_and_state_survive_a_kill(tiny_world, tmp_path):
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(tmp_path / "resumed", kill_at=3)
     resumed = run(tmp_path / "resumed", ckpt_path="last")
-    assert len(full.searches) == len(resumed.searches) == 2
+    assert len(full.schedule.searches) == len(resumed.schedule.searches) == 2
     timed = ("seconds", "cpu_seconds")  # what a search cost in time differs between runs; all else is equal
-    untimed = [{k: v for k, v in s.to_dict().items() if k not in timed} for s in full.searches]
-    assert untimed == [{k: v for k, v in s.to_dict().items() if k not in timed} for s in resumed.searches]
-    assert full.hard_pool == resumed.hard_pool and full.reflection.state_dict() == resumed.reflection.state_dict()
-    assert read_records(tmp_path / "full/run") == full.searches  # the files say what the state holds
+    untimed = [{k: v for k, v in s.to_dict().items() if k not in timed} for s in full.schedule.searches]
+    assert untimed == [{k: v for k, v in s.to_dict().items() if k not in timed} for s in resumed.schedule.searches]
+    assert full.schedule.hard_pool == resumed.schedule.hard_pool
+    assert full.reflection.state_dict() == resumed.reflection.state_dict()
+    assert read_records(tmp_path / "full/run") == full.schedule.searches  # the files say what the state holds
     a, b = read_csv(tmp_path / "full/run/metrics.csv"), read_csv(tmp_path / "resumed/run/metrics.csv")
     searched = [r for _, r in sorted(a.items()) if "p2o/search_metric_calls" in r]  # what each search cost
     for key, field in (("p2o/search_metric_calls", "metric_calls"), ("p2o/search_evaluations", "evaluations")):
-        assert {int(float(r[key])) for r in searched} == {getattr(s, field) for s in full.searches}
+        assert {int(float(r[key])) for r in searched} == {getattr(s, field) for s in full.schedule.searches}
     assert all(float(r["time/search_s"]) > 0 for r in searched)
     for step in (2, 3):
         for key in ("train/reward", "train/entropy", "p2o/hard_pool"):
@@ -140,8 +147,8 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
     )
     L.seed_everything(0)
     callback = P2OCallback(
-        reflection=OfflineProposer(seed=0), trigger="epoch", min_hard_samples=8, dev_size=300,
-        max_metric_calls=300, parents_per_iteration=4, seed=0,
+        reflection=OfflineProposer(seed=0), schedule=ScheduleSettings(trigger="epoch", min_hard_samples=8),
+        search=SearchSettings(dev_size=300, max_metric_calls=300, parents_per_iteration=4), seed=0,
     )  # fmt: skip
     module = P2OModule(
         model=str(default_world), num_rollouts=8, max_new_tokens=48, micro_batch_size=64,
@@ -151,8 +158,8 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
     t = trainer(tmp_path, max_steps=4, callbacks=[callback], limit_val_batches=0)
     t.fit(module, datamodule=data)
 
-    assert len(callback.searches) >= 1
-    search = callback.searches[0]
+    assert len(callback.schedule.searches) >= 1
+    search = callback.schedule.searches[0]
     assert max(search.dev_mean) > search.dev_mean[0]  # a template beats the plain prompt on hard problems
     assert search.assignments and all(len(v) == 8 for v in search.assignments.values())
     rows = read_csv(tmp_path / "run" / "metrics.csv")
@@ -180,25 +187,32 @@ def test_self_reflection_uses_the_frozen_reference(tiny_world):
 
 
 def test_template_pool_file_is_checked_and_loaded(tmp_path):
-    from p2o_lightning.callbacks import load_template_pool
+    from p2o_lightning.prompt.record import read_assignments
 
     bad = tmp_path / "pool.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match=r"pool.json: not valid JSON"):
-        load_template_pool(str(bad), 4)
+    with pytest.raises(ValueError, match=r"pool.json: not a search record"):
+        read_assignments(bad, 4)
     bad.write_text('{"assignments": {"1+1=": ["Add."]}}')
-    with pytest.raises(ValueError, match=r"must map to a list of K=4 template strings"):
-        load_template_pool(str(bad), 4)
-    with pytest.raises(ValueError, match="cannot be read"):
-        load_template_pool(str(tmp_path / "missing.json"), 4)
+    with pytest.raises(ValueError, match=r"pool.json: prompt '1\+1=' must map to a list of K=4 template strings"):
+        read_assignments(bad, 4)
+    bad.write_text('{"templates": ["", "Add."]}')  # a record that assigned nothing (a skipped search)
+    with pytest.raises(ValueError, match=r"pool.json: expected a non-empty 'assignments' mapping"):
+        read_assignments(bad, 4)
+    with pytest.raises(ValueError, match="missing.json: cannot be read"):
+        read_assignments(tmp_path / "missing.json", 4)
     good = tmp_path / "search_000.json"
     good.write_text('{"templates": ["", "Add."], "assignments": {"1+1=": ["Add.", "Add.", "", "Add."]}}')
-    assert load_template_pool(str(good), 4) == {"1+1=": ["Add.", "Add.", "", "Add."]}
+    assert read_assignments(good, 4) == {"1+1=": ["Add.", "Add.", "", "Add."]}
 
 
-def test_template_lifetime_epoch_as_the_reference(monkeypatch):
-    """Templates apply in the epoch after their search only; a skipped search leaves none; forever keeps them."""
+def test_callback_wires_the_schedule_to_the_trainer(monkeypatch, tmp_path):
+    """The callback hands the module each search's templates, expires them at the epoch end after the one they applied
+    in, and logs the plain-prompt greedy accuracy of the prompts that held them, with its cost apart. (The lifetime
+    rules themselves are the schedule's, tested in test_schedule.py.)"""
     from types import SimpleNamespace
+
+    import p2o_lightning.callbacks as callbacks
 
     def record(assignments):
         return SearchRecord(templates=["", "T."], dev_mean=[0.0, 1.0], assignments=assignments)
@@ -217,67 +231,44 @@ def test_template_lifetime_epoch_as_the_reference(monkeypatch):
         ),
     )
     trainer = SimpleNamespace(
-        current_epoch=0, is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda obj, src: obj)
-    )
-    for lifetime in ("epoch", "forever"):
-        searches = iter([record({"a": ["T."] * 2, "b": ["T."] * 2}), record({"c": ["U."] * 2})])
-        callback = P2OCallback(min_hard_samples=2, template_lifetime=lifetime)
-        monkeypatch.setattr(callback, "_run_search", lambda *args, searches=searches: next(searches))
-        # epoch 0: a, b hard -> search -> their templates for epoch 1
-        callback.hard_pool = {"a": "2", "b": "4"}
-        trainer.current_epoch = 0
-        callback.on_train_epoch_end(trainer, module)
-        assert module.template_assignments == {"a": ["T."] * 2, "b": ["T."] * 2}
-        # epoch 1: only c hard (a and b were rolled out with templates) -> a, b expire, c gets templates
-        callback.hard_pool = {"c": "6", "d": "8"}
-        trainer.current_epoch = 1
-        logged.clear()
-        callback.on_train_epoch_end(trainer, module)
-        assert logged["p2o/distilled_greedy_acc"] == 0.5  # of a and b, under the plain prompt: a solved, b not
-        assert logged["time/distilled_eval_s"] > 0 and logged["time/distilled_eval_cpu_s"] >= 0  # its cost, apart
-        if lifetime == "epoch":
-            assert module.template_assignments == {"c": ["U."] * 2}
-        else:
-            assert set(module.template_assignments) == {"a", "b", "c"}
-        # epoch 2: too few hard samples, the search is skipped: under "epoch" nothing is left
-        callback.hard_pool = {"e": "10"}
-        trainer.current_epoch = 2
-        callback.on_train_epoch_end(trainer, module)
-        assert module.template_assignments == ({} if lifetime == "epoch" else callback.assignments)
-        assert callback.hard_pool == {}  # the reference collects hard samples per epoch, searched or not
-    with pytest.raises(ValueError, match="template_lifetime='never' is unknown"):
-        P2OCallback(template_lifetime="never")
+        current_epoch=0, is_global_zero=True, strategy=SimpleNamespace(broadcast=lambda obj, src: obj),
+        logger=None, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    searches = iter([record({"a": ["T."] * 2, "b": ["T."] * 2}), record({"c": ["U."] * 2})])
+    ran = []
 
+    def run_search(module, hard_pool, reflection, settings, previous, **where):
+        ran.append((sorted(hard_pool), len(previous), where["rollout_step"], where["epoch"], where["folder"]))
+        return next(searches), 3
 
-def test_hard_groups_by_hand():
-    from p2o_lightning.callbacks import hard_groups
-
-    # K = 4, τ = 2: hard = at most a share 1/4 of the counted rollouts correct
-    rewards = torch.tensor(
-        [
-            [0.0, 1.0, 0.0, 0.0],  # plain group, 1 of 4 correct: hard (near-hard)
-            [1.0, 1.0, 0.0, 0.0],  # plain group, 2 of 4: not hard
-            [1.0, 1.0, 1.0, 0.0],  # templated, rows 0-2 templated (all solved), row 3 plain and wrong
-            [1.0, 1.0, 1.0, 1.0],  # templated, the plain row 3 solved too
-            [1.0, 1.0, 1.0, 0.0],  # templated without plain rows
-        ]
-    )
-    plain = torch.tensor([[True] * 4, [True] * 4, [False] * 3 + [True], [False] * 3 + [True], [False] * 4])
-    # plain: row 2's plain rollout failed (0 of 1 <= 1/4): still hard although its templates solve it; row 3's plain
-    # rollout succeeded (1 of 1): not hard; row 4 has no plain row: counted on all K (3 of 4): not hard
-    assert hard_groups(rewards, plain, tau=2, hardness="plain").tolist() == [True, False, True, False, False]
-    # sampled (the reference): all K rows as sampled
-    assert hard_groups(rewards, plain, tau=2, hardness="sampled").tolist() == [True, False, False, False, False]
-    assert hard_groups(rewards, None, tau=2, hardness="plain").tolist() == [True, False, False, False, False]
-    with pytest.raises(ValueError, match="hardness='templated' is unknown"):
-        P2OCallback(hardness="templated")
+    monkeypatch.setattr(callbacks, "run_search", run_search)
+    callback = P2OCallback(schedule=ScheduleSettings(min_hard_samples=2))
+    callback.setup(trainer, module, "validate")
+    # epoch 0: a, b hard -> search -> their templates for epoch 1
+    callback.schedule.hard_pool = {"a": "2", "b": "4"}
+    callback.on_train_epoch_end(trainer, module)
+    assert module.template_assignments == {"a": ["T."] * 2, "b": ["T."] * 2} and callback.examples_scored == 3
+    assert ran == [(["a", "b"], 0, 0, 0, tmp_path / "p2o")] and logged["p2o/searches"] == 1.0
+    assert "p2o/distilled_greedy_acc" not in logged  # no template applied in epoch 0
+    # epoch 1: c, d hard -> a, b expire, c gets templates
+    callback.schedule.hard_pool = {"c": "6", "d": "8"}
+    trainer.current_epoch = 1
+    callback.on_train_epoch_end(trainer, module)
+    assert logged["p2o/distilled_greedy_acc"] == 0.5  # of a and b, under the plain prompt: a solved, b not
+    assert logged["time/distilled_eval_s"] > 0 and logged["time/distilled_eval_cpu_s"] >= 0  # its cost, apart
+    assert module.template_assignments == {"c": ["U."] * 2} and logged["p2o/assigned_prompts"] == 1.0
+    # epoch 2: too few hard samples: no search, and c's templates expire
+    callback.schedule.hard_pool = {"e": "10"}
+    trainer.current_epoch = 2
+    callback.on_train_epoch_end(trainer, module)
+    assert module.template_assignments == {} and len(ran) == 2
 
 
 def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
     """One GEPA search is a function of the policy: the record's cost, assignments and dev scores add up; a
     patience of 2 iterations without a better best dev score stops it long before its budget, which alone runs to
     the end."""
-    from p2o_lightning.prompt.search import SearchSettings, search_templates
+    from p2o_lightning.prompt.search import search_templates
 
     module = loaded(small_module(tiny_world))
     pool = {f"{a}+{b}=": str(a + b) for a, b in [(13, 29), (7, 48), (35, 35), (61, 9), (22, 17), (40, 44), (5, 5)]}
@@ -297,18 +288,18 @@ def test_search_runs_without_a_trainer_and_stops_on_patience(tiny_world):
 
 
 def test_warm_start_seeds_the_search_with_the_last_best_template(tiny_world):
-    """With warm_start the callback seeds GEPA with the best template of its last search that found one (candidate
-    0 of the next record); without it, or before any search, the seed is the empty template (the paper)."""
+    """With warm_start a search is seeded with the best template of the last search that found one (candidate 0 of
+    the next record); without it, or before any search, the seed is the empty template (the paper)."""
     from p2o_lightning.prompt.record import SearchRecord
-    from p2o_lightning.prompt.search import SearchSettings, search_templates
+    from p2o_lightning.prompt.search import pick_seed_template, search_templates
 
     def record(templates, dev_mean):
         return dataclasses.replace(SearchRecord.skipped(0, 0, ""), templates=templates, dev_mean=dev_mean)
 
-    warm, cold = P2OCallback(warm_start=True), P2OCallback()
-    assert warm.seed_template() == ""  # no search yet
-    warm.searches = cold.searches = [record(["", "Carry."], [0.1, 0.6]), record([], []), record([""], [0.0])]
-    assert warm.seed_template() == "Carry." and cold.seed_template() == ""
+    assert pick_seed_template([], warm_start=True) == ""  # no search yet
+    previous = [record(["", "Carry."], [0.1, 0.6]), record([], []), record([""], [0.0])]
+    assert pick_seed_template(previous, warm_start=True) == "Carry."
+    assert pick_seed_template(previous, warm_start=False) == ""
     module = loaded(small_module(tiny_world))
     pool = {f"{a}+{b}=": str(a + b) for a, b in [(13, 29), (7, 48), (35, 35), (61, 9), (22, 17)]}
     reflection = OfflineProposer(max_words=3, seed=0)
@@ -316,7 +307,7 @@ def test_warm_start_seeds_the_search_with_the_last_best_template(tiny_world):
     settings = SearchSettings(dev_size=2, max_metric_calls=30, search_patience=1, parents_per_iteration=1)
     found = search_templates(
         module, pool, reflection, settings, num_rollouts=4, max_new_tokens=8, seed=0, index=1,
-        seed_template=warm.seed_template(),
+        seed_template=pick_seed_template(previous, warm_start=True),
     )  # fmt: skip
     assert found.templates[0] == "Carry."
 

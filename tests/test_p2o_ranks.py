@@ -17,6 +17,8 @@ import lightning as L
 import torch
 
 from p2o_lightning.callbacks import P2OCallback
+from p2o_lightning.prompt.schedule import ScheduleSettings
+from p2o_lightning.prompt.search import SearchSettings
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.sharded import FSDP2Strategy
@@ -39,17 +41,18 @@ class Record(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         p2o = next(c for c in trainer.callbacks if isinstance(c, P2OCallback))
-        record = {"assignments": pl_module.template_assignments, "searches": len(p2o.searches),
+        record = {"assignments": pl_module.template_assignments, "searches": len(p2o.schedule.searches),
                   "templated": self.templated, "examples_scored": p2o.examples_scored,
-                  "metric_calls": [s.metric_calls for s in p2o.searches]}
+                  "metric_calls": [s.metric_calls for s in p2o.schedule.searches]}
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 L.seed_everything(0)
 module = ParityReward(model=world, num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-p2o = P2OCallback(trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
-                  parents_per_iteration=2, template_lifetime="forever", clear_pool_after_search=False)
+p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=4,
+                                            template_lifetime="forever", clear_pool_after_search=False),
+                  search=SearchSettings(dev_size=4, max_metric_calls=40, parents_per_iteration=2))
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=4, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                     use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.callbacks import P2OCallback
+from p2o_lightning.prompt.schedule import ScheduleSettings
+from p2o_lightning.prompt.search import SearchSettings
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO, _full
@@ -56,8 +58,8 @@ class Record(L.Callback):
         moments = {n: _full(opt.state[p]["exp_avg"]) for n, p in pl_module.policy.named_parameters() if p in opt.state}
         p2o = next(c for c in trainer.callbacks if isinstance(c, P2OCallback))
         state = {"rollout_steps": pl_module.rollout_steps, "global_step": trainer.global_step,
-                 "assignments": pl_module.template_assignments, "searches": [s.to_dict() for s in p2o.searches],
-                 "hard_pool": p2o.hard_pool}
+                 "assignments": pl_module.template_assignments,
+                 "searches": [s.to_dict() for s in p2o.schedule.searches], "hard_pool": p2o.schedule.hard_pool}
         (root / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(state, sort_keys=True))
         if trainer.is_global_zero:
             torch.save({"weights": weights, "exp_avg": moments}, root / f"{tag}.pt")
@@ -89,8 +91,9 @@ if cfg.get("die_in_save"):  # kill -9 in that save, once DCP has written every s
 L.seed_everything(0)
 module = ParityReward(model=cfg["world"], num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
                       warmup_steps=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-p2o = P2OCallback(trigger="steps", every_n_steps=2, min_hard_samples=2, dev_size=4, max_metric_calls=24,
-                  parents_per_iteration=2, template_lifetime="forever", clear_pool_after_search=False)
+p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=2,
+                                            template_lifetime="forever", clear_pool_after_search=False),
+                  search=SearchSettings(dev_size=4, max_metric_calls=24, parents_per_iteration=2))
 checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=2, save_top_k=0)
 fsdp = cfg["fsdp"]
 trainer = L.Trainer(accelerator="cpu", devices=cfg["devices"], strategy=FSDP2Strategy() if fsdp else "auto",

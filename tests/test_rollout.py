@@ -182,5 +182,8 @@ def test_the_8gpu_config_carries_the_paper_s_settings():
     assert config["data"]["batch_size"] * 8 == 128 and model["ppo_mini_batch_size"] * 8 == 64
     assert model["rollout_engine"] == "vllm" and model["tis_cap"] == 2.0 and trainer["max_epochs"] == 10
     p2o = next(c for c in trainer["callbacks"] if c["class_path"].endswith("P2OCallback"))["init_args"]
-    assert (p2o["tau"], p2o["min_hard_samples"], p2o["dev_size"], p2o["parents_per_iteration"]) == (2, 100, 300, 16)
+    schedule, search = p2o["schedule"], p2o["search"]
+    assert (schedule["tau"], schedule["min_hard_samples"], search["dev_size"], search["parents_per_iteration"]) == (
+        2, 100, 300, 16,
+    )  # fmt: skip
     assert p2o["reflection"]["class_path"].endswith("TeacherReflection")

@@ -114,6 +114,8 @@ def test_engine_keeps_the_process_rng_and_threads(tiny_world):
 
 def test_grpo_and_p2o_steps_with_vllm(tiny_world, tmp_path):
     from p2o_lightning.callbacks import P2OCallback
+    from p2o_lightning.prompt.schedule import ScheduleSettings
+    from p2o_lightning.prompt.search import SearchSettings
 
     vllm_options = {"kv_cache_memory_bytes": KV_CACHE}
     L.seed_everything(0)
@@ -131,12 +133,13 @@ def test_grpo_and_p2o_steps_with_vllm(tiny_world, tmp_path):
 
     L.seed_everything(0)
     callback = P2OCallback(
-        trigger="steps", every_n_steps=2, min_hard_samples=2, dev_size=4, max_metric_calls=20, parents_per_iteration=2
+        schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=2),
+        search=SearchSettings(dev_size=4, max_metric_calls=20, parents_per_iteration=2),
     )
     module = small_module(tiny_world, rollout_engine="vllm", vllm_options=vllm_options)
     t = trainer(tmp_path / "p2o", max_steps=4, callbacks=[callback], limit_val_batches=0)
     t.fit(module, datamodule=small_data(batch_size=2))
-    assert len(callback.searches) >= 1 and module.engine.syncs == 1 + 4
+    assert len(callback.schedule.searches) >= 1 and module.engine.syncs == 1 + 4
     rows = read_csv(tmp_path / "p2o" / "run" / "metrics.csv")
     assert all(float(r["train/rollout_logprob_diff"]) < LOGP_ATOL for r in rows.values() if "train/reward" in r)
 

@@ -1,10 +1,12 @@
 """``SearchRecord``: what one P²O template search found and cost, and the one place that knows its file format.
 
-A search (:func:`~p2o_lightning.prompt.search.search_templates`) returns a record; the callback places it in the run
-(``rollout_step``, ``epoch``), keeps it in its checkpoint state (:meth:`SearchRecord.to_dict` /
-:meth:`SearchRecord.from_dict`) and writes it to ``<run>/p2o/search_<index>.json`` (:meth:`SearchRecord.write`,
-atomic). The run's plots, the report and the experiment read the records back with :func:`read_records`. A search
-that failed (a teacher that went down) leaves a record with ``error`` set and nothing else found.
+A search (:func:`~p2o_lightning.prompt.search.search_templates`) returns a record;
+:func:`~p2o_lightning.prompt.search.run_search` places it in the run (``rollout_step``, ``epoch``) and writes it to
+``<run>/p2o/search_<index>.json`` (:meth:`SearchRecord.write`, atomic), and the P²O schedule keeps it in the
+checkpoint (:meth:`SearchRecord.to_dict` / :meth:`SearchRecord.from_dict`). The run's plots, the report and the
+experiment read the records back with :func:`read_records`; a run started from an earlier run's templates (the
+callback's ``template_pool``) reads them with :func:`read_assignments`. A search that failed (a teacher that went
+down) leaves a record with ``error`` set and nothing else found.
 
 Fields, in the file's order:
     rollout_step, epoch: where in the run the search ran.
@@ -99,11 +101,15 @@ class SearchRecord:
     def read(cls, path: str | os.PathLike) -> SearchRecord:
         """The record in ``path``; a ValueError names the file when it is not one."""
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ValueError(f"{path}: cannot be read ({err})") from err
+        try:
+            data = json.loads(text)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             return cls.from_dict(data)
-        except (OSError, ValueError, TypeError) as err:
+        except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: not a search record ({err})") from err
 
 
@@ -124,3 +130,17 @@ def read_records(run: str | os.PathLike, strict: bool = True) -> list[SearchReco
             if strict:
                 raise
     return records
+
+
+def read_assignments(path: str | os.PathLike, k: int) -> dict[str, list[str]]:
+    """The template assignments ``{prompt: [K templates]}`` of a record file: a ``p2o/search_*.json`` of an earlier
+    run, or a file of only ``{"assignments": {...}}`` (a record whose other fields take their defaults). A ValueError
+    names the file when it is not a record, assigns nothing, or a prompt does not hold K template strings.
+    """
+    assignments = SearchRecord.read(path).assignments
+    if not isinstance(assignments, dict) or not assignments:
+        raise ValueError(f"{path}: expected a non-empty 'assignments' mapping of prompts to templates")
+    for prompt, templates in assignments.items():
+        if not (isinstance(templates, list) and len(templates) == k and all(isinstance(t, str) for t in templates)):
+            raise ValueError(f"{path}: prompt {prompt[:40]!r} must map to a list of K={k} template strings")
+    return {prompt: list(templates) for prompt, templates in assignments.items()}

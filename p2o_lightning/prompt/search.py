@@ -10,28 +10,50 @@ cache), with candidates scored by the current policy (:class:`~p2o_lightning.pro
 assigns each hard prompt its K templates (:mod:`~p2o_lightning.prompt.assignment`). It returns the search's
 :class:`~p2o_lightning.prompt.record.SearchRecord`: candidates, dev scores, Pareto front, discovery counts, cost
 (metric calls, scorer evaluations, wall and CPU seconds) and the assignments.
-:class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when, on which rank, the broadcast, the state,
-the logged metrics).
+
+:func:`run_search` is that search in a run, called on every rank: rank 0 runs GEPA while every rank scores its share
+of each evaluation (:class:`~p2o_lightning.prompt.scorer.CollectiveScorer`); rank 0 places the record in the run and
+writes it to the run's ``p2o/`` folder. :class:`~p2o_lightning.callbacks.P2OCallback` wires it to Lightning (when,
+the broadcast, the state, the logged metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
-from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter
+from p2o_lightning.prompt.adapter import COMPONENT, P2OAdapter, score_examples
 from p2o_lightning.prompt.assignment import assign_templates, template_cover
 from p2o_lightning.prompt.record import SearchRecord
+from p2o_lightning.prompt.reflection import ReflectionError
+from p2o_lightning.prompt.scorer import CollectiveScorer
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
-    """How a search spends its budget; the fields are :class:`~p2o_lightning.callbacks.P2OCallback`'s arguments."""
+    """How a search spends its budget, and how its templates are drawn.
+
+    Args:
+        dev_size: GEPA dev split size (paper: 300; half of the hard set below 450, at most ``dev_size``).
+        max_metric_calls: search budget in evaluated examples (paper's heavy budget: about 11k at dev 300).
+        search_patience: stop a search after this many GEPA iterations without a better best dev score (gepa's
+            ``NoImprovementStopper``; None: only the budget stops it, the paper).
+        cache_evaluation: gepa's evaluation cache: a (template, problem) pair is scored once per search (exact: the
+            policy does not change during a search, and scoring is greedy), so the budget buys only new scorings.
+        parents_per_iteration: W, parents (each with its own minibatch) proposed from per iteration (paper: 16).
+        reflection_minibatch_size: train problems per proposal (paper: 3).
+        group_diversity: the K rollouts of a prompt draw their templates independently (False: one for all K).
+        warm_start: seed each search with the best template of the previous search that found one (ours; the paper
+            seeds every search with the empty template); with ``search_patience`` a search that cannot better it
+            stops early.
+    """
 
     dev_size: int = 300
     max_metric_calls: int = 11000
@@ -40,7 +62,11 @@ class SearchSettings:
     parents_per_iteration: int = 16
     reflection_minibatch_size: int = 3
     group_diversity: bool = True
-    warm_start: bool = False  # ours: seed with the previous search's best template instead of the empty one
+    warm_start: bool = False
+
+    def __post_init__(self) -> None:
+        if self.search_patience is not None and self.search_patience < 1:
+            raise ValueError(f"search_patience must be >= 1 or null, got {self.search_patience}")
 
 
 def search_templates(
@@ -127,6 +153,64 @@ def search_templates(
         seconds=seconds,
         cpu_seconds=cpu_seconds,  # this process's CPU time: with one torch thread, the search's cost on a core
     )
+
+
+def pick_seed_template(previous: Sequence[SearchRecord], warm_start: bool) -> str:
+    """GEPA's seed candidate: the empty template (the paper), or with ``warm_start`` the best template of the last of
+    the ``previous`` searches that found candidates.
+    """
+    if warm_start:
+        for record in reversed(previous):
+            if record.best is not None and record.templates[record.best]:
+                return record.templates[record.best]
+    return ""
+
+
+def run_search(
+    module,
+    hard_pool: Mapping[str, str],
+    reflection,
+    settings: SearchSettings,
+    previous: Sequence[SearchRecord],
+    *,
+    num_rollouts: int,
+    max_new_tokens: int,
+    seed: int,
+    rollout_step: int,
+    epoch: int,
+    folder: str | os.PathLike,
+) -> tuple[SearchRecord | None, int]:
+    """The next search of a run that made the ``previous`` ones, at RL step ``rollout_step`` of ``epoch``; call it on
+    every rank.
+
+    Rank 0 runs :func:`search_templates` (seeded by :func:`pick_seed_template`) while every rank scores its share of
+    each evaluation (under FSDP2 all run the forward); rank 0 writes the placed record to
+    ``folder/search_<index>.json`` and returns it, the other ranks None. A reflection backend that went down costs
+    this search, not the run: its record is a skipped one (not written). Also returns the examples this rank scored.
+    """
+    index = len(previous)
+    scorer = CollectiveScorer(partial(score_examples, module, max_new_tokens=max_new_tokens))
+
+    def on_rank_zero() -> SearchRecord:
+        try:
+            found = search_templates(
+                module, hard_pool, reflection, settings, num_rollouts=num_rollouts, max_new_tokens=max_new_tokens,
+                seed=seed, index=index, scorer=scorer, seed_template=pick_seed_template(previous, settings.warm_start),
+            )  # fmt: skip
+        except ReflectionError as err:
+            log.error(f"P²O search at RL step {rollout_step} skipped: {err}")
+            return SearchRecord.skipped(rollout_step, epoch, str(err))
+        record = dataclasses.replace(found, rollout_step=rollout_step, epoch=epoch)
+        log.warning(
+            f"P²O search {index} at RL step {rollout_step}: {record.num_hard} hard samples, "
+            f"{len(record.templates)} candidates, {record.metric_calls} metric calls ({record.evaluations} "
+            f"evaluations) in {record.seconds:.0f}s; best dev {record.best_dev_score:.3f} "
+            f"({record.templates[record.best]!r}); {len(record.assignments)} prompts assigned templates"
+        )
+        record.write(folder, index)
+        return record
+
+    return scorer.drive(on_rank_zero), scorer.num_scored
 
 
 class _QuietLogger:

@@ -3,7 +3,8 @@
 Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
 :class:`~p2o_lightning.data.PromptDataModule` is a config key, documented by its docstring (``--help`` shows it),
 and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
-would silently keep the last, e.g. a ``val_files`` split named twice). ``data.task`` is linked to ``model.task``
+would silently keep the last, e.g. a ``val_files`` split named twice), and a callback's key given flat that moved
+into one of its settings groups (the error names its new place). ``data.task`` is linked to ``model.task``
 so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
 last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
 file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
@@ -23,8 +24,11 @@ load it with ``weights_only=False``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import os
 import sys
+import typing
 from typing import Any
 
 import lightning as L
@@ -140,10 +144,44 @@ def _yaml_load_rejecting_duplicates(stream):
                     nodes.append(value)
             elif isinstance(node, yaml.SequenceNode):
                 nodes.extend(node.value)
-    return _DEFAULT_YAML_LOAD(stream)
+    loaded = _DEFAULT_YAML_LOAD(stream)
+    _reject_moved_keys(loaded)
+    return loaded
 
 
 _DEFAULT_YAML_LOAD = get_loader("yaml")
+
+
+def _reject_moved_keys(node: Any) -> None:
+    """A key that moved into a settings group (a dataclass argument) of a ``class_path``'s class, given flat in its
+    ``init_args`` (e.g. ``P2OCallback``'s ``tau``, now ``schedule.tau``), is an error naming its new place.
+    """
+    import yaml
+
+    if isinstance(node, list):
+        for item in node:
+            _reject_moved_keys(item)
+    if not isinstance(node, dict):
+        return
+    for value in node.values():
+        _reject_moved_keys(value)
+    init_args, class_path = node.get("init_args"), node.get("class_path")
+    if not (isinstance(class_path, str) and isinstance(init_args, dict)):
+        return
+    try:
+        module, _, name = class_path.rpartition(".")
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
+    except Exception:  # not ours to judge: jsonargparse names a class it cannot import
+        return
+    groups = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+    places = {field.name: f"init_args.{group}.{field.name}" for group, hint in groups.items()
+              for field in dataclasses.fields(hint)}  # fmt: skip
+    moved = [key for key in init_args if key not in hints and key in places]
+    if moved:
+        raise yaml.constructor.ConstructorError(
+            problem=f"{class_path}: {', '.join(map(repr, moved))} moved into settings groups; write "
+            + ", ".join(places[key] for key in moved)
+        )
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> P2OCLI:

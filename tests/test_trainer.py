@@ -117,6 +117,22 @@ def test_unknown_config_key_is_named(capsys):
     assert "num_rolouts" in capsys.readouterr().err
 
 
+def test_a_callback_key_that_moved_into_a_settings_group_names_its_new_place(tmp_path, capsys):
+    """A P²O config of before the callback's settings groups: each flat key is named with where it lives now."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "p2o-toy.yaml").read_text())
+    p2o = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("P2OCallback"))["init_args"]
+    p2o["tau"] = p2o["schedule"].pop("tau")
+    p2o["dev_size"] = p2o["search"].pop("dev_size")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(tmp_path / "old.yaml"), "--print_config"])
+    assert "'tau', 'dev_size' moved into settings groups; write init_args.schedule.tau, init_args.search.dev_size" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "unrecognized"),
     [

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_csv  # noqa: E402
 
 from p2o_lightning.fused_head import RatioOneLoss, fused_linear_policy_loss  # noqa: E402
+from p2o_lightning.loss import LossSettings  # noqa: E402
 from p2o_lightning.ops import policy_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,8 +96,8 @@ def float64_head(hidden, weight, targets, advantages, ref, kl_coef, cols=64):
         logp = logprobs.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1) * ok
         ents.append((-(logprobs.exp() * logprobs).sum(-1) * ok).detach())
         loss, _ = policy_loss(
-            logp, logp.detach(), advantages.double(), ok, ref_logp=ref[:, c : c + cols].double(), kl_coef=kl_coef,
-            kl_estimator="k3", num_tokens=valid.sum().double(),
+            logp, logp.detach(), advantages.double(), ok, LossSettings(kl_coef=kl_coef, kl_estimator="k3"),
+            ref_logp=ref[:, c : c + cols].double(), num_tokens=valid.sum().double(),
         )  # fmt: skip
         loss.backward()
         total += float(loss.detach())
@@ -125,9 +126,11 @@ def measure(name: str, hidden, weight, targets) -> list[dict]:
     valid = targets != -100
     advantages = torch.randn(targets.shape[0], generator=gen)
     with torch.no_grad():  # π_ref: the true log-probs, perturbed
-        _, logp, _ = fused_linear_policy_loss(hidden, weight, targets, RatioOneLoss.of(advantages, valid.float()))
+        _, logp, _ = fused_linear_policy_loss(
+            hidden, weight, targets, RatioOneLoss.of(advantages, valid.float(), LossSettings())
+        )
     ref = logp + 0.1 * torch.randn(logp.shape, generator=gen)
-    loss = RatioOneLoss.of(advantages, valid.float(), ref_logp=ref, kl_coef=0.05, kl_estimator="k3")
+    loss = RatioOneLoss.of(advantages, valid.float(), LossSettings(kl_coef=0.05, kl_estimator="k3"), ref_logp=ref)
     heads = {
         "float64": float64_head(hidden, weight, targets, advantages, ref, kl_coef=0.05),
         "float32": run_head(hidden, weight, targets, loss, torch.float32),

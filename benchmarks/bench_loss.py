@@ -47,15 +47,16 @@ from common import environment, impl_unavailable, versions, write_csv  # noqa: E
 
 from p2o_lightning import ops  # noqa: E402
 from p2o_lightning.kernels.tuning import GPUS  # noqa: E402
+from p2o_lightning.loss import LossSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = {  # advantage: (B prompts, K rollouts); loss: (B·K sequences, T tokens)
     "default": {"advantage": [(512, 16), (8192, 64)], "loss": [(256, 2048), (1024, 4096)]},
     "gpu": {"advantage": [(1024, 16), (16384, 64)], "loss": [(1024, 8192), (4096, 8192)]},
 }
-LOSS_CONFIGS = {
-    "plain": dict(),
-    "p2o": dict(kl_coef=0.05, kl_estimator="k3", clip_ratio_c=3.0, clip_high=0.28, ref=True, context=True),
+LOSS_CONFIGS = {  # the loss's settings, and which of π_ref / the context log-probs it reads
+    "plain": dict(settings=LossSettings(clip_high=0.2)),
+    "p2o": dict(settings=LossSettings(kl_coef=0.05, kl_estimator="k3", clip_ratio_c=3.0), ref=True, context=True),
 }
 LAUNCH_US = 4.0  # a typical kernel launch + tail
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from p2o_lightning.loss import LossSettings  # plain torch: the loss's settings, read by every implementation
+
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 
 __all__ = ["fused_linear_policy_loss", "group_advantage", "linear_logprob", "linear_logprob_multi", "policy_loss"]
@@ -86,28 +88,19 @@ def policy_loss(
     old_logp: Tensor,  # (B, T)
     advantages: Tensor,  # (B,) or (B, T)
     mask: Tensor,  # (B, T)
+    settings: LossSettings,
     *,
     ref_logp: Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token-mean",
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,
-    context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
-    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Fused :func:`p2o_lightning.ops.policy_loss`; see :mod:`p2o_lightning.kernels.loss`."""
     from .loss import policy_loss as kernel
 
     return kernel(
-        logp, old_logp, advantages, mask, ref_logp=ref_logp, clip_low=clip_low, clip_high=clip_high,
-        clip_ratio_c=clip_ratio_c, kl_coef=kl_coef, kl_estimator=kl_estimator, loss_agg=loss_agg,
-        num_tokens=num_tokens, num_seqs=num_seqs, context_logp=context_logp,
-        context_ratio_bounds=context_ratio_bounds, context_mask_scope=context_mask_scope,
+        logp, old_logp, advantages, mask, settings, ref_logp=ref_logp, num_tokens=num_tokens, num_seqs=num_seqs,
+        context_logp=context_logp,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from p2o_lightning.fused_head import RatioOneLoss, apply_fused_head
+from p2o_lightning.loss import KL_ESTIMATORS
 from p2o_lightning.ops import LOGITS_BUDGET
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
@@ -49,8 +50,6 @@ from .aot import KernelSpace
 from .loss import _expm1
 
 __all__ = ["fused_linear_policy_loss"]
-
-_KL_EST = {"k1": 1, "k2": 2, "k3": 3}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,10 +188,11 @@ def kernel_chunk(
     kl = loss.kl[rows].float().contiguous() if loss.kl is not None else pg  # placeholders where not read
     ref = loss.ref_logp[rows].float().contiguous() if loss.kl is not None else pg
     ctx = loss.context_logp[rows].float().contiguous() if loss.masked else pg
-    low, high = loss.context_ratio_bounds if loss.masked else (1.0, 1.0)
+    low, high = loss.settings.context_ratio_bounds if loss.masked else (1.0, 1.0)
+    kl_est = KL_ESTIMATORS.index(loss.settings.kl_estimator) + 1 if loss.kl is not None else 0
     _fused_head_kernel[(n,)](
         z, targets.contiguous(), pg, kl, ref, ctx, out[0], out[1], out[2], v, z.stride(0), ignore_index,
-        math.log(low), math.log(high), KL_EST=_KL_EST[loss.kl_estimator] if loss.kl is not None else 0,
+        math.log(low), math.log(high), KL_EST=kl_est,
         HAS_CTX=loss.masked, ENTROPY=return_entropy, **_config(v),
     )  # fmt: skip
     return out[0], (out[1] if return_entropy else None), out[2], z

@@ -61,7 +61,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from p2o_lightning.ops import _KL_ESTIMATORS, _LOSS_AGGS, check_policy_loss_args
+from p2o_lightning.loss import KL_ESTIMATORS, LOSS_AGGS, LossSettings
+from p2o_lightning.ops import check_policy_loss_args
 
 from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
 from .aot import KernelSpace
@@ -510,7 +511,7 @@ def policy_loss_forward(
     _policy_loss_finalize_kernel[(1,)](
         part, den if den_tensor else part, float(den) if den is not None and not den_tensor else 0.0,
         loss, stats, weights, n_seqs,
-        AGG=_LOSS_AGGS.index(loss_agg), HAS_DEN=den is not None, DEN_TENSOR=den_tensor, HAS_REF=flags["HAS_REF"],
+        AGG=LOSS_AGGS.index(loss_agg), HAS_DEN=den is not None, DEN_TENSOR=den_tensor, HAS_REF=flags["HAS_REF"],
         PG_ONLY=flags["PG_ONLY"], COMPUTE=_compute(compute), BLOCK_B=_block_t(n_seqs),
         num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -594,20 +595,12 @@ def _check(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings,
     ref_logp: Tensor | None,
     context_logp: Tensor | None,
-    kl_coef: float,
-    kl_estimator: str,
-    loss_agg: str,
-    clip_ratio_c: float | None,
-    context_ratio_bounds: tuple[float, float],
-    context_mask_scope: str,
 ) -> None:
     """The reference's argument errors (the same function), then this kernel's own: it differentiates wrt logp."""
-    check_policy_loss_args(
-        logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds, context_mask_scope,
-    )  # fmt: skip
+    check_policy_loss_args(logp, old_logp, advantages, mask, settings, ref_logp, context_logp)
     if torch.is_grad_enabled():
         for name, t in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
             if t is not None and t.requires_grad:
@@ -621,42 +614,35 @@ def policy_loss(
     old_logp: Tensor,  # (B, T) log π_old(y_t) of the rollout policy
     advantages: Tensor,  # (B,) or (B, T)
     mask: Tensor,  # (B, T) bool or 0/1 float
+    settings: LossSettings,
     *,
     ref_logp: Tensor | None = None,  # (B, T) log π_ref(y_t), needed when kl_coef > 0
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token-mean",
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,  # (B, T) log π_old(y_t | template(x)): P²O's context ratio mask
-    context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
-    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Triton twin of :func:`p2o_lightning.ops.policy_loss`: the same ``(loss, stats)``, gradient to ``logp`` only."""
-    _check(
-        logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds, context_mask_scope,
-    )  # fmt: skip
+    _check(logp, old_logp, advantages, mask, settings, ref_logp, context_logp)
+    s = settings
     compute = torch.promote_types(logp.dtype, torch.float32)  # as the reference: bf16 ratios would be too coarse
-    low, high = context_ratio_bounds
-    values = (1.0 - clip_low, 1.0 + clip_high, clip_ratio_c or 0.0, kl_coef, math.log(low), math.log(high))
+    if s.context_ratio_bounds is None:
+        context_logp = None  # no context ratio mask
+    low, high = s.context_ratio_bounds or (1.0, 1.0)
+    values = (1.0 - s.clip_low, 1.0 + s.clip_high, s.clip_ratio_c or 0.0, s.kl_coef, math.log(low), math.log(high))
     params = _params(values, compute, logp.device)  # see PARAMS
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # zero-copy: the kernels load bytes
     flags = dict(
         ADV_PER_TOKEN=advantages.ndim == 2,
-        DUAL=clip_ratio_c is not None,
+        DUAL=s.clip_ratio_c is not None,
         HAS_REF=ref_logp is not None,
-        KL_EST=_KL_ESTIMATORS.index(kl_estimator) + 1,
-        KL_IN_LOSS=kl_coef > 0,
+        KL_EST=KL_ESTIMATORS.index(s.kl_estimator) + 1,
+        KL_IN_LOSS=s.kl_coef > 0,
         HAS_CTX=context_logp is not None,
-        PG_ONLY=context_logp is not None and context_mask_scope == "policy_gradient",
+        PG_ONLY=context_logp is not None and s.context_mask_scope == "policy_gradient",
     )
     tensors = [t.contiguous() if t is not None else None for t in (logp, old_logp, advantages, mask)]
     tensors += [t.detach().contiguous() if t is not None else None for t in (ref_logp, context_logp)]
-    den = num_tokens if loss_agg == "token-mean" else num_seqs
-    loss, stats = PolicyLossFunction.apply(*tensors, params, flags, loss_agg, den)
+    den = num_tokens if s.loss_agg == "token-mean" else num_seqs
+    loss, stats = PolicyLossFunction.apply(*tensors, params, flags, s.loss_agg, den)
     return loss, dict(zip(STAT_KEYS, stats.unbind()))

@@ -47,14 +47,14 @@ output on CPU), so they are rounded to bf16 before the upcast: that rounding is 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from p2o_lightning.ops import LOGITS_BUDGET, _float32_region, _safe_div, chunk_rows, kl_penalty
+from p2o_lightning.loss import KL_ESTIMATORS, LossSettings, aggregation_weights, context_ratio_mask
+from p2o_lightning.ops import LOGITS_BUDGET, _float32_region, chunk_rows, kl_penalty
 
 __all__ = ["HEAD_DTYPES", "RatioOneLoss", "fused_linear_policy_loss", "kl_derivative", "softmax_chunk"]
 
@@ -70,7 +70,7 @@ def kl_derivative(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
         return -diff
     if estimator == "k3":
         return -torch.expm1(diff)
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of ('k1', 'k2', 'k3')")
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
 @dataclass(frozen=True)
@@ -78,66 +78,56 @@ class RatioOneLoss:
     """:func:`p2o_lightning.ops.policy_loss` at ratio 1, as per-token weights (every tensor (B, T), no gradient).
 
     ``L = Σ_t pg_t · c_t + kl_t · k(logp_t, ref_t)``, with c_t the context ratio mask of the token (1 without
-    ``context_logp``). Build it with :meth:`of`, from the arguments ``policy_loss`` takes.
+    ``context_logp`` or without ``settings.context_ratio_bounds``). Build it with :meth:`of`, from the arguments
+    ``policy_loss`` takes.
     """
 
     pg: Tensor  # (B, T) −A_t m_t a_t: the PPO term's value and its derivative at ratio 1
     kl: Tensor | None  # (B, T) β m_t a_t; None without the KL term
     ref_logp: Tensor | None  # (B, T) log π_ref(y_t), with ``kl``
-    kl_estimator: str = "k3"
+    settings: LossSettings
     context_logp: Tensor | None = None  # (B, T) log π_old(y_t | t(x)): the ratio mask's other log-prob
-    context_ratio_bounds: tuple[float, float] | None = None  # None: no context ratio mask
 
     @classmethod
     def of(
         cls,
         advantages: Tensor,  # (B,) or (B, T)
         mask: Tensor,  # (B, T)
+        settings: LossSettings,
         *,
         ref_logp: Tensor | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        loss_agg: str = "token-mean",
         num_tokens: Tensor | float | None = None,
         num_seqs: Tensor | float | None = None,
-        context_ratio_bounds: tuple[float, float] | None = None,
-        context_mask_scope: str = "policy_gradient",
         context_logp: Tensor | None = None,
     ) -> RatioOneLoss:
-        """The weights of ``policy_loss(logp, logp.detach(), advantages, mask, ...)`` (the clip settings do not
-        matter at ratio 1). With ``context_ratio_bounds`` the mask applies once ``context_logp`` is given (here or by
-        :meth:`with_context`). The ``tokens`` scope divides by the tokens the mask keeps, which depend on the
-        log-probs: refused with a context ratio mask.
+        """The weights of ``policy_loss(logp, logp.detach(), advantages, mask, settings, ...)`` (the clip settings do
+        not matter at ratio 1; a_t are :func:`~p2o_lightning.loss.aggregation_weights`). The context ratio mask
+        applies once ``context_logp`` is given (here or by :meth:`with_context`).
         """
-        if context_ratio_bounds is not None and context_mask_scope != "policy_gradient":
-            raise ValueError(
-                f"context_mask_scope={context_mask_scope!r}: its means divide by the tokens the context ratio mask "
-                "keeps, not known before the log-probs; the fused head supports the 'policy_gradient' scope"
-            )
-        if kl_coef > 0 and ref_logp is None:
-            raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
+        if settings.kl_coef > 0 and ref_logp is None:
+            raise ValueError(f"kl_coef={settings.kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
         m = mask.float()  # (B, T)
-        if loss_agg == "token-mean":
-            weight = _safe_div(m, m.sum() if num_tokens is None else num_tokens)
-        elif loss_agg == "seq-mean-token-mean":
-            weight = _safe_div(m, m.sum(dim=1, keepdim=True)) / (m.shape[0] if num_seqs is None else num_seqs)
-        elif loss_agg == "seq-mean-token-sum":
-            weight = m / (m.shape[0] if num_seqs is None else num_seqs)
-        else:
-            raise ValueError(f"unknown loss_agg {loss_agg!r}")
+        weight = m * aggregation_weights(m, settings.loss_agg, num_tokens, num_seqs)  # m_t a_t
         adv = (advantages if advantages.ndim == 2 else advantages[:, None]).float()  # (B, T) or (B, 1)
-        with_kl = kl_coef > 0
-        return cls(
+        with_kl = settings.kl_coef > 0
+        loss = cls(
             pg=(-adv * weight).detach(),
-            kl=(kl_coef * weight).detach() if with_kl else None,
+            kl=(settings.kl_coef * weight).detach() if with_kl else None,
             ref_logp=ref_logp.detach().float() if with_kl else None,
-            kl_estimator=kl_estimator,
-            context_logp=None if context_logp is None else context_logp.detach().float(),
-            context_ratio_bounds=context_ratio_bounds,
+            settings=settings,
         )
+        return loss if context_logp is None else loss.with_context(context_logp)
 
     def with_context(self, context_logp: Tensor) -> RatioOneLoss:
-        """These weights with the context ratio mask's log π_old(y | t(x)) (unused without ``context_ratio_bounds``)."""
+        """These weights with the context ratio mask's log π_old(y | t(x)) (unused without ``context_ratio_bounds``).
+        The ``tokens`` scope divides by the tokens the mask keeps, which depend on the log-probs: refused.
+        """
+        scope = self.settings.context_mask_scope
+        if self.settings.context_ratio_bounds is not None and scope != "policy_gradient":
+            raise ValueError(
+                f"context_mask_scope={scope!r}: its means divide by the tokens the context ratio mask "
+                "keeps, not known before the log-probs; the fused head supports the 'policy_gradient' scope"
+            )
         return dataclasses.replace(self, context_logp=context_logp.detach().float())
 
     def narrow(self, width: int) -> RatioOneLoss:
@@ -152,20 +142,18 @@ class RatioOneLoss:
 
     @property
     def masked(self) -> bool:
-        return self.context_ratio_bounds is not None and self.context_logp is not None
+        return self.settings.context_ratio_bounds is not None and self.context_logp is not None
 
     def terms(self, logp: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         """``(l_t, ∂L/∂logp_t)`` of the flat token ``rows`` (after :meth:`flat`) at their log-probs ``logp``."""
         pg = self.pg[rows].to(logp.dtype)
         if self.masked:
-            low, high = self.context_ratio_bounds
-            log_rho = logp - self.context_logp[rows]
-            pg = pg * ((log_rho >= math.log(low)) & (log_rho <= math.log(high)))
+            pg = pg * context_ratio_mask(logp, self.context_logp[rows], self.settings.context_ratio_bounds)
         if self.kl is None:
             return pg, pg
         kl, ref = self.kl[rows].to(logp.dtype), self.ref_logp[rows].to(logp.dtype)
-        value = pg + kl * kl_penalty(logp, ref, self.kl_estimator)
-        return value, pg + kl * kl_derivative(logp, ref, self.kl_estimator)
+        estimator = self.settings.kl_estimator
+        return pg + kl * kl_penalty(logp, ref, estimator), pg + kl * kl_derivative(logp, ref, estimator)
 
 
 def softmax_chunk(

@@ -22,6 +22,7 @@ from torch import nn
 
 from p2o_lightning.backend import get_ops
 from p2o_lightning.evaluation import add_val_metrics, evaluate, log_sanity_check
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.metrics import CollapseRate
 from p2o_lightning.optim import OptimizerStep, lr_schedule, total_updates
 from p2o_lightning.policy import (
@@ -42,7 +43,7 @@ from p2o_lightning.step.logprobs import LogProbSettings, apply_tis, rollout_logp
 from p2o_lightning.step.sample import GroupSampler, Sampler, make_engine
 from p2o_lightning.step.score import score_groups
 from p2o_lightning.step.stats import log_step, p2o_metrics, sampling_metrics, train_metrics
-from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
+from p2o_lightning.step.update import PPOSettings, PPOUpdate
 from p2o_lightning.stopwatch import Stopwatch
 from p2o_lightning.tasks import get_task
 
@@ -192,8 +193,10 @@ class P2OModule(L.LightningModule):
             plain_advantage=plain_advantage,
         )  # fmt: skip
         loss = LossSettings(
-            clip_low, clip_high, clip_ratio_c, kl_coef, kl_estimator, loss_agg, context_ratio_bounds, context_mask_scope
-        )
+            clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, loss_agg=loss_agg, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, context_ratio_bounds=context_ratio_bounds,
+            context_mask_scope=context_mask_scope, anchor_weight=anchor_weight,
+        )  # fmt: skip
         logprob = LogProbSettings(
             temperature if temperature > 0 else 1.0,
             logprob_chunk_size,
@@ -204,7 +207,7 @@ class P2OModule(L.LightningModule):
         )
         if kl_rows != "all" and kl_estimator == "k1":
             raise ValueError(f"kl_rows={kl_rows!r} needs kl_estimator k2 or k3: k1's gradient is 1 on every token")
-        ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, anchor_weight, opening_tokens, opening_gate, kl_rows)
+        ppo = PPOSettings(ppo_epochs, ppo_mini_batch_size, opening_tokens, opening_gate, kl_rows)
         self.ppo = PPOUpdate(ppo, loss, logprob)
         self.task = get_task(task)
         # a missing folder / config / weights / tokenizer, or a shipped world that fails its checks, named before

@@ -28,17 +28,17 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
+
+from p2o_lightning.loss import KL_ESTIMATORS, LossSettings, aggregate, context_ratio_mask, safe_div
 
 __all__ = [
     "LOGITS_BUDGET",
     "chunk_rows",
     "collapsed_groups",
     "check_policy_loss_args",
-    "context_ratio_mask",
     "group_advantage",
     "kl_penalty",
     "linear_logprob",
@@ -46,16 +46,9 @@ __all__ = [
     "policy_loss",
 ]
 
-KLEstimator = Literal["k1", "k2", "k3"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-
-_KL_ESTIMATORS = ("k1", "k2", "k3")
 # Logits alive at once in a log-prob chunk (elements): 128 MiB of float32, the 1,024-token chunk of a 32,768-token
 # vocabulary; a 151,936-token vocabulary then gets 220-token chunks and costs the same memory.
 LOGITS_BUDGET = 2**25
-_LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-# what P²O's context ratio mask removes: the PPO term of a token (the reference), or the whole token
-CONTEXT_MASK_SCOPES = ("policy_gradient", "tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,44 +341,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
         return 0.5 * diff.square()
     if estimator == "k3":
         return torch.expm1(diff) - diff
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {_KL_ESTIMATORS}")
-
-
-def _safe_div(num: Tensor, den: Tensor | float) -> Tensor:
-    """Return num / den, with 0 (and a finite gradient) where den == 0."""
-    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
-    return num / torch.where(den == 0, torch.ones_like(den), den)
-
-
-def _aggregate(
-    masked: Tensor,  # (B, T) per-token losses, already multiplied by their masks
-    den_mask: Tensor,  # (B, T) float: the tokens a mean divides by
-    loss_agg: str,
-    num_tokens: Tensor | float | None,
-    num_seqs: Tensor | float | None,
-) -> Tensor:
-    if loss_agg == "token-mean":
-        return _safe_div(masked.sum(), den_mask.sum() if num_tokens is None else num_tokens)
-    if loss_agg == "seq-mean-token-mean":
-        per_seq = _safe_div(masked.sum(dim=1), den_mask.sum(dim=1))  # (B,)
-    elif loss_agg == "seq-mean-token-sum":
-        per_seq = masked.sum(dim=1)  # (B,)
-    else:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
-    return _safe_div(per_seq.sum(), masked.shape[0] if num_seqs is None else num_seqs)
-
-
-def context_ratio_mask(logp: Tensor, context_logp: Tensor, low: float = 0.01, high: float = 10.0) -> Tensor:
-    """P²O's Context Ratio Mask: keep a token where ρ = exp(logp − context_logp) lies in [low, high].
-
-    ``logp`` is log π(y_t | x) (the original prompt), ``context_logp`` log π(y_t | template(x)) (the prompt the
-    rollout was sampled from). A token the template made far likelier than the bare prompt would (ρ < low), or far
-    less likely (ρ > high), is not distilled. Compared in log space: log low ≤ logp − context_logp ≤ log high.
-    """
-    if not 0 < low <= 1 <= high:
-        raise ValueError(f"context ratio bounds must satisfy 0 < low <= 1 <= high, got ({low}, {high})")
-    log_rho = logp - context_logp
-    return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
 def tis_weights(old_logp: Tensor, sampling_logp: Tensor, cap: float) -> Tensor:
@@ -412,37 +368,25 @@ def check_policy_loss_args(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings,
     ref_logp: Tensor | None,
     context_logp: Tensor | None,
-    kl_coef: float,
-    kl_estimator: str,
-    loss_agg: str,
-    clip_ratio_c: float | None,
-    context_ratio_bounds: tuple[float, float],
-    context_mask_scope: str = "policy_gradient",
 ) -> None:
-    """The argument errors of :func:`policy_loss`, shared with the fused Triton loss so both say the same."""
-    if context_mask_scope not in CONTEXT_MASK_SCOPES:
-        raise ValueError(f"context_mask_scope={context_mask_scope!r} is unknown; choose one of {CONTEXT_MASK_SCOPES}")
+    """The argument errors of :func:`policy_loss`, shared with the fused Triton loss so both say the same (the
+    settings checked themselves when they were built).
+    """
+    if not isinstance(settings, LossSettings):
+        raise TypeError(f"settings must be a LossSettings (p2o_lightning.loss), got {type(settings).__name__}")
     if not (logp.shape == old_logp.shape == mask.shape) or logp.ndim != 2:
         shapes = f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)}"
         raise ValueError(f"{shapes}: all must be (B, T)")
     if advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
-    if loss_agg not in _LOSS_AGGS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {_LOSS_AGGS}")
-    if kl_estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {_KL_ESTIMATORS}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
-    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {clip_ratio_c}")
+    if settings.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={settings.kl_coef} > 0 needs ref_logp (the reference model's log-probs)")
     for name, t in (("ref_logp", ref_logp), ("context_logp", context_logp)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} {tuple(t.shape)} must match logp {tuple(logp.shape)}")
-    low, high = context_ratio_bounds
-    if context_logp is not None and not 0 < low <= 1 <= high:
-        raise ValueError(f"context ratio bounds must satisfy 0 < low <= 1 <= high, got ({low}, {high})")
 
 
 def policy_loss(
@@ -450,42 +394,31 @@ def policy_loss(
     old_logp: Tensor,  # (B, T) log π_old(y_t) of the rollout policy
     advantages: Tensor,  # (B,) or (B, T)
     mask: Tensor,  # (B, T) bool or 0/1 float: response tokens (× any extra mask, e.g. P²O's context ratio mask)
+    settings: LossSettings,
     *,
     ref_logp: Tensor | None = None,  # (B, T) log π_ref(y_t), needed when kl_coef > 0
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    clip_ratio_c: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token-mean",
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
     context_logp: Tensor | None = None,  # (B, T) log π_old(y_t | template(x)): P²O's context ratio mask
-    context_ratio_bounds: tuple[float, float] = (0.01, 10.0),
-    context_mask_scope: str = "policy_gradient",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip policy-gradient loss with clip-higher, optional dual-clip and KL term; returns ``(loss, stats)``.
 
-    Per token, with ratio = exp(logp − old_logp) and A the advantage::
+    With s = ``settings`` (:class:`~p2o_lightning.loss.LossSettings`), per token, ratio = exp(logp − old_logp) and A
+    the advantage::
 
-        pg = max(−A · ratio, −A · clip(ratio, 1 − clip_low, 1 + clip_high))      # PPO-clip, DAPO's clip-higher
-        pg = min(pg, −A · clip_ratio_c)        where A < 0, if clip_ratio_c      # dual-clip (verl), c > 1
-        l  = pg + kl_coef · kl_penalty(logp, ref_logp, kl_estimator)             # KL term only if kl_coef > 0
+        pg = max(−A · ratio, −A · clip(ratio, 1 − s.clip_low, 1 + s.clip_high))   # PPO-clip, DAPO's clip-higher
+        pg = min(pg, −A · s.clip_ratio_c)      where A < 0, if s.clip_ratio_c    # dual-clip (verl), c > 1
+        l  = pg + s.kl_coef · kl_penalty(logp, ref_logp, s.kl_estimator)         # KL term only if kl_coef > 0
 
-    Aggregation of l over the masked tokens (m = mask, B sequences)::
-
-        "token-mean"           Σ_bt l·m / Σ_bt m                   (num_tokens replaces Σ_bt m)
-        "seq-mean-token-mean"  Σ_b (Σ_t l·m / Σ_t m) / B           (num_seqs replaces B)
-        "seq-mean-token-sum"   Σ_b (Σ_t l·m) / B                   (num_seqs replaces B)
-
-    ``num_tokens`` / ``num_seqs`` let a caller normalise micro-batches by the whole mini-batch, so that the sum of
-    the micro-batch losses equals the loss of the mini-batch in one piece. A sequence with an empty mask adds 0
-    (it still counts in B); an empty batch gives a loss of 0 — never NaN. Computed in float32 (or float64) whatever
-    the dtype of the log-probs.
+    aggregated over the masked tokens by :func:`~p2o_lightning.loss.aggregate` (``s.loss_agg``); ``num_tokens`` /
+    ``num_seqs`` let a caller normalise micro-batches by the whole mini-batch, so that the sum of the micro-batch
+    losses equals the loss of the mini-batch in one piece. Computed in float32 (or float64) whatever the dtype of
+    the log-probs.
 
     P²O's context ratio mask: when ``context_logp`` (the rollout policy's log-probs of the same tokens under the
-    templated prompt) is given, tokens with ρ = exp(old_logp − context_logp) outside ``context_ratio_bounds`` are
-    cut (c = :func:`context_ratio_mask`). ``context_mask_scope`` says what the cut removes:
+    templated prompt) is given and ``s.context_ratio_bounds`` is set, tokens with ρ = exp(old_logp − context_logp)
+    outside the bounds are cut (c = :func:`~p2o_lightning.loss.context_ratio_mask`). ``s.context_mask_scope`` says
+    what the cut removes:
 
         "policy_gradient"   l = c·m·pg + β·m·kl,  means divide by Σ m     (the reference: a masked token stays in
                                                                            the denominator, its KL term is kept)
@@ -499,21 +432,20 @@ def policy_loss(
     given, else 0), ``clip_frac`` (share of tokens where the clipped branch is taken), ``dual_clip_frac`` (share of
     tokens where dual-clip caps the loss), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when there are no
     tokens), ``approx_kl_old`` (mean of ½ (logp − old_logp)², the k2 estimate of KL(π_old ‖ π)),
-    ``context_masked_frac`` (share of response tokens the context ratio mask dropped; 0 without ``context_logp``).
+    ``context_masked_frac`` (share of response tokens the context ratio mask dropped; 0 without it).
     """
-    check_policy_loss_args(
-        logp, old_logp, advantages, mask, ref_logp, context_logp, kl_coef, kl_estimator, loss_agg, clip_ratio_c,
-        context_ratio_bounds, context_mask_scope,
-    )  # fmt: skip
+    check_policy_loss_args(logp, old_logp, advantages, mask, settings, ref_logp, context_logp)
+    s = settings
+    clip_low, clip_high, clip_ratio_c, kl_coef = s.clip_low, s.clip_high, s.clip_ratio_c, s.kl_coef
 
     dtype = torch.promote_types(logp.dtype, torch.float32)  # ratios of bf16 log-probs would be far too coarse
     logp, old_logp = logp.to(dtype), old_logp.to(dtype)
     ref_logp = ref_logp.to(dtype) if ref_logp is not None else None
     response_mask = mask.to(dtype)  # (B, T)
     mask = response_mask  # the tokens of the PPO term and its statistics
-    if context_logp is not None:
-        mask = mask * context_ratio_mask(old_logp, context_logp.to(dtype), *context_ratio_bounds).to(dtype)
-    den_mask = response_mask if context_mask_scope == "policy_gradient" else mask  # (B, T): denominators and KL
+    if context_logp is not None and s.context_ratio_bounds is not None:
+        mask = mask * context_ratio_mask(old_logp, context_logp.to(dtype), s.context_ratio_bounds).to(dtype)
+    den_mask = response_mask if s.context_mask_scope == "policy_gradient" else mask  # (B, T): denominators and KL
     adv = (advantages if advantages.ndim == 2 else advantages[:, None]).to(dtype)  # (B, T) or (B, 1)
     log_ratio = logp - old_logp  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
@@ -530,16 +462,16 @@ def policy_loss(
     masked = pg * mask  # (B, T)
     kl = None
     if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T)
+        kl = kl_penalty(logp, ref_logp, s.kl_estimator)  # (B, T)
         if kl_coef > 0:
             masked = masked + kl_coef * kl * den_mask
-    loss = _aggregate(masked, den_mask, loss_agg, num_tokens, num_seqs)
+    loss = aggregate(masked, den_mask, s.loss_agg, num_tokens, num_seqs)
 
     with torch.no_grad():
         n_masked = mask.sum()
 
         def masked_mean(x: Tensor) -> Tensor:
-            return _safe_div((x * mask).sum(), n_masked).float()
+            return safe_div((x * mask).sum(), n_masked).float()
 
         present = mask > 0  # (B, T)
         has_tokens = present.any()  # no host sync: the ratio stats fall back to 1 with torch.where
@@ -549,8 +481,8 @@ def policy_loss(
         ratio_min = torch.cat([masked_ratio.masked_fill(~present.flatten(), torch.inf), inf]).min()
         ratio_max = torch.cat([masked_ratio.masked_fill(~present.flatten(), -torch.inf), -inf]).max()
         stats = {
-            "pg_loss": _aggregate(pg * mask, den_mask, loss_agg, num_tokens, num_seqs).float(),
-            "kl": _safe_div((kl * den_mask).sum(), den_mask.sum()).float()
+            "pg_loss": aggregate(pg * mask, den_mask, s.loss_agg, num_tokens, num_seqs).float(),
+            "kl": safe_div((kl * den_mask).sum(), den_mask.sum()).float()
             if kl is not None
             else torch.zeros((), device=logp.device),
             "clip_frac": masked_mean((pg_clipped > pg_unclipped).to(mask.dtype)),
@@ -559,6 +491,6 @@ def policy_loss(
             "ratio_min": torch.where(has_tokens, ratio_min, one),
             "ratio_max": torch.where(has_tokens, ratio_max, one),
             "approx_kl_old": masked_mean(0.5 * log_ratio.square()),
-            "context_masked_frac": _safe_div((response_mask - mask).sum(), response_mask.sum()).float(),
+            "context_masked_frac": safe_div((response_mask - mask).sum(), response_mask.sum()).float(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}

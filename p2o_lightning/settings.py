@@ -1,6 +1,6 @@
 """The module's own settings checks: every value a config can get wrong fails here, before a model is loaded.
 
-The stages check their own settings where they are built (:class:`~p2o_lightning.step.update.LossSettings`,
+The stages check their own settings where they are built (:class:`~p2o_lightning.loss.LossSettings`,
 :class:`~p2o_lightning.step.update.PPOSettings`); these are the rest, with messages that name the key.
 """
 

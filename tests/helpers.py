@@ -5,6 +5,7 @@ an op allocates) that the reference op and the Triton kernel are both held to.""
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,12 +18,28 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from p2o_lightning.data import PromptDataModule
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO
 from p2o_lightning.runs import RunCSVLogger, RunFolder
 from p2o_lightning.tasks.addition import world_splits
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def with_loss_settings(op):
+    """``op`` (a ``policy_loss``) called with the loss's settings as flat keyword arguments, gathered into one
+    :class:`~p2o_lightning.loss.LossSettings` (clip_high 0.2, the symmetric PPO clip, unless given): the tests'
+    shorthand for the many cases that vary one setting.
+    """
+    fields = {f.name for f in dataclasses.fields(LossSettings)}
+
+    @functools.wraps(op)
+    def call(*args, **kwargs):
+        settings = {"clip_high": 0.2, **{k: kwargs.pop(k) for k in list(kwargs) if k in fields}}
+        return op(*args, settings=LossSettings(**settings), **kwargs)
+
+    return call
 
 
 def small_module(world, **kw):

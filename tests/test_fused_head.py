@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.fused_head import RatioOneLoss  # noqa: E402
+from p2o_lightning.loss import LossSettings  # noqa: E402
 from p2o_lightning.ops import policy_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the op tests run compiled on a GPU (gpu_check.py)
@@ -63,11 +64,14 @@ def _case(shape, setting, dtype=torch.float32, seed=0):
         true = naive_logprob(hidden.reshape(-1, h), weight, targets.reshape(-1), temperature)[0].view(b, t).float()
     if setting.get("per_token_adv"):
         advantages = advantages[:, None] * (1 + ref_noise.abs())  # (B, T), TIS-weighted advantages
-    kwargs = dict(loss_agg=setting["loss_agg"], kl_coef=setting.get("kl_coef", 0.0),
-                  kl_estimator=setting.get("kl_estimator", "k3"), num_tokens=setting.get("num_tokens"),
-                  num_seqs=setting.get("num_seqs"))  # fmt: skip
-    kwargs["ref_logp"] = true + 0.3 * ref_noise if kwargs["kl_coef"] > 0 else None
     context = true + context_noise if setting.get("context") else None
+    settings = LossSettings(  # clip and dual-clip set: inactive at ratio 1
+        clip_ratio_c=3.0, loss_agg=setting["loss_agg"], kl_coef=setting.get("kl_coef", 0.0),
+        kl_estimator=setting.get("kl_estimator", "k3"),
+        context_ratio_bounds=(0.01, 10.0) if context is not None else None,
+    )  # fmt: skip
+    kwargs = dict(settings=settings, num_tokens=setting.get("num_tokens"), num_seqs=setting.get("num_seqs"))
+    kwargs["ref_logp"] = true + 0.3 * ref_noise if settings.kl_coef > 0 else None
     return hidden, weight, targets, mask, advantages, temperature, kwargs, context
 
 
@@ -81,17 +85,14 @@ def _unfused(hidden, weight, targets, mask, advantages, temperature, kwargs, con
     ref = kwargs["ref_logp"]
     loss, _ = policy_loss(
         logp, logp.detach(), advantages.double(), mask, **dict(kwargs, ref_logp=None if ref is None else ref.double()),
-        clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, context_logp=None if context is None else context.double(),
+        context_logp=None if context is None else context.double(),
     )  # fmt: skip
     grad_hidden, grad_weight = torch.autograd.grad(0.7 * loss, [hidden64, weight64])  # upstream grad 0.7 ≠ 1
     return loss.detach(), logp.detach(), entropy.detach().view(b, t), grad_hidden, grad_weight
 
 
 def _fused(op, hidden, weight, targets, mask, advantages, temperature, kwargs, context, **op_kwargs):
-    head_loss = RatioOneLoss.of(
-        advantages, mask, **kwargs, context_ratio_bounds=(0.01, 10.0) if context is not None else None,
-        context_logp=context,
-    )  # fmt: skip
+    head_loss = RatioOneLoss.of(advantages, mask, **kwargs, context_logp=context)
     hidden = hidden.detach().clone().requires_grad_(True)
     weight = weight.detach().clone().requires_grad_(True)
     loss, logp, entropy = op(hidden, weight, targets, head_loss, temperature=temperature, return_entropy=True,
@@ -152,11 +153,11 @@ def test_the_coefficient_is_the_loss_gradient_wrt_logp():
     context = logp + torch.empty(b, t, dtype=torch.float64).uniform_(-6, 6, generator=gen)
     for estimator in ("k1", "k2", "k3"):
         for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-            kwargs = dict(ref_logp=ref, kl_coef=0.3, kl_estimator=estimator, loss_agg=agg)
+            settings = LossSettings(kl_coef=0.3, kl_estimator=estimator, loss_agg=agg)
             leaf = logp.clone().requires_grad_(True)
-            expected, _ = policy_loss(leaf, leaf.detach(), adv, mask, **kwargs, context_logp=context)
+            expected, _ = policy_loss(leaf, leaf.detach(), adv, mask, settings, ref_logp=ref, context_logp=context)
             (grad,) = torch.autograd.grad(expected, leaf)
-            weights = RatioOneLoss.of(adv, mask, **kwargs, context_ratio_bounds=(0.01, 10.0), context_logp=context)
+            weights = RatioOneLoss.of(adv, mask, settings, ref_logp=ref, context_logp=context)
             value, coef = weights.flat().terms(logp.reshape(-1).float(), slice(None))
             torch.testing.assert_close(value.sum().double(), expected.detach(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(coef.double(), grad.reshape(-1), rtol=1e-5, atol=1e-6)
@@ -167,9 +168,11 @@ def test_the_coefficient_is_the_loss_gradient_wrt_logp():
 
 def test_refuses_the_tokens_scope_with_a_context_mask():
     with pytest.raises(ValueError, match="policy_gradient"):
-        RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), context_ratio_bounds=(0.01, 10.0), context_mask_scope="tokens")
+        RatioOneLoss.of(
+            torch.ones(2), torch.ones(2, 3), LossSettings(context_mask_scope="tokens"), context_logp=torch.zeros(2, 3)
+        )
     with pytest.raises(ValueError, match="ref_logp"):
-        RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), kl_coef=0.1)
+        RatioOneLoss.of(torch.ones(2), torch.ones(2, 3), LossSettings(kl_coef=0.1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_the_backward_runs_once():
     hidden, weight, targets, mask, advantages, *_ = _inputs(2, 5, 8, 11, torch.float32)
     weight.requires_grad_(True)
     loss, _, _ = get_ops("torch", "cpu").fused_linear_policy_loss(
-        hidden, weight, targets, RatioOneLoss.of(advantages, mask)
+        hidden, weight, targets, RatioOneLoss.of(advantages, mask, LossSettings())
     )
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):

@@ -40,11 +40,13 @@ from helpers import (  # noqa: E402
     read_csv,
     small_data,
     trainer,
+    with_loss_settings,
 )
 
 from p2o_lightning import ops  # noqa: E402
 from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.kernels import functional as kernels  # noqa: E402
+from p2o_lightning.loss import CONTEXT_MASK_SCOPES, KL_ESTIMATORS, LOSS_AGGS, context_ratio_mask  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,6 +253,10 @@ def test_group_advantage_by_hand():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+ref_loss = with_loss_settings(ops.policy_loss)  # the loss's settings as keyword arguments
+kernel_loss = with_loss_settings(kernels.policy_loss)
+
+
 def loss_inputs(b=6, t=37, seed=0, dtype=torch.float32, per_token_adv=False):
     gen = torch.Generator().manual_seed(seed)
     logp = torch.randn(b, t, generator=gen) * 0.4 - 1.0
@@ -268,7 +274,7 @@ def loss_inputs(b=6, t=37, seed=0, dtype=torch.float32, per_token_adv=False):
 def run_both(inputs, grad_scale=1.7, **kwargs):
     """(loss, stats, ∂(grad_scale·loss)/∂logp) of the reference and of the kernel."""
     out = []
-    for op in (ops.policy_loss, kernels.policy_loss):
+    for op in (ref_loss, kernel_loss):
         logp = inputs["logp"].clone().requires_grad_(True)
         loss, stats = op(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
         (grad,) = torch.autograd.grad(loss * grad_scale, logp)  # upstream grad ≠ 1
@@ -287,7 +293,7 @@ def assert_same_loss(ref, got, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(k_stats[key], stats[key], rtol=rtol, atol=atol, msg=key)
 
 
-LOSS_CASES = list(itertools.product(ops._LOSS_AGGS, ops._KL_ESTIMATORS, [None, 3.0], [None, *ops.CONTEXT_MASK_SCOPES]))
+LOSS_CASES = list(itertools.product(LOSS_AGGS, KL_ESTIMATORS, [None, 3.0], [None, *CONTEXT_MASK_SCOPES]))
 
 
 @pytest.mark.parametrize(
@@ -338,22 +344,22 @@ def test_policy_loss_bf16_logprobs_computed_in_float32():
     assert_same_loss(ref, got, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scope", ops.CONTEXT_MASK_SCOPES)
-@pytest.mark.parametrize("loss_agg", ops._LOSS_AGGS)
+@pytest.mark.parametrize("scope", CONTEXT_MASK_SCOPES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_policy_loss_micro_batches_with_global_denominators_equal_one_batch(loss_agg, scope):
     inputs = loss_inputs(b=6, t=9, seed=3)
     kwargs = dict(
         ref_logp=inputs["ref"], kl_coef=0.05, loss_agg=loss_agg, context_logp=inputs["ctx"], context_mask_scope=scope
     )
     logp = inputs["logp"].clone().requires_grad_(True)
-    full, _ = kernels.policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
+    full, _ = kernel_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
     (full_grad,) = torch.autograd.grad(full, logp)
     total = torch.zeros((), device=DEVICE)
-    n_kept = (inputs["mask"] & ops.context_ratio_mask(inputs["old_logp"], inputs["ctx"])).sum()
+    n_kept = (inputs["mask"] & context_ratio_mask(inputs["old_logp"], inputs["ctx"], (0.01, 10.0))).sum()
     n_tokens = inputs["mask"].sum() if scope == "policy_gradient" else n_kept  # what a token-mean divides by
     for s in [slice(0, 2), slice(2, 5), slice(5, 6)]:
         part_kwargs = {k: (v[s] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        part, _ = kernels.policy_loss(
+        part, _ = kernel_loss(
             logp[s], inputs["old_logp"][s], inputs["advantages"][s], inputs["mask"][s], **part_kwargs,
             num_tokens=n_tokens, num_seqs=6,
         )  # fmt: skip
@@ -362,11 +368,11 @@ def test_policy_loss_micro_batches_with_global_denominators_equal_one_batch(loss
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(micro_grad, full_grad)
     # and the same numerator / denominators through the reference
-    ref_full, _ = ops.policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
+    ref_full, _ = ref_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], **kwargs)
     torch.testing.assert_close(full, ref_full)
 
 
-@pytest.mark.parametrize("loss_agg", ops._LOSS_AGGS)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_policy_loss_all_masked_is_zero_not_nan(loss_agg):
     inputs = loss_inputs(b=3, t=4)
     inputs["mask"] = torch.zeros_like(inputs["mask"])
@@ -381,7 +387,7 @@ def test_policy_loss_by_hand():
     # dual-clip caps −A·ratio = 4.48 at −A·c = 3, no gradient; the third token, ratio 1 and A = 2, gives −2, grad −2
     logp = torch.tensor([[0.5, 1.5, 0.0]], device=DEVICE, requires_grad=True)
     adv = torch.tensor([[1.0, -1.0, 2.0]], device=DEVICE)
-    loss, stats = kernels.policy_loss(
+    loss, stats = kernel_loss(
         logp, torch.zeros(1, 3, device=DEVICE), adv, torch.ones(1, 3, device=DEVICE), clip_ratio_c=3.0
     )
     loss.backward()
@@ -393,15 +399,13 @@ def test_policy_loss_by_hand():
     context = torch.tensor([[0.0, 6.0, -3.0, 0.0]], device=DEVICE)
     ones = torch.ones(1, 4, device=DEVICE)
     # the reference's scope: the cut tokens keep their place in the denominator: (−1 + 0 + 0 − 1) / 4
-    loss, stats = kernels.policy_loss(logp, logp.detach(), ones[:, 0], ones, context_logp=context)
+    loss, stats = kernel_loss(logp, logp.detach(), ones[:, 0], ones, context_logp=context)
     loss.backward()
     assert loss.item() == pytest.approx(-0.5) and stats["context_masked_frac"].item() == pytest.approx(0.5)
     assert logp.grad.tolist() == [[-0.25, 0.0, 0.0, -0.25]]
     # scope tokens: they leave the loss: (−1 − 1) / 2
     logp.grad = None
-    loss, _ = kernels.policy_loss(
-        logp, logp.detach(), ones[:, 0], ones, context_logp=context, context_mask_scope="tokens"
-    )
+    loss, _ = kernel_loss(logp, logp.detach(), ones[:, 0], ones, context_logp=context, context_mask_scope="tokens")
     loss.backward()
     assert loss.item() == pytest.approx(-1.0)
     assert logp.grad.tolist() == [[-0.5, 0.0, 0.0, -0.5]]
@@ -416,12 +420,12 @@ def test_policy_loss_errors_and_gradient_only_to_logp():
         (dict(clip_ratio_c=0.5), "clip_ratio_c"),
         (dict(advantages=torch.zeros(3)), "advantages"),
         (dict(mask=torch.ones(2, 4)), "mask"),
-        (dict(context_logp=torch.zeros(2, 3), context_ratio_bounds=(2.0, 10.0)), "context ratio bounds"),
+        (dict(context_logp=torch.zeros(2, 3), context_ratio_bounds=(2.0, 10.0)), "context_ratio_bounds"),
         (dict(old_logp=torch.zeros(2, 3, requires_grad=True)), "detach old_logp"),
         (dict(ref_logp=torch.zeros(2, 3, requires_grad=True)), "detach ref_logp"),
     ]:
         with pytest.raises(ValueError, match=error):
-            kernels.policy_loss(**{**args, **kwargs})
+            kernel_loss(**{**args, **kwargs})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ import types
 
 import pytest
 import torch
-from helpers import LargestOutput, assert_close, check_logprob_against_float64, make_logprob_inputs, naive_logprob
+from helpers import (
+    LargestOutput,
+    assert_close,
+    check_logprob_against_float64,
+    make_logprob_inputs,
+    naive_logprob,
+    with_loss_settings,
+)
 
 from p2o_lightning import ops
 from p2o_lightning.backend import get_ops, resolve_backend
@@ -23,8 +30,9 @@ from p2o_lightning.ops import (
     kl_penalty,
     linear_logprob,
     linear_logprob_multi,
-    policy_loss,
 )
+
+policy_loss = with_loss_settings(ops.policy_loss)  # the loss's settings as keyword arguments
 
 # ----------------------------------------------------------------------------------------------------------------
 # linear_logprob
@@ -508,7 +516,11 @@ def test_dispatch_today_is_torch(monkeypatch):
     assert resolve_backend("torch", "cuda") == "torch"
     fns = get_ops("auto", "cpu")
     assert fns.backend == "torch"
-    assert (fns.linear_logprob, fns.group_advantage, fns.policy_loss) == (linear_logprob, group_advantage, policy_loss)
+    assert (fns.linear_logprob, fns.group_advantage, fns.policy_loss) == (
+        linear_logprob,
+        group_advantage,
+        ops.policy_loss,
+    )
     assert fns.linear_logprob_multi is linear_logprob_multi
     with pytest.raises(RuntimeError, match="not implemented yet"):
         resolve_backend("triton", "cuda")
@@ -533,15 +545,15 @@ def test_dispatch_uses_kernels_when_they_exist(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- context ratio mask
 def test_context_ratio_mask_by_hand():
-    from p2o_lightning.ops import context_ratio_mask
+    from p2o_lightning.loss import context_ratio_mask
 
     logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
     # log ρ = logp − context_logp = [0, -5, +3, -4.6]  ->  ρ = [1, 0.0067, 20.1, 0.01005]
     context = torch.tensor([[-1.0, 4.0, -4.0, 3.6]])
-    assert context_ratio_mask(logp, context).tolist() == [[True, False, False, True]]
-    assert context_ratio_mask(logp, context, 0.001, 100.0).tolist() == [[True, True, True, True]]
+    assert context_ratio_mask(logp, context, (0.01, 10.0)).tolist() == [[True, False, False, True]]
+    assert context_ratio_mask(logp, context, (0.001, 100.0)).tolist() == [[True, True, True, True]]
     with pytest.raises(ValueError, match="context ratio bounds"):
-        context_ratio_mask(logp, context, 2.0, 10.0)
+        context_ratio_mask(logp, context, (2.0, 10.0))
 
 
 def test_policy_loss_context_ratio_mask_drops_tokens():

@@ -5,6 +5,7 @@ import torch
 from helpers import small_module
 
 from p2o_lightning import ops
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.plan import plan_rollouts, rows_in_loss
 from p2o_lightning.step.score import score_groups
@@ -80,7 +81,7 @@ def _opening_gradient(plain_rollouts: int) -> torch.Tensor:
     advantages = ops.group_advantage(rewards).view(4)
     theta = torch.zeros(2, requires_grad=True)
     logp = torch.log_softmax(theta, dim=0)[first_token][:, None]  # [4, 1] log π(first token | x)
-    loss, _ = ops.policy_loss(logp, logp.detach(), advantages, torch.ones(4, 1))
+    loss, _ = ops.policy_loss(logp, logp.detach(), advantages, torch.ones(4, 1), LossSettings())
     loss.backward()
     return theta.grad
 

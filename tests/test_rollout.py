@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.data import PromptDataModule, load_problems
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.module import P2OModule
 from p2o_lightning.ops import policy_loss, tis_weights
 from p2o_lightning.policy import resolve_model_path
@@ -96,15 +97,16 @@ def test_tis_through_token_advantages_scales_the_policy_gradient_term():
     # per-token pg = -A·w·ratio = [-1.5, -1.0, -0.25]; token-mean = -2.75 / 3
     logp = torch.tensor([[0.5, 0.9, 0.2]]).log().requires_grad_()
     w = torch.tensor([[1.5, 1.0, 0.25]])
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(1)[:, None] * w, torch.ones(1, 3))
+    loss, _ = policy_loss(logp, logp.detach(), torch.ones(1)[:, None] * w, torch.ones(1, 3), LossSettings())
     assert loss.item() == pytest.approx(-2.75 / 3)
     loss.backward()  # d/dlogp of -A·w·exp(logp - old) at ratio 1 = -w / 3
     torch.testing.assert_close(logp.grad, -w / 3)
     # a negative advantage with a ratio in the clipped region: clipping picks the same branch with or without w
     logp2 = torch.tensor([[0.0, 0.0]])
     old2 = torch.tensor([[math.log(2.0), 0.0]])  # ratios [0.5, 1.0]
-    plain, _ = policy_loss(logp2, old2, -torch.ones(1), torch.ones(1, 2), loss_agg="seq-mean-token-sum")
-    weighted, _ = policy_loss(logp2, old2, -torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), loss_agg="seq-mean-token-sum")
+    settings = LossSettings(clip_high=0.2, loss_agg="seq-mean-token-sum")
+    plain, _ = policy_loss(logp2, old2, -torch.ones(1), torch.ones(1, 2), settings)
+    weighted, _ = policy_loss(logp2, old2, -torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), settings)
     # A=-1: pg = max(0.5, 0.8) + max(1, 1) = 1.8; with w=2 on both tokens: 3.6
     assert plain.item() == pytest.approx(1.8) and weighted.item() == pytest.approx(3.6)
 

@@ -11,10 +11,11 @@ import torch
 from helpers import small_module
 
 from p2o_lightning.backend import get_ops
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.logprobs import LogProbSettings, micro_batches, rollout_logprobs, trimmed_widths
 from p2o_lightning.step.plan import RolloutPlan
-from p2o_lightning.step.update import LossSettings, PPOSettings, PPOUpdate
+from p2o_lightning.step.update import PPOSettings, PPOUpdate
 
 G, K, P, PG, R = 3, 4, 9, 13, 10  # groups, rollouts, trained / sampled prompt widths, response width
 
@@ -163,8 +164,8 @@ CASES = {  # rows templated, PPO settings, loss settings, micro_batch_tokens of 
         LossSettings(kl_coef=0.05, loss_agg="seq-mean-token-mean"),
         40,
     ),
-    "p2o-anchor": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings(), None),
-    "p2o-anchor-by-tokens": (True, PPOSettings(1, None, anchor_weight=0.5), LossSettings(), 40),
+    "p2o-anchor": (True, PPOSettings(1, None), LossSettings(anchor_weight=0.5), None),
+    "p2o-anchor-by-tokens": (True, PPOSettings(1, None), LossSettings(anchor_weight=0.5), 40),
     "p2o-two-epochs-tokens-scope": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), None),
     "p2o-two-epochs-by-tokens": (True, PPOSettings(2, 2), LossSettings(context_mask_scope="tokens"), 40),
     "grpo-fused-head-by-tokens": (False, PPOSettings(1, None), LossSettings(kl_coef=0.05), 40),

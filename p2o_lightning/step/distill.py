@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from p2o_lightning.ops import context_ratio_mask
+from p2o_lightning.loss import context_ratio_mask
 from p2o_lightning.step.batch import RolloutBatch
 
 EncodeFn = Callable[[list[str], torch.device], tuple[Tensor, Tensor]]  # prompts -> left-padded ids, mask
@@ -66,7 +66,7 @@ def context_mask(
     batch: RolloutBatch, context_ratio_bounds: tuple[float, float] | None, rows: Tensor | None = None
 ) -> Tensor | None:
     """[m, R] bool: the tokens of ``rows`` (all rows by default) that P²O's context ratio mask keeps, from π_old under
-    the trained and the sampled prompt (:func:`p2o_lightning.ops.context_ratio_mask`, the rule the loss applies to
+    the trained and the sampled prompt (:func:`p2o_lightning.loss.context_ratio_mask`, the rule the loss applies to
     its own inputs); None when no mask applies (no bounds, or no context log-probs).
     """
     if context_ratio_bounds is None or batch.context_logp is None:
@@ -74,7 +74,7 @@ def context_mask(
     old, context = batch.old_logp, batch.context_logp  # [M, R]
     if rows is not None:
         old, context = old[rows], context[rows]
-    return context_ratio_mask(old, context, *context_ratio_bounds)
+    return context_ratio_mask(old, context, context_ratio_bounds)
 
 
 def anchor_mask(batch: RolloutBatch) -> Tensor:

@@ -31,16 +31,15 @@ fatal.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
 from p2o_lightning.fused_head import RatioOneLoss
-from p2o_lightning.ops import CONTEXT_MASK_SCOPES
+from p2o_lightning.loss import LossSettings
 from p2o_lightning.packing import PositionTally
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.distill import (
@@ -55,50 +54,13 @@ from p2o_lightning.step.logprobs import LogProbSettings, forward_rows, micro_bat
 from p2o_lightning.step.stats import UpdateStats
 from p2o_lightning.stopwatch import Stopwatch, measured
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_ROWS = ("all", "plain", "untemplated")
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """The PPO loss's settings (:func:`p2o_lightning.ops.policy_loss`), checked once, before any model is loaded."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_ratio_c: float | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    loss_agg: str = "token-mean"
-    context_ratio_bounds: tuple[float, float] | None = (0.01, 10.0)  # None: no context ratio mask
-    context_mask_scope: str = "policy_gradient"
-
-    def __post_init__(self) -> None:
-        if self.loss_agg not in LOSS_AGGS:
-            raise ValueError(f"loss_agg={self.loss_agg!r} is unknown; choose one of {LOSS_AGGS}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator={self.kl_estimator!r} is unknown; choose one of {KL_ESTIMATORS}")
-        bounds = self.context_ratio_bounds
-        if bounds is not None and not 0 < bounds[0] <= 1 <= bounds[1]:
-            raise ValueError(f"context_ratio_bounds={bounds} must satisfy 0 < low <= 1 <= high")
-        if self.context_mask_scope not in CONTEXT_MASK_SCOPES:
-            scope = self.context_mask_scope
-            raise ValueError(f"context_mask_scope={scope!r} is unknown; choose one of {CONTEXT_MASK_SCOPES}")
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 (dual-clip), got {self.clip_ratio_c}")
-
-    def bind(self, ops) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-        """``ops.policy_loss`` with these settings bound: the loss, built once per step."""
-        kwargs = asdict(self)
-        kwargs["context_ratio_bounds"] = self.context_ratio_bounds or (0.01, 10.0)  # unused without context_logp
-        return partial(ops.policy_loss, **kwargs)
 
 
 @dataclass(frozen=True)
 class PPOSettings:
     ppo_epochs: int  # passes over one rollout batch
     mini_batch_groups: int | None  # groups (prompts) per optimizer step; None: the whole batch
-    anchor_weight: float = 0.0  # P²O's skill anchor (step/distill.py): w · L_PPO(y | t(x)) on distilled rows
     opening_tokens: int = 0  # P²O's opening gate (step/distill.py): distilled rows' first n tokens wait for ...
     opening_gate: float = 0.5  # ... a geometric-mean context ratio of their continuation of at least this
     kl_rows: str = "all"  # the KL term's rows: all | plain (not distilled) | untemplated (groups without templates)
@@ -108,8 +70,6 @@ class PPOSettings:
             raise ValueError(f"ppo_epochs={self.ppo_epochs} must be >= 1")
         if self.mini_batch_groups is not None and self.mini_batch_groups < 1:
             raise ValueError(f"ppo_mini_batch_size={self.mini_batch_groups} must be >= 1 (or None: the whole batch)")
-        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
-            raise ValueError(f"anchor_weight={self.anchor_weight} must be a finite number >= 0 (0: no skill anchor)")
         if self.opening_tokens < 0:
             raise ValueError(f"opening_tokens={self.opening_tokens} must be >= 0 (0: no opening gate)")
         if not 0 < self.opening_gate <= 1:
@@ -187,9 +147,9 @@ class PPOUpdate:
         """
         s = self.settings
         old_pass = any_rank(tis_cap is not None or not self.fuses_old_logprobs(batch))
-        anchored = any_rank(s.anchor_weight > 0 and batch.reprompted)
+        anchored = any_rank(self.loss.anchor_weight > 0 and batch.reprompted)
         gated = any_rank((s.opening_tokens > 0 or s.kl_rows != "all") and batch.reprompted)  # wait for the logp
-        context = needs_context_logp(batch, self.loss.context_ratio_bounds, s.anchor_weight, s.opening_tokens)
+        context = needs_context_logp(batch, self.loss.context_ratio_bounds, self.loss.anchor_weight, s.opening_tokens)
         return LogProbPasses(
             old_pass=old_pass,
             context=any_rank(context),
@@ -211,7 +171,7 @@ class PPOUpdate:
             f"ppo_mini_batch_size={s.mini_batch_groups}": s.mini_batch_groups is not None
             and (batch_size is None or s.mini_batch_groups < batch_size),
             f"tis_cap={tis_cap}": tis_cap is not None,
-            f"anchor_weight={s.anchor_weight}": s.anchor_weight > 0,
+            f"anchor_weight={self.loss.anchor_weight}": self.loss.anchor_weight > 0,
             "context_mask_scope='tokens'": self.masks_tokens,
         }
         blockers = [name for name, blocks in reasons.items() if blocks]
@@ -234,7 +194,7 @@ class PPOUpdate:
         stopwatch: Stopwatch | None = None,  # measures the context forward and the anchor's backward
     ) -> tuple[dict[str, float], RolloutBatch]:
         s, lp, bounds = self.settings, self.logprob, self.loss.context_ratio_bounds
-        loss_fn = self.loss.bind(ops)
+        loss_fn = partial(ops.policy_loss, settings=self.loss)
         G, K = batch.num_groups, batch.group_size
         device = batch.response_ids.device
         mask = batch.loss_mask  # [M, R]
@@ -270,11 +230,9 @@ class PPOUpdate:
                             kl_free = templated_groups[micro // K]
                     head_loss = None
                     if passes.fused_head:  # the loss's weights at ratio 1: its gradients come out of the forward
-                        head_loss = RatioOneLoss.of(
-                            batch.advantages[micro], mask[micro], ref_logp=ref, kl_coef=self.loss.kl_coef,
-                            kl_estimator=self.loss.kl_estimator, loss_agg=self.loss.loss_agg, num_tokens=num_tokens,
-                            num_seqs=len(rows), context_ratio_bounds=bounds if with_context else None,
-                            context_mask_scope=self.loss.context_mask_scope,
+                        head_loss = RatioOneLoss.of(  # the context ratio mask applies once the forward gives π(y|t(x))
+                            batch.advantages[micro], mask[micro], self.loss, ref_logp=ref, num_tokens=num_tokens,
+                            num_seqs=len(rows),
                         )  # fmt: skip
                     logp, entropy, live_context, head_value = forward_rows(
                         policy, batch, micro, ops, lp, fused_old, with_context, anchored, head_loss, stopwatch, tally
@@ -315,12 +273,12 @@ class PPOUpdate:
                     if anchored:  # w · L_PPO(y | t(x)): on-policy, no ratio mask
                         anchor, _ = loss_fn(  # kl_coef=0: π_ref is scored on x
                             live_context, context, batch.advantages[micro], anchor_tokens[micro],
-                            num_tokens=num_tokens, num_seqs=len(rows), kl_coef=0.0,
+                            num_tokens=num_tokens, num_seqs=len(rows), settings=self.loss.anchor,
                         )  # fmt: skip
                         loss_stats["anchor_loss"] = anchor.detach()
                     if gate is not None:
                         loss_stats["opening_open_rows"] = opening_open_rows(gate, distilled, s.opening_tokens)
-                    total = loss.detach() + s.anchor_weight * anchor.detach() if anchored else loss.detach()
+                    total = loss.detach() + self.loss.anchor_weight * anchor.detach() if anchored else loss.detach()
                     if not torch.isfinite(total):
                         raise FloatingPointError(
                             f"non-finite loss ({total.item()}) {where()}; stopping before the optimizer step, "
@@ -329,7 +287,7 @@ class PPOUpdate:
                     backward(loss)
                     if anchored:  # its own backward, through the context forward only
                         with measured(stopwatch, "anchor_backward"):
-                            backward(s.anchor_weight * anchor)
+                            backward(self.loss.anchor_weight * anchor)
                     share = float(mask[micro].sum() / mask[rows].sum().clamp(min=1))
                     stats.add_micro({"loss": total, **loss_stats}, token_share=share)
                 grad_norm, skipped = optimizer_step()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,12 @@ GRIDS = {  # (N, H, V)
     "full": [(n, 1024, 32768) for n in (1024, 2048, 4096, 8192)] + [(4096, 1024, 8192), (4096, 512, 32768)],
     "gpu": [(4096, 4096, 151936), (16384, 4096, 151936)],  # Qwen's vocabulary, a 7-8B model's width
 }
-IMPLS = ("chunked", "compiled", "materialised", "triton", "liger", "cce")
+IMPLS = ("chunked", "compiled", "materialised", "triton", "fused-head", "liger", "cce", "cce-nofilter")
+# the logits' spread: "std1" (hidden N(0, 1), head N(0, 1/H): logits of std 1, a near-uniform softmax) or
+# "realistic" (logits of std LOGIT_STD, each token's target logit uniform in TARGET_LOGITS: a peaked softmax whose
+# target is the likeliest token, as for rollouts sampled from the policy itself)
+LOGITS = ("realistic", "std1")
+LOGIT_STD, TARGET_LOGITS = 3.0, (10.0, 25.0)
 VOCAB_SWEEP = [(1024, 128, v) for v in (8192, 32768, 65536, 151936)]
 MODES = ("fwd", "fwd+bwd")
 CEILING_SHAPE = {"cpu": (1024, 1024, 32768), "cuda": (4096, 4096, 32768)}  # the plain matmul of "% mm"
@@ -84,6 +90,14 @@ H100 = GPUS["H100"]
 # ----------------------------------------------------------------------------------------------------------------
 # setup shared by all modes
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def unavailable(impl: str, device: torch.device, dry_run: bool) -> str | None:
+    """Why ``impl`` cannot run here (None when it can); a dry run runs the Triton kernels in the interpreter."""
+    base = {"cce-nofilter": "cce", "fused-head": "triton"}.get(impl, impl)
+    if dry_run and base == "triton":
+        return None
+    return impl_unavailable(base, device)
 
 
 def case_unsafe(impl: str, n: int, v: int, device: torch.device) -> str | None:
@@ -124,11 +138,59 @@ def logprob_fn(
 
         loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
         return lambda hd, w: -loss(w, hd, targets)
-    if impl == "cce":
+    if impl in ("cce", "cce-nofilter"):  # "cce": its default gradient filter (filter_eps="high"); or none
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda hd, w: -linear_cross_entropy(hd, w, targets, reduction="none")
+        eps = {"filter_eps": None} if impl == "cce-nofilter" else {}
+        return lambda hd, w: -linear_cross_entropy(hd, w, targets, reduction="none", **eps)
     raise ValueError(f"unknown impl {impl!r}")
+
+
+def fused_head_loss(targets: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """(hidden, weight) → the fused head's loss (:mod:`p2o_lightning.kernels.fused_head`): a token-mean PPO loss
+    at ratio 1 with random advantages, its gradient taken in the forward (fwd+bwd only: that is what it fuses).
+    """
+    from p2o_lightning.fused_head import RatioOneLoss
+    from p2o_lightning.kernels.functional import fused_linear_policy_loss
+
+    gen = torch.Generator(targets.device).manual_seed(1)
+    advantages = torch.randn(1, targets.numel(), device=targets.device, generator=gen)
+    loss = RatioOneLoss.of(advantages, torch.ones(1, targets.numel(), device=targets.device))
+    return lambda hd, w: fused_linear_policy_loss(hd[None], w, targets[None], loss)[0]
+
+
+def make_inputs(
+    n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, logits: str = "realistic", seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden (N, H), weight (V, H), targets (N,)) whose logits have the spread ``logits`` names (see LOGITS).
+
+    "realistic": head N(0, LOGIT_STD²/H), hidden N(0, 1), then each hidden row moved along its target's head row so
+    that the target's logit is a draw of U(TARGET_LOGITS) (the other logits move by ~Δ/√H). Built in place where
+    it can be: the CPU benchmark's baseline is the high-water mark after this.
+    """
+    if logits not in LOGITS:
+        raise ValueError(f"logits {logits!r}: expected one of {LOGITS}")
+    gen = torch.Generator(device).manual_seed(seed)
+    std = LOGIT_STD if logits == "realistic" else 1.0
+    hidden = torch.empty(n, h, dtype=dtype, device=device).normal_(generator=gen)  # (N, H)
+    weight = torch.empty(v, h, dtype=dtype, device=device).normal_(std=std * h**-0.5, generator=gen)  # (V, H)
+    targets = torch.randint(0, v, (n,), device=device, generator=gen)  # (N,)
+    if logits == "realistic":
+        low, high = TARGET_LOGITS
+        for rows in torch.arange(n, device=device).split(4096):  # bounded float32 temporaries
+            w_t = weight[targets[rows]].float()  # (R, H)
+            want = torch.empty(len(rows), device=device).uniform_(low, high, generator=gen)
+            have = (hidden[rows].float() * w_t).sum(-1)
+            step = (want - have) / (w_t * w_t).sum(-1)  # (R,)
+            hidden[rows] = (hidden[rows].float() + step[:, None] * w_t).to(dtype)
+    return hidden, weight, targets
+
+
+def logit_stats(hidden: Tensor, weight: Tensor, rows: int = 64) -> dict:
+    """Mean over ``rows`` rows of each row's logit std and max, and of the softmax's largest probability."""
+    z = hidden[:rows].float() @ weight.float().T  # (rows, V)
+    return {"logit_std": z.std(dim=1).mean().item(), "logit_max": z.amax(dim=1).mean().item(),
+            "p_max": z.softmax(-1).amax(dim=1).mean().item()}  # fmt: skip
 
 
 def setup_logprob(
@@ -141,14 +203,18 @@ def setup_logprob(
     mode: str,
     chunk_size: int | None,
     logits_budget: int = LOGITS_BUDGET,
+    logits: str = "std1",
 ) -> Callable[[], object]:
-    """Allocate the inputs (in place, no temporaries: the CPU baseline must be the high-water mark) → a step."""
-    gen = torch.Generator(device).manual_seed(0)
-    hidden = torch.empty(n, h, dtype=dtype, device=device).normal_(generator=gen)  # (N, H)
-    weight = torch.empty(v, h, dtype=dtype, device=device).normal_(std=h**-0.5, generator=gen)  # (V, H)
-    targets = torch.randint(0, v, (n,), device=device, generator=gen)  # (N,)
+    """Allocate the inputs (see :func:`make_inputs`) → a step."""
+    hidden, weight, targets = make_inputs(n, h, v, dtype, device, logits)
+    gen = torch.Generator(device).manual_seed(1)
     grad_out = torch.empty(n, device=device).normal_(generator=gen)  # (N,) upstream grad of the log-probs
-    fn = logprob_fn(impl, targets, chunk_size, logits_budget)
+    if impl == "fused-head":
+        if mode == "fwd":
+            raise ValueError("fused-head is a forward + backward (the loss's gradient taken in its forward)")
+        fn, grad_out = fused_head_loss(targets), torch.ones((), device=device)
+    else:
+        fn = logprob_fn(impl, targets, chunk_size, logits_budget)
     if mode == "fwd":
 
         def step() -> object:
@@ -177,7 +243,7 @@ def setup_case(case: dict, device: torch.device) -> Callable[[], object]:
         return setup_matmul(case["N"], case["H"], case["V"], dtype, device)
     return setup_logprob(
         case["N"], case["H"], case["V"], dtype, device, case["impl"], case["mode"], case["chunk_size"],
-        case.get("logits_budget", LOGITS_BUDGET),
+        case.get("logits_budget", LOGITS_BUDGET), case.get("logits", "std1"),
     )  # fmt: skip
 
 
@@ -396,7 +462,8 @@ def model_line(r: dict) -> str:
 
 COLUMNS = [
     "date", "device", "device_kind", "torch", "triton_version", "liger_version", "cce_version", "commit", "dtype",
-    "impl", "mode", "N", "H", "V", "chunk_size", "logits_budget", "status", "ms", "ms_stat", "ms_median", "ms_lo",
+    "impl", "mode", "N", "H", "V", "chunk_size", "logits_budget", "logits", "logit_std", "logit_max", "p_max",
+    "status", "ms", "ms_stat", "ms_median", "ms_lo",
     "ms_hi", "tflops",
     "pct_of_matmul", "peak_mb", "logits_mb", "baseline_slack_mb",
 ]  # fmt: skip
@@ -586,6 +653,12 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per case (CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls of a step slower than --min-run-time")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--logits", choices=LOGITS, default="std1", help="the logits' spread (see LOGITS)")
+    parser.add_argument("--skip-ceiling", action="store_true", help="no matmul ceiling (%% mm left empty)")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="CPU under TRITON_INTERPRET=1: run the triton and fused-head cases in the interpreter (not a measurement)",
+    )  # fmt: skip
     parser.add_argument("--_case", help=argparse.SUPPRESS)  # internal: run one CPU case in this process
     args = parser.parse_args()
 
@@ -601,17 +674,21 @@ def main() -> None:
     shapes = args.shapes or GRIDS[args.grid or ("gpu" if device.type == "cuda" else "default")]
     env = dict(environment(device), **versions())
     base = {"dtype": dtype, "chunk_size": args.chunk_size, "logits_budget": args.logits_budget,
-            "min_run_time": args.min_run_time, "repeats": args.repeats}  # fmt: skip
+            "min_run_time": args.min_run_time, "repeats": args.repeats, "logits": args.logits}  # fmt: skip
+    if args.dry_run and (device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1"):
+        parser.error("--dry-run runs on the CPU with TRITON_INTERPRET=1 (the kernels in the interpreter)")
     if args.vocab_sweep:
         vocab_sweep(base, device, env, args.out)
         return
 
     n_c, h_c, v_c = CEILING_SHAPE[device.type]
-    ceiling = run_case(dict(base, impl="matmul", mode="fwd", N=n_c, H=h_c, V=v_c), device)
-    ceiling_tflops = 2 * n_c * h_c * v_c / ceiling["ms"] / 1e9
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton_version']}, commit {env['commit']}, {dtype}")
-    print(f"matmul ceiling ({n_c}×{h_c}×{v_c}, {dtype}), measured: {ceiling_tflops:.3f} TFLOP/s\n")
-    skipped = {impl: why for impl in args.impls if (why := impl_unavailable(impl, device))}
+    ceiling_tflops = float("nan")
+    if not args.skip_ceiling:
+        ceiling = run_case(dict(base, impl="matmul", mode="fwd", N=n_c, H=h_c, V=v_c), device)
+        ceiling_tflops = 2 * n_c * h_c * v_c / ceiling["ms"] / 1e9
+        print(f"matmul ceiling ({n_c}×{h_c}×{v_c}, {dtype}), measured: {ceiling_tflops:.3f} TFLOP/s\n")
+    skipped = {impl: why for impl in args.impls if (why := unavailable(impl, device, args.dry_run))}
     for impl, why in skipped.items():
         print(f"skipped {impl}: {why}")
     print("\nMEASURED on this device")
@@ -622,12 +699,18 @@ def main() -> None:
     csv_path = args.out / f"bench_logprob_{env['device_kind']}.csv"
     rows = []
     for n, h, v in shapes:
+        stats = logit_stats(*make_inputs(min(n, 64), h, v, getattr(torch, dtype), device, args.logits)[:2])
+        print(f"{n}×{h}×{v}, logits {args.logits}: " + ", ".join(f"{k} {x:.3g}" for k, x in stats.items()))
         for mode in args.modes:
             for impl in args.impls:
                 case = dict(base, impl=impl, mode=mode, N=n, H=h, V=v)
                 why = skipped.get(impl) or case_unsafe(impl, n, v, device)
+                why = why or ("forward + backward only (it fuses the loss's gradient)" if (impl, mode) == (
+                    "fused-head", "fwd") else None)  # fmt: skip
                 result = {"status": f"skipped: {why}"} if why else run_case(case, device)
-                row = dict(env, **case, **result, logits_mb=n * v * 4 / 2**20)
+                if args.dry_run and result["status"] == "ok":
+                    result["ms_stat"] = "dry run: CPU, the interpreter; not a measurement"
+                row = dict(env, **case, **stats, **result, logits_mb=n * v * 4 / 2**20)
                 if row["status"] == "ok":
                     row["tflops"] = (2 if mode == "fwd" else 6) * n * h * v / row["ms"] / 1e9
                     row["pct_of_matmul"] = 100 * row["tflops"] / ceiling_tflops

@@ -9,6 +9,7 @@ import csv
 import datetime
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 import subprocess
@@ -32,14 +33,17 @@ def environment(device: torch.device) -> dict:
             pass
         name = f"{name} ({torch.get_num_threads()} threads)"
         kind = "cpu"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+    try:  # $P2O_COMMIT: the commit that runs, where the copy of the repository has no reliable git history
+        commit = (
+            os.environ.get("P2O_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {

@@ -88,7 +88,10 @@ from torch import Tensor
 
 from p2o_lightning.ops import LOGITS_BUDGET, chunk_rows
 
-from . import _guard  # noqa: F401  (refuses the top-level name `kernels`)
+from . import (
+    _guard,  # noqa: F401  (refuses the top-level name `kernels`)
+    tuned_configs,
+)
 from .aot import KernelSpace
 from .tuning import as_config, backward_perf_model, forward_perf_model
 
@@ -145,6 +148,7 @@ def _logprob_forward_kernel(
     BLOCK_H: tl.constexpr,  # slice of H per tl.dot
     GROUP_N: tl.constexpr,  # row blocks per group of the program ordering
     ENTROPY: tl.constexpr,  # also accumulate Σ exp(z − m)·z
+    EVEN_H: tl.constexpr,  # H is a multiple of BLOCK_H: the loads along H need no mask
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's low-precision dot is wrong)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs, else None (the default)
 ):
@@ -169,9 +173,13 @@ def _logprob_forward_kernel(
         acc = tl.zeros((C_PAD * BLOCK_N, BLOCK_V), tl.float32)
         for k in range(0, H, BLOCK_H):
             ks = k + tl.arange(0, BLOCK_H)
-            k_ok = ks < H
-            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (ROWS, BH)
-            w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BH, BV)
+            if EVEN_H:  # H % BLOCK_H == 0: no mask along H
+                h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None], other=0.0)  # (ROWS, BH)
+                w = tl.load(w_cols[None, :] + ks[:, None], mask=col_ok[None, :], other=0.0)  # (BH, BV)
+            else:
+                k_ok = ks < H
+                h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
                 w = w.to(tl.float32)
@@ -218,6 +226,7 @@ def _logprob_backward_kernel(
     BLOCK_H: tl.constexpr,  # slice of H per tl.dot
     GROUP_N: tl.constexpr,  # row blocks per group of the program ordering
     ENTROPY: tl.constexpr,  # the entropy has an upstream grad
+    EVEN_H: tl.constexpr,  # H is a multiple of BLOCK_H: the loads along H need no mask
     UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (interpreter)
     PRECISION: tl.constexpr,  # tl.dot input_precision
 ):
@@ -232,9 +241,13 @@ def _logprob_backward_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k in range(0, H, BLOCK_H):
         ks = k + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BH)
-        w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BH, BV)
+        if EVEN_H:  # H % BLOCK_H == 0: no mask along H
+            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None], other=0.0)  # (BN, BH)
+            w = tl.load(w_cols[None, :] + ks[:, None], mask=col_ok[None, :], other=0.0)  # (BH, BV)
+        else:
+            k_ok = ks < H
+            h = tl.load(h_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols[None, :] + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -284,10 +297,41 @@ BACKWARD_CONFIGS = {  # no softmax state carried across tiles: larger tiles fit 
         dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=16, num_warps=8, num_stages=3),
         dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
         dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=3),
+        dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=4),
     ),
     torch.float32: _FMA_TILES,
 }
 BACKWARD_CONFIGS[torch.float16] = BACKWARD_CONFIGS[torch.bfloat16]
+# What the measured tuning on a device (benchmarks/tune_logprob.py) times besides the configs above, 16-bit inputs:
+# larger tiles, cut-cross-entropy's sm_90 tile (256 rows × 128 columns × 32 of H, 8 warps, 3 stages) among them.
+# They are not in the launch spaces autotune picks from: with the softmax state of 128+ rows, the AOT compile for
+# sm_90 needs 255 registers and spills a few hundred bytes a thread in some of them (ENTROPY, two contexts), which
+# only a measurement can price. A candidate that wins on a device is recorded in its tuned file (.tuned_configs) and
+# launched from there; tests/test_kernels_aot.py compiles each one for sm_90, tests/test_kernels.py runs each one in
+# the interpreter against the float64 reference.
+FORWARD_CANDIDATES = (
+    dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=4),
+)
+BACKWARD_CANDIDATES = (
+    dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+)
+# the ∂L/∂z buffer bounds the measured tuning tries (elements): 2²⁵ is ops.LOGITS_BUDGET, 2²⁸ a 512 MB bf16 buffer
+BUDGET_CANDIDATES = (2**25, 2**26, 2**27, 2**28)
+
+
+def tuning_space(kernel: str, dtype: torch.dtype) -> tuple[dict, ...]:
+    """Every launch config the measured tuning times for ``kernel`` ("forward" / "backward") and ``dtype``."""
+    launch = (FORWARD_CONFIGS if kernel == "forward" else BACKWARD_CONFIGS)[dtype]
+    if dtype not in _LOW_PRECISION:
+        return launch
+    return launch + (FORWARD_CANDIDATES if kernel == "forward" else BACKWARD_CANDIDATES)
+
+
 TOP_K = 2  # configs timed by triton.autotune per (V, H, contexts, entropy, dtype), out of the model's ranking
 # a multiple of every BLOCK_V: the forward's splits and the backward's slices do not depend on the config picked
 SPLIT_UNIT = max(c["BLOCK_V"] for cs in (*FORWARD_CONFIGS.values(), *BACKWARD_CONFIGS.values()) for c in cs)
@@ -326,7 +370,7 @@ FORWARD_SPACE = KernelSpace(
     ),
     scalars=dict(inv_temperature="fp32"),
     configs=_by_name(FORWARD_CONFIGS),
-    features=dict(ENTROPY=(True, False), C_PAD=(2, 1, 4), UPCAST=(False,)),
+    features=dict(ENTROPY=(True, False), C_PAD=(2, 1, 4), EVEN_H=(False, True), UPCAST=(False,)),
     adapt=lambda config, feats: per_context(config, feats["C_PAD"]),
     **_COMMON,
 )
@@ -345,28 +389,35 @@ BACKWARD_SPACE = KernelSpace(
     ),  # fmt: skip
     scalars=dict(inv_temperature="fp32"),
     configs=_by_name(BACKWARD_CONFIGS),
-    features=dict(ENTROPY=(True, False), UPCAST=(False,)),
+    features=dict(ENTROPY=(True, False), EVEN_H=(False, True), UPCAST=(False,)),
     **_COMMON,
 )
 SPACES = (FORWARD_SPACE, BACKWARD_SPACE)
 
 
-def _forward_config(n: int, v: int, h: int, c_pad: int) -> dict[str, int] | None:
-    """A fixed config of the forward kernel (the interpreter's), or None: autotune over FORWARD_CONFIGS (GPU)."""
+def _forward_config(n: int, v: int, h: int, c_pad: int, entropy: bool, hidden: Tensor) -> dict[str, int] | None:
+    """The forward kernel's fixed config: the interpreter's, else the device's tuned one (:mod:`.tuned_configs`),
+    else None (autotune over FORWARD_CONFIGS).
+    """
     if _interpreted():  # numpy runs one program at a time: few, large tiles
         block_n = min(64, max(16, triton.next_power_of_2(n)))
         block_v = min(512, max(16, triton.next_power_of_2(v)))
         return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
-    return None
+    found = tuned_configs.lookup("forward", hidden.device, hidden.dtype, n=n, v=v, h=h, entropy=entropy)
+    return per_context(found, c_pad) if found is not None else None
 
 
-def _backward_config(rows: int, v: int) -> dict[str, int] | None:
-    """A fixed config of the ∂L/∂z kernel (the interpreter's), or None: autotune over BACKWARD_CONFIGS (GPU)."""
+def _backward_config(rows: int, v: int, h: int, entropy: bool, hidden: Tensor) -> dict[str, int] | None:
+    """The ∂L/∂z kernel's fixed config: the interpreter's, else the device's tuned one, else None (autotune)."""
     if _interpreted():
         block_n = min(64, max(16, triton.next_power_of_2(rows)))
         block_v = min(512, max(16, triton.next_power_of_2(v)))
         return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=128, GROUP_N=8, num_warps=4)
-    return None
+    return tuned_configs.lookup("backward", hidden.device, hidden.dtype, n=rows, v=v, h=h, entropy=entropy)
+
+
+def _even_h(h: int, config: dict) -> bool:
+    return h % config["BLOCK_H"] == 0
 
 
 def prune_for_contexts(configs: list, named_args: dict, **kwargs) -> list:
@@ -375,8 +426,16 @@ def prune_for_contexts(configs: list, named_args: dict, **kwargs) -> list:
     out = []
     for c in configs:
         new = per_context(dict(c.kwargs), c_pad)
+        new["EVEN_H"] = _even_h(named_args["H"], new) if "H" in named_args else False
         out.append(triton.Config(new, num_warps=c.num_warps, num_stages=c.num_stages))
     return out
+
+
+def prune_even_h(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune's early prune of the backward: each config with EVEN_H for the launch's H."""
+    h = named_args.get("H")
+    return [triton.Config(dict(c.kwargs, EVEN_H=h is not None and _even_h(h, c.kwargs)), num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]  # fmt: skip
 
 
 @functools.cache
@@ -390,7 +449,7 @@ def _tuned(kernel: str, dtype: torch.dtype) -> triton.runtime.Autotuner:
         prune = {"early_config_prune": prune_for_contexts, "perf_model": forward_perf_model(FORWARD_SPACE)}
     else:
         fn, configs, key = _logprob_backward_kernel, BACKWARD_CONFIGS[dtype], ["Vc", "H", "ENTROPY"]
-        prune = {"perf_model": backward_perf_model(BACKWARD_SPACE)}
+        prune = {"early_config_prune": prune_even_h, "perf_model": backward_perf_model(BACKWARD_SPACE)}
     return triton.autotune([as_config(c) for c in configs], key=key, prune_configs_by=dict(prune, top_k=TOP_K))(fn)
 
 
@@ -436,12 +495,20 @@ def linear_logprob_forward(
     targets: Tensor,  # (N,) int64
     temperature: float,
     return_entropy: bool,
+    config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Run the forward kernel and merge its splits → (lse, z_target, Σ p·z or None), each (C, N) float32."""
+    """Run the forward kernel and merge its splits → (lse, z_target, Σ p·z or None), each (C, N) float32.
+
+    ``config``: this launch config (one context's, as in FORWARD_CONFIGS), instead of the interpreter's / the device's
+    tuned one / autotune's (the measured tuning times each config through here).
+    """
     n_ctx, n, h = hidden.shape
     v = weight.shape[0]
     c_pad = triton.next_power_of_2(n_ctx)
-    config = _forward_config(n, v, h, c_pad)
+    if config is None:
+        config = _forward_config(n, v, h, c_pad, return_entropy, hidden)
+    else:
+        config = per_context(config, c_pad)
     splits, cols_per_split = split_plan(n, v, c_pad, _sms(hidden.device), config)
 
     part = torch.empty(4 if return_entropy else 3, splits, n_ctx * n, device=hidden.device, dtype=torch.float32)
@@ -454,7 +521,8 @@ def linear_logprob_forward(
     )  # fmt: skip
     flags = dict(C_PAD=c_pad, ENTROPY=return_entropy, UPCAST=_interpreted(), PRECISION=_precision(hidden.dtype))
     if config is not None:
-        _logprob_forward_kernel[(triton.cdiv(n, config["BLOCK_N"]) * splits,)](*args, **flags, **config)
+        grid = (triton.cdiv(n, config["BLOCK_N"]) * splits,)
+        _logprob_forward_kernel[grid](*args, **flags, **config, EVEN_H=_even_h(h, config))
     else:
         _tuned("forward", hidden.dtype)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)](*args, **flags)
 
@@ -494,6 +562,7 @@ def linear_logprob_backward(
     logits_budget: int,
     need_hidden: bool,
     need_weight: bool,
+    config: dict | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """grad_hidden (R, H) and grad_weight (V, H) in the input dtype, one slice of the vocabulary at a time.
 
@@ -506,7 +575,8 @@ def linear_logprob_backward(
     n_rows, h = hidden.shape
     v = weight.shape[0]
     dz_dtype = hidden.dtype  # the matmul dtype: bf16 / fp16 use the tensor cores, fp32 stays fp32
-    config = _backward_config(n_rows, v)
+    if config is None:
+        config = _backward_config(n_rows, v, h, grad_entropy is not None, hidden)
     v_chunk = backward_columns(n_rows, v, logits_budget, SPLIT_UNIT if config is None else config["BLOCK_V"])
     single = v_chunk >= v
     grad_weight = torch.empty_like(weight) if need_weight else None  # (V, H): each slice written once
@@ -525,7 +595,7 @@ def linear_logprob_backward(
         )  # fmt: skip
         if config is not None:
             grid = (triton.cdiv(n_rows, config["BLOCK_N"]) * triton.cdiv(cols, config["BLOCK_V"]),)
-            _logprob_backward_kernel[grid](*args, **flags, **config)
+            _logprob_backward_kernel[grid](*args, **flags, **config, EVEN_H=_even_h(h, config))
         else:
             _tuned("backward", dz_dtype)[functools.partial(_backward_grid, n_rows, cols)](*args, **flags)
         if grad_weight is not None:
@@ -645,7 +715,9 @@ def linear_logprob(
     """Triton twin of :func:`p2o_lightning.ops.linear_logprob`: same arguments, same float32 outputs.
 
     ``logits_budget`` (elements; capped at ``chunk_size`` × V when a token count is given) bounds the ∂L/∂z buffer
-    of the backward; the forward holds no logits at all.
+    of the backward; the forward holds no logits at all. Left at its default (``LOGITS_BUDGET``) on a device whose
+    tuned file (:mod:`.tuned_configs`) records a measured budget, the backward uses that one; any other value is
+    used as given.
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
@@ -675,6 +747,8 @@ def linear_logprob_multi(
     if hidden.ndim < 2 or hidden.shape[1:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be (C,) + targets {tuple(targets.shape)} + (H,)")
     budget = _check(hidden, weight, temperature, logits_budget, chunk_size)
+    if logits_budget == LOGITS_BUDGET and chunk_size is None:  # the default bound: the device's measured one, if any
+        budget = tuned_configs.logits_budget(hidden.device, _compute_dtype(hidden, weight)) or budget
     n_ctx, h = hidden.shape[0], hidden.shape[-1]
     out_shape = hidden.shape[:-1]
     n = math.prod(targets.shape)

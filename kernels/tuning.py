@@ -3,6 +3,8 @@ r"""The launch-config model of the log-prob kernels: bytes moved, FLOPs and occu
 ``triton.autotune`` would time every config on first use; with this model as its ``perf_model`` it times only
 the ``TOP_K`` configs the model ranks first (:mod:`.logprob`), and ``bench_logprob.py --model-gpu`` prints the
 model's predictions for the A100, H100 and H200 — **a model, not a measurement**: no GPU was at hand to fit it.
+It is the fallback: on a device with a tuned file (:mod:`.tuned_configs`, written by ``benchmarks/tune_logprob.py``,
+which times every config) the launchers use the measured winners and autotune never runs.
 The launcher hands the model what it needs — the kernel's launch space (:func:`forward_perf_model`) and the forward's
 split plan, which it passes the kernel (:func:`.logprob.split_plan`) — so this module never imports it.
 
@@ -182,7 +184,7 @@ def forward_perf_model(space) -> Callable[..., float]:
         config = _config_of(kwargs)
         # the AOT case's BLOCK_N is per context after per_context(): recover the one-context BLOCK_N it came from
         base = dict(config, BLOCK_N=config["BLOCK_N"] * kwargs["C_PAD"])
-        feats = (("ENTROPY", kwargs["ENTROPY"]), ("C_PAD", kwargs["C_PAD"]))
+        feats = (("ENTROPY", kwargs["ENTROPY"]), ("C_PAD", kwargs["C_PAD"]), ("EVEN_H", kwargs.get("EVEN_H", False)))
         res = resources(dtype, tuple(base.items()), feats, gpu.arch)
         split = (kwargs["n_splits"], kwargs["cols_per_split"])
         n, v, h, c = kwargs["N"], kwargs["V"], kwargs["H"], kwargs["C"]
@@ -198,7 +200,8 @@ def backward_perf_model(space) -> Callable[..., float]:
     def model(**kwargs) -> float:
         gpu, dtype = _device_gpu(), _dtype_name(kwargs["H_ptr"])
         config = _config_of(kwargs)
-        res = resources(dtype, tuple(config.items()), (("ENTROPY", kwargs["ENTROPY"]),), gpu.arch)
+        feats = (("ENTROPY", kwargs["ENTROPY"]), ("EVEN_H", kwargs.get("EVEN_H", False)))
+        res = resources(dtype, tuple(config.items()), feats, gpu.arch)
         return predict("backward", gpu, dtype, config, res, kwargs["R"], kwargs["Vc"], kwargs["H"])["model_ms"]
 
     return model

@@ -94,6 +94,23 @@ def test_linear_logprob_matches_float64_reference(shape, temperature, dtype, ret
     check_logprob_against_float64(fn, n, h, v, dtype, temperature, return_entropy, TOLERANCES[dtype], DEVICE)
 
 
+@pytest.mark.parametrize("h", [64, 80], ids=["even-H", "odd-H"])
+def test_tuning_space_configs_match_float64_reference(h, monkeypatch):
+    """Every config the measured tuning may record (cut-cross-entropy's 256 × 128 × 32 tile among them), forward and
+    backward, against float64: with H a multiple of every BLOCK_H (the EVEN_H loads, no mask along H) and not."""
+    from p2o_lightning.kernels import logprob
+
+    configs = [*logprob.tuning_space("forward", torch.bfloat16), *logprob.tuning_space("backward", torch.bfloat16)]
+    assert any(c["BLOCK_N"] == 256 and c["BLOCK_V"] == 128 and c["BLOCK_H"] == 32 for c in configs)
+    for config in {json.dumps(c, sort_keys=True): c for c in configs}.values():
+        monkeypatch.setattr(logprob, "_forward_config", lambda *a, c=config: dict(c))
+        monkeypatch.setattr(logprob, "_backward_config", lambda *a, c=config: dict(c))
+        monkeypatch.setattr(logprob, "_num_splits", lambda *a: 2)
+        check_logprob_against_float64(
+            kernels.linear_logprob, 40, h, 300, torch.bfloat16, 0.8, True, TOLERANCES[torch.bfloat16], DEVICE
+        )
+
+
 def test_linear_logprob_equals_the_reference_op(small_tiles):
     # the oracle of the trainer: same outputs and grads as ops.linear_logprob to float32 rounding
     hidden, weight, targets = make_logprob_inputs(41, 40, 301, torch.float32, seed=2, device=DEVICE)

@@ -148,3 +148,33 @@ print(json.dumps({"keys": fwd.keys, "top_k": fwd.configs_top_k, "n_configs": len
     assert out["keys"] == ["V", "H", "C_PAD", "ENTROPY"] and out["top_k"] == TOP_K < out["n_configs"] == len(configs)
     assert out["block_n"] == [max(16, c["BLOCK_N"] // 2) for c in configs]  # two contexts: half the rows each
     assert all(0 < ms < 1e4 for ms in out["ms"]) and len(set(out["ms"])) > 1  # finite, and it tells configs apart
+
+
+def test_tuning_candidates_compile_for_sm_90():
+    """The configs only the measured tuning times (larger tiles, cut-cross-entropy's among them) compile for sm_90
+    with H divisible by BLOCK_H (EVEN_H), one context: wgmma, shared memory within the limit. Their registers and
+    spills are the measurement's business (benchmarks/tune_logprob.py), not asserted here."""
+    code = """
+import json
+from p2o_lightning.kernels import aot, logprob
+rows = []
+for space, configs in ((logprob.FORWARD_SPACE, logprob.FORWARD_CANDIDATES),
+                       (logprob.BACKWARD_SPACE, logprob.BACKWARD_CANDIDATES)):
+    for config in configs:
+        feats = {"EVEN_H": True, "ENTROPY": False} | ({"C_PAD": 1} if space is logprob.FORWARD_SPACE else {})
+        res = aot.compile_case(aot.find_case(space, "bf16", config, feats), 90)
+        rows.append(dict(kernel=space.name, config=config, registers=res.registers, stack=res.stack_bytes,
+                         shared=res.shared_bytes, tensor_op=res.tensor_op))
+print(json.dumps(rows))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(aot_cache_dir()))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    from p2o_lightning.kernels.aot import ARCHS
+    from p2o_lightning.kernels.logprob import BACKWARD_CANDIDATES, FORWARD_CANDIDATES
+
+    assert len(rows) == len(FORWARD_CANDIDATES) + len(BACKWARD_CANDIDATES)
+    assert all(r["tensor_op"] == "wgmma" for r in rows), rows
+    assert all(0 < r["shared"] <= ARCHS[90][1] for r in rows), rows

@@ -152,10 +152,11 @@ def fused_head_loss(targets: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     """
     from p2o_lightning.fused_head import RatioOneLoss
     from p2o_lightning.kernels.functional import fused_linear_policy_loss
+    from p2o_lightning.loss import LossSettings
 
     gen = torch.Generator(targets.device).manual_seed(1)
     advantages = torch.randn(1, targets.numel(), device=targets.device, generator=gen)
-    loss = RatioOneLoss.of(advantages, torch.ones(1, targets.numel(), device=targets.device))
+    loss = RatioOneLoss.of(advantages, torch.ones(1, targets.numel(), device=targets.device), LossSettings())
     return lambda hd, w: fused_linear_policy_loss(hd[None], w, targets[None], loss)[0]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,20 @@ def test_gpu_check_dry_run_of_the_tuning_step(tmp_path):
     assert all(row["status"].startswith("dry run") for row in csv.DictReader((out / "gpu_check.csv").open()))
     names = sorted(p.name for p in bundle.iterdir())
     assert names == ["cpu-dry-run.json", "gpu_check.csv", "gpu_check.md", "gpu_check_cpu-dry-run.tar.gz"]
+
+
+def test_bench_logprob_dry_run_runs_the_kernel_and_the_fused_head(tmp_path):
+    """gpu_check's log-prob step on the CPU: our kernel and the fused head in the interpreter, realistic logits (their
+    spread measured into the rows), the baselines skipped with the reason; rows say they measure nothing."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_logprob.py"), "--dry-run", "--device", "cpu",
+           "--shapes", "32x32x300", "--impls", "triton", "fused-head", "cce-nofilter", "--modes", "fwd+bwd",
+           "--logits", "realistic", "--skip-ceiling", "--min-run-time", "0.01", "--repeats", "1",
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in csv.DictReader((tmp_path / "bench_logprob_cpu.csv").open())}
+    assert rows["triton"]["status"] == rows["fused-head"]["status"] == "ok"
+    assert rows["fused-head"]["ms_stat"].startswith("dry run")
+    assert rows["cce-nofilter"]["status"].startswith("skipped")
+    assert float(rows["triton"]["logit_max"]) > 8 and 2 < float(rows["triton"]["logit_std"]) < 6  # ~3 at H 4096

@@ -182,8 +182,8 @@ def run_steps(args, tmp: Path) -> dict:
         rollout_engine=args.engine,
         vllm_options={"kv_cache_memory_bytes": 256 * 2**20} if args.engine == "vllm" else None,
     )
-    if getattr(args, "fused_head", False):  # the head's backward in the log-prob pass, where the ratio is 1
-        module.ppo.logprob = dataclasses.replace(module.ppo.logprob, fused_head=True, head_dtype=args.head_dtype)
+    fused = {"on": True, "off": False, "auto": None}[getattr(args, "fused_head", "auto")]  # auto: the step decides
+    module.ppo.logprob = dataclasses.replace(module.ppo.logprob, fused_head=fused, head_dtype=args.head_dtype)
     if getattr(args, "variant", None):
         setup_variant(module, args.variant)
     if getattr(args, "no_trim", False):  # every forward at the batch's padded widths (the code before trimming)
@@ -357,7 +357,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--no-trim", action="store_true", help="forwards at the batch's padded widths, untrimmed")
     parser.add_argument("--micro-batch-tokens", type=int, help="micro-batches by this token budget (rows by length)")
-    parser.add_argument("--fused-head", action="store_true", help="the fused head of a single update (fused_head)")
+    parser.add_argument("--fused-head", choices=("auto", "on", "off"), default="auto",
+                        help="the fused head of a single update (fused_head; auto: by the vocabulary)")  # fmt: skip
     parser.add_argument("--head-dtype", choices=["bfloat16"], help="the fused head's matmul operands")
     parser.add_argument("--compare-head", action="store_true", help="unfused vs fused head, fresh processes (above)")
     parser.add_argument("--rounds", type=int, default=2, help="--compare-head: interleaved rounds per variant")
@@ -456,7 +457,7 @@ def compare_head(args: argparse.Namespace) -> None:
     """The update with and without the fused head (one PPO update per step, the default), ``--rounds`` interleaved
     fresh processes each: update wall and CPU ms per step (medians over steps, then over rounds) and peak RSS.
     """
-    variants = {"unfused": (), "fused": ("--fused-head",)}
+    variants = {"unfused": ("--fused-head=off",), "fused": ("--fused-head=on",)}
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant, extra in variants.items():

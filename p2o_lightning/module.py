@@ -86,7 +86,8 @@ class P2OModule(L.LightningModule):
         logprob_chunk_size: tokens per chunk of the log-prob op (bounds the live logits to chunk × vocab).
         fused_head: with one PPO update per step (ratio 1), compute the loss's LM-head gradients inside the log-prob
             pass (:mod:`p2o_lightning.fused_head`: each chunk's logits once, not again in backward); other steps take
-            the unfused path (``PPOUpdate.plan`` decides).
+            the unfused path (``PPOUpdate.passes`` decides). None (the default): on where it applies and the
+            vocabulary has at least ``FUSED_HEAD_MIN_VOCAB`` (32,768) tokens, where it wins (step/update.py).
         head_dtype: the fused head's matmul operands: None (float32 on CPU, the model's dtype with Triton) or
             ``bfloat16`` (float32 softmax and accumulation), meant for CPUs with AMX / AVX512-BF16 units and GPUs and
             not timed on one (its error: ``benchmarks/bench_head_dtype.py``); needs ``fused_head`` and settings that
@@ -159,7 +160,7 @@ class P2OModule(L.LightningModule):
         kl_rows: str = "all",
         backend: str = "auto",
         logprob_chunk_size: int = 1024,
-        fused_head: bool = False,
+        fused_head: bool | None = None,
         head_dtype: str | None = None,
         reward_timeout: float = 10.0,
         val_num_samples: int = 4,
@@ -346,7 +347,9 @@ class P2OModule(L.LightningModule):
         with watch.measure("logprob"):
             rollouts = reprompt(rollouts, self.engine.encode_prompts)
             reference = self.reference if hp.kl_coef > 0 else None
-            passes = self.ppo.passes(rollouts, hp.tis_cap, any_rank)  # π_old from the update when it can; ranks alike
+            vocab = self.policy.lm.get_output_embeddings().weight.shape[0]  # the fused head's default reads it
+            # π_old from the update when it can; every rank alike
+            passes = self.ppo.passes(rollouts, hp.tis_cap, any_rank, vocab)
             lp = self.ppo.logprob
             rollouts = rollout_logprobs(
                 self.policy, reference, rollouts, ops, lp, passes.old_pass, passes.context, stopwatch=watch

@@ -20,6 +20,7 @@ from p2o_lightning.backend import get_ops  # noqa: E402
 from p2o_lightning.fused_head import RatioOneLoss  # noqa: E402
 from p2o_lightning.loss import LossSettings  # noqa: E402
 from p2o_lightning.ops import policy_loss  # noqa: E402
+from p2o_lightning.step.update import FUSED_HEAD_MIN_VOCAB  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the op tests run compiled on a GPU (gpu_check.py)
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
@@ -230,12 +231,20 @@ def test_the_passes_run_the_fused_head_only_at_ratio_one(tiny_world):
     assert not passes(tis_cap=2.0).fused_head  # TIS weights need π_old before the update
     assert not passes(anchor_weight=0.5).fused_head  # the anchor's loss needs log π(y|t(x)) with a gradient
     assert not passes(context_mask_scope="tokens").fused_head  # its means divide by the kept tokens (old pass)
-    assert not small_module(tiny_world).ppo.passes(batch, None).fused_head  # off by default
+    # by default (fused_head=None) the vocabulary decides: on from FUSED_HEAD_MIN_VOCAB, where it wins
+    default = small_module(tiny_world).ppo
+    assert not default.passes(batch, None).fused_head  # no vocabulary given: off
+    assert not default.passes(batch, None, vocab_size=100).fused_head  # the embedded world's: off
+    assert default.passes(batch, None, vocab_size=FUSED_HEAD_MIN_VOCAB).fused_head
+    assert not default.passes(batch, 2.0, vocab_size=151_936).fused_head  # still only where it applies
+    assert not small_module(tiny_world, fused_head=False).ppo.passes(batch, None, vocab_size=151_936).fused_head
+    # a head_dtype reads only the fused head: it turns the default on
+    assert small_module(tiny_world, head_dtype="bfloat16").ppo.passes(batch, None, vocab_size=100).fused_head
 
 
 def test_head_dtype_is_refused_where_it_would_not_apply(tiny_world):
-    with pytest.raises(ValueError, match="needs fused_head=True"):
-        small_module(tiny_world, head_dtype="bfloat16")
+    with pytest.raises(ValueError, match="needs fused_head True or None"):
+        small_module(tiny_world, fused_head=False, head_dtype="bfloat16")
     with pytest.raises(ValueError, match="head_dtype='float16' is unknown"):
         small_module(tiny_world, fused_head=True, head_dtype="float16")
     module = small_module(tiny_world, fused_head=True, head_dtype="bfloat16", ppo_epochs=2, tis_cap=2.0)

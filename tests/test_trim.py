@@ -152,6 +152,7 @@ def _update(
     stats, out = update(
         batch, passes, policy, ops, lambda loss: loss.backward(), zero_grad, step, lambda: "in the test"
     )
+    assert all(p.grad is None for p in params)  # spent gradients are freed, not held through the next rollout
     widths = [(w, None if c is None else c.shape[1]) for w, c in widths]
     return stats, out, grads, widths
 

@@ -51,8 +51,9 @@ class LogProbSettings:
     micro_batch_tokens: int | None = None  # micro-batches by a token budget (:func:`micro_batches`); None: by rows
     pack: bool = True  # the decoder on each micro-batch's real tokens packed end to end (p2o_lightning.packing)
     # the update's loss and LM-head gradients in the log-prob pass when its passes say the ratio is 1
-    # (:mod:`p2o_lightning.fused_head`, ``LogProbPasses.fused_head``); False: log-probs, then the loss through autograd
-    fused_head: bool = False
+    # (:mod:`p2o_lightning.fused_head`, ``LogProbPasses.fused_head``); False: log-probs, then the loss through autograd;
+    # None: the step's passes decide (on from FUSED_HEAD_MIN_VOCAB tokens of vocabulary, where it wins)
+    fused_head: bool | None = None
     # the fused head's matmul operands: None (float32 on the torch backend, the weight's dtype on Triton) or
     # "bfloat16" (fp32 softmax and accumulation; for CPUs with AMX / AVX512-BF16 units and GPUs; not timed on one)
     head_dtype: str | None = None
@@ -62,10 +63,10 @@ class LogProbSettings:
             raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= 1 (or None: by rows)")
         if self.head_dtype not in (None, *HEAD_DTYPES):
             raise ValueError(f"head_dtype={self.head_dtype!r} is unknown; choose None or one of {tuple(HEAD_DTYPES)}")
-        if self.head_dtype is not None and not self.fused_head:
+        if self.head_dtype is not None and self.fused_head is False:
             raise ValueError(
-                f"head_dtype={self.head_dtype!r} sets the fused head's matmuls: it needs fused_head=True (the log-prob "
-                "passes of the unfused path compute in float32 on CPU, in the model's dtype on GPU)"
+                f"head_dtype={self.head_dtype!r} sets the fused head's matmuls: it needs fused_head True or None (the "
+                "log-prob passes of the unfused path compute in float32 on CPU, in the model's dtype on GPU)"
             )
 
     @property

@@ -1,5 +1,6 @@
 """``benchmarks/vs_trl.py``, the logic of bench_vs_trl.py, without TRL and without timing: the prompt order both sides
-train on, the phase clock's exclusive seconds, and the memory a step needs above weights and optimizer."""
+train on, the one EOS rule, the phase clock's exclusive seconds (logging apart), and the memory a step needs above
+weights and optimizer."""
 
 from __future__ import annotations
 
@@ -49,15 +50,24 @@ def test_phase_clock_counts_each_second_once_in_the_innermost_phase(monkeypatch)
         tick(1.0)
 
     clock.wrap(update, "forward")()
-    # the update took 5.5 s: 3 + 0.5 of them are its children's, 2 its own
-    assert clock.take() == {"generate": 0.0, "grade": 0.0, "forward": 2.0, "backward": 3.0, "optimizer": 0.5}
+    clock.wrap(lambda: tick(0.25), bench.LOGGING)()
+    # the update took 5.5 s: 3 + 0.5 of them are its children's, 2 its own; logging is a phase of its own
+    assert clock.take() == {
+        "generate": 0.0,
+        "grade": 0.0,
+        "forward": 2.0,
+        "backward": 3.0,
+        "optimizer": 0.5,
+        "log": 0.25,
+    }
     assert clock.take()["forward"] == 0.0  # taking resets
 
 
 def test_peak_above_is_the_peak_less_set_up_and_adamw_state():
     def run(peak, setup, adam, step_s):
         steps = [dict.fromkeys(("gen_rows", "gen_prompt_width", "gen_response_width", "prompt_tokens",
-                                "response_tokens", "update_positions", "update_real", *bench.PHASES, "rest"), 1.0)
+                                "response_tokens", "update_positions", "update_real", "eos_rows", *bench.PHASES, "rest",
+                                bench.LOGGING), 1.0)
                  | {"step_s": s} for s in step_s]  # fmt: skip
         return {"steps": steps, "peak_mb": peak, "rss_setup_mb": setup, "adam_state_mb": adam, "weights_mb": adam / 2,
                 "rss_warm_mb": setup + adam, "load": [1.0, 2.0]}  # fmt: skip
@@ -68,3 +78,13 @@ def test_peak_above_is_the_peak_less_set_up_and_adamw_state():
     assert row["run_medians_s"] == "2.000 2.000"
     # peaks above 500 + 80: 120 and 70, median 95
     assert row["peak_above_mb"] == 95
+
+
+def test_one_eos_rule_for_both_sides():
+    assert bench.eos_rule(2, 2) == [2]
+    assert bench.eos_rule([2], 2) == [2] and bench.eos_rule(None, 2) == [2]
+    # TRL cuts at the tokenizer's EOS alone: a second EOS id in the generation config would split the sides
+    with pytest.raises(ValueError, match=r"include \[7\] beside the tokenizer's EOS 2"):
+        bench.eos_rule([2, 7], 2)
+    with pytest.raises(ValueError, match="no EOS token"):
+        bench.eos_rule(2, None)

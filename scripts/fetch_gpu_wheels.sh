@@ -7,7 +7,7 @@
 # pandas, pyarrow, ... already there) lacks our pure-Python dependencies and the two baselines of the log-prob
 # benchmark. This fetches exactly those, each at the version of constraints.txt where the lock has it, as
 # CPython 3.12 manylinux x86-64 wheels without their dependencies (the list below is the closure that image lacks).
-# There they install with
+# There scripts/gpu_one_call.sh installs them (the whole check in one device call), as
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,8 +9,9 @@ so the two can never disagree. ``fit`` refuses a run folder that holds another r
 last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
 file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
 (a live bar on a terminal, plain lines in a log) unless the config names another; on several ranks a rank that is
-lost is named (:class:`~p2o_lightning.ranks.LostRanks`). Checkpoints are written atomically and checked when loaded
-(:class:`~p2o_lightning.outputs.AtomicCheckpointIO`; a distributed one by
+lost is named (:class:`~p2o_lightning.ranks.LostRanks`), and a run across nodes without a launcher or without a run
+folder every rank sees is refused (:mod:`p2o_lightning.nodes`). Checkpoints are written atomically and checked when
+loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`; a distributed one by
 :class:`~p2o_lightning.sharded.FSDP2Strategy`). Two extra sub-commands are not Lightning's: ``world`` (check, measure
 or rebuild the shipped embedded world) and ``report`` (plots of finished runs); ``--help`` lists them below
 Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is an error, not a guess
@@ -42,6 +43,7 @@ from p2o_lightning.checks import check_checkpoint_file
 from p2o_lightning.console import progress_bar, quiet_third_party
 from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
+from p2o_lightning.nodes import SharedFolders, check_node_launch
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
 from p2o_lightning.ranks import LostRanks
 from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
@@ -83,12 +85,12 @@ class P2OCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with :func:`~p2o_lightning.console.progress_bar` as its progress bar (a live bar on a
         terminal, plain lines otherwise) unless the config names another or turns the bar off
-        (``--trainer.enable_progress_bar false``), and :class:`~p2o_lightning.ranks.LostRanks` (on several ranks, a
-        lost rank is named).
+        (``--trainer.enable_progress_bar false``), :class:`~p2o_lightning.ranks.LostRanks` (on several ranks, a
+        lost rank is named) and :class:`~p2o_lightning.nodes.SharedFolders` (every rank sees the run folder).
         """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
-        extra = [] if any(isinstance(c, LostRanks) for c in callbacks) else [LostRanks()]
+        extra = [cls() for cls in (LostRanks, SharedFolders) if not any(isinstance(c, cls) for c in callbacks)]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(progress_bar())
         if extra:
@@ -100,7 +102,12 @@ class P2OCLI(LightningCLI):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; sharded strategies keep their own
             strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def _check_launch(self) -> None:
+        """Refuse a run across nodes that no launcher started (:func:`~p2o_lightning.nodes.check_node_launch`)."""
+        check_node_launch(self.trainer.num_nodes, getattr(self.trainer.strategy, "cluster_environment", None))
+
     def before_fit(self) -> None:
+        self._check_launch()
         check_run_paths(self.trainer)
         config = self.config[self.subcommand]
         folder = run_dir(self.trainer)
@@ -113,9 +120,11 @@ class P2OCLI(LightningCLI):
         check_run_folder(folder, config.get("ckpt_path"))
 
     def before_validate(self) -> None:
+        self._check_launch()
         check_run_paths(self.trainer)
 
     def before_test(self) -> None:
+        self._check_launch()
         check_run_paths(self.trainer)
 
 

@@ -108,15 +108,22 @@ def check_folder_path(path: str | os.PathLike, what: str) -> None:
         )
 
 
-def check_run_paths(trainer: L.Trainer) -> None:
-    """Every folder the run writes into, checked with :func:`check_folder_path` before anything loads: the run
-    folder, ``trainer.default_root_dir``, and each callback's explicit ``dirpath`` (checkpoints, the exported policy).
+def run_paths(trainer: L.Trainer) -> dict[str, Path]:
+    """Every folder the run writes into, by what names it: the run folder, ``trainer.default_root_dir``, and each
+    callback's explicit ``dirpath`` (checkpoints, the exported policy).
     """
     paths = {"run folder": run_dir(trainer), "trainer.default_root_dir": Path(trainer.default_root_dir)}
     for callback in trainer.callbacks:
         if getattr(callback, "dirpath", None):
             paths[f"{type(callback).__name__}.dirpath"] = Path(callback.dirpath)
-    for what, path in paths.items():
+    return paths
+
+
+def check_run_paths(trainer: L.Trainer) -> None:
+    """Every folder the run writes into (:func:`run_paths`), checked with :func:`check_folder_path` before anything
+    loads.
+    """
+    for what, path in run_paths(trainer).items():
         check_folder_path(path, what)
 
 

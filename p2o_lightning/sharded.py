@@ -6,11 +6,12 @@ and Lightning's ``meta.pt`` with the training state.
 
 - :class:`FSDP2Strategy` is ``ModelParallelStrategy`` with three changes. By default it shards over every rank
   (Lightning's default leaves a node's devices to tensor parallelism, which the policy does not apply). It writes
-  each checkpoint into a temporary folder beside its target and swaps it in once every rank's shard is written:
-  DCP itself overwrites the shards of the previous checkpoint in place, so a kill mid-save would leave a folder
-  mixing two steps. And it checks a checkpoint before loading it (:func:`~p2o_lightning.checks.check_checkpoint_file`:
-  a missing or truncated shard is named, nothing loads). On load DCP reshards: a checkpoint written by N ranks
-  resumes on any number of ranks.
+  each checkpoint into a temporary folder beside its target and swaps it in once every rank's shard is written and
+  rank 0 finds the folder whole: DCP itself overwrites the shards of the previous checkpoint in place, so a kill
+  mid-save would leave a folder mixing two steps, and on nodes that do not share the folder each would hold only
+  its own ranks' shards. And it checks a checkpoint before loading it
+  (:func:`~p2o_lightning.checks.check_checkpoint_file`: a missing or truncated shard is named, nothing loads). On
+  load DCP reshards: a checkpoint written by N ranks resumes on any number of ranks.
 - :func:`consolidated_checkpoint` reads such a folder into one ordinary checkpoint (full tensors, no process
   group), as Lightning's ``consolidate_checkpoint`` does: what a single process without FSDP2 resumes from
   (:class:`~p2o_lightning.outputs.AtomicCheckpointIO` calls it for a folder).
@@ -31,6 +32,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
 
 from p2o_lightning.checks import LIGHTNING_META, check_checkpoint_file, check_checkpoint_folder
+from p2o_lightning.nodes import check_node_launch
 
 
 def consolidated_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
@@ -98,6 +100,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._all_ranks = data_parallel_size == "auto" and tensor_parallel_size in ("auto", 1)
 
     def setup_environment(self) -> None:
+        check_node_launch(self.num_nodes, self.cluster_environment)  # several nodes need a launcher: else a hang
         if self._all_ranks:  # ModelParallelStrategy's own sizes, set before it resolves "auto" to the number of nodes
             self._data_parallel_size = self.num_nodes * self.num_processes
             self._tensor_parallel_size = 1
@@ -109,8 +112,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        """Write into ``.<name>.tmp`` beside ``filepath``, then (rank 0, once every rank has written its shard)
-        swap it in: the previous checkpoint stays whole until the new one is, but for the moment between two renames.
+        """Write into ``.<name>.tmp`` beside ``filepath``, then (rank 0, once every rank has written its shard and
+        the folder is checked whole) swap it in: the previous checkpoint stays whole until the new one is, but for
+        the moment between two renames. A new folder that rank 0 finds incomplete (a rank wrote its shard where
+        rank 0 does not see it: the nodes do not share the folder) is not swapped in, and every rank stops.
         """
         path = Path(self.broadcast(filepath))
         tmp = path.with_name(f".{path.name}.tmp")
@@ -119,8 +124,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier()
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier()  # every shard written
+        error = None
         if self.is_global_zero:
-            swap_in(tmp, path)
+            try:
+                if tmp.is_dir():
+                    check_checkpoint_folder(tmp)
+                swap_in(tmp, path)
+            except ValueError as err:
+                error = str(err)
+        error = self.broadcast(error)
+        if error is not None:
+            raise RuntimeError(
+                f"the checkpoint for {path} was not saved: {error}. Every rank had written its shard, so it was "
+                "written where global rank 0 does not see it (the nodes must share the checkpoint folder: one "
+                "filesystem, at the same path) or the filesystem lost it. A previous checkpoint there is kept."
+            )
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -115,6 +116,13 @@ def csv_rows(path):
     """metrics.csv as its list of rows, each without empty cells."""
     with open(path) as f:
         return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a test's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_jsonl(path, rows):

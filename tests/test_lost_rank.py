@@ -7,13 +7,12 @@ each), so no launcher kills the survivor for us: what the survivor does is the t
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import REPO
+from helpers import REPO, free_port
 
 SCRIPT = """
 import json, os, signal, sys
@@ -50,19 +49,13 @@ trainer.fit(module, datamodule=PromptDataModule(batch_size=2, train_file=str(tra
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("how", ["kill", "stop"], ids=["kill-9", "stopped"])
 def test_lost_rank_is_named_by_the_other_within_the_timeout(tiny_world, tmp_path, how):
     script = tmp_path / "lose_rank.py"
     script.write_text(SCRIPT)
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")  # fmt: skip
+                MASTER_PORT=str(free_port()), WORLD_SIZE="2", NODE_RANK="0")  # fmt: skip
     logs = [open(tmp_path / f"rank{r}.log", "w") for r in (0, 1)]  # closed below
     ranks = [
         subprocess.Popen(

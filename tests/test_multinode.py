@@ -27,6 +27,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, csv_rows, free_port, write_jsonl
 
+from p2o_lightning.cli import cli_main
+from p2o_lightning.nodes import NodeLaunchError
+
 SCRIPT = """
 import dataclasses, json, os, sys
 from pathlib import Path
@@ -172,6 +175,7 @@ def _two_nodes(world: Path, tmp: Path, launcher: str, disks=None, **options) -> 
     return [(proc.returncode, log) for proc, log in zip(procs, out)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_fsdp2_and_a_p2o_search_on_two_nodes(tiny_world, tmp_path, launcher):
     out = _two_nodes(tiny_world, tmp_path, launcher)
@@ -262,6 +266,7 @@ def _launch(launcher: str, cwd: Path, args: list[str], port: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_launch_script_trains_on_two_nodes_and_resumes(tiny_world, tmp_path, launcher):
     config = tmp_path / "two-nodes.yaml"
@@ -292,6 +297,7 @@ def _disks(tmp: Path) -> list[Path]:
     return disks
 
 
+@pytest.mark.slow
 def test_run_folders_on_disks_the_nodes_do_not_share_are_refused_at_setup(tiny_world, tmp_path):
     disks = _disks(tmp_path)
     out = _two_nodes(tiny_world, tmp_path, "slurm", disks=disks, shared_check=True)
@@ -301,6 +307,7 @@ def test_run_folders_on_disks_the_nodes_do_not_share_are_refused_at_setup(tiny_w
     assert not (disks[0] / "run" / "checkpoints" / "last.ckpt").exists()  # nothing trained
 
 
+@pytest.mark.slow
 def test_checkpoint_missing_a_node_s_shards_is_not_swapped_in(tiny_world, tmp_path):
     """Without the setup check (the Python API, no SharedFolders), the first save finds the shard of the node that
     wrote elsewhere missing, swaps in no broken checkpoint and stops every rank."""
@@ -313,16 +320,36 @@ def test_checkpoint_missing_a_node_s_shards_is_not_swapped_in(tiny_world, tmp_pa
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no broken checkpoint in the run
 
 
-def test_several_nodes_without_a_launcher_are_refused(tiny_world, tmp_path):
-    """``fit --trainer.num_nodes 2`` started by hand (or under a SLURM job named "interactive"): an error, not a
-    30-minute hang waiting for ranks that joined another node's rendezvous."""
+@pytest.mark.parametrize("slurm_job", [None, "interactive"])
+def test_several_nodes_without_a_launcher_are_refused(tiny_world, tmp_path, monkeypatch, slurm_job):
+    """``fit --trainer.num_nodes 2`` started by hand, or under a SLURM job named "interactive" (which Lightning does
+    not take for SLURM): an error before any process group, not a 30-minute hang waiting for ranks that joined
+    another node's rendezvous (what it was)."""
+    for name in [*LAUNCH_VARIABLES, *(k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_")))]:
+        monkeypatch.delenv(name, raising=False)
+    if slurm_job:
+        for name, value in {"SLURM_JOB_NAME": slurm_job, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"}.items():
+            monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
     train = _problems(tmp_path / "train.jsonl")
-    args = ["-m", "p2o_lightning", "fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}",
+    args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}",
             f"--data.train_file={train}", f'--data.val_files={{"dev": "{train}"}}', "--trainer.num_nodes=2",
             "--trainer.strategy=ddp"]  # fmt: skip
-    for env in (_env(), _env(SLURM_JOB_NAME="interactive", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1")):
-        proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert proc.returncode != 0
-        assert "NodeLaunchError: trainer.num_nodes=2, but no launcher started this process" in proc.stderr, proc.stderr
-        assert ("SLURM job named 'interactive'" in proc.stderr) == ("SLURM_JOB_NAME" in env)
-        assert not (tmp_path / "runs").exists()
+    with pytest.raises(NodeLaunchError, match=r"^trainer.num_nodes=2, but no launcher started this process") as err:
+        cli_main(args)
+    assert ("SLURM job named 'interactive'" in str(err.value)) == bool(slurm_job)
+    assert "scripts/launch_torchrun.sh" in str(err.value) and "scripts/launch_slurm.sbatch" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]  # nothing was written
+
+
+def test_launch_scripts_refuse_a_launch_without_what_they_need(tmp_path):
+    env = _env()
+    torchrun = subprocess.run(["bash", str(REPO / "scripts" / "launch_torchrun.sh"), "c.yaml"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert torchrun.returncode != 0 and "set NNODES, the number of nodes" in torchrun.stderr
+    slurm = subprocess.run(["bash", str(REPO / "scripts" / "launch_slurm.sbatch"), "c.yaml"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert slurm.returncode != 0 and "not inside a SLURM job: submit this script with sbatch" in slurm.stderr
+    usage = subprocess.run(["bash", str(REPO / "scripts" / "launch_slurm.sbatch")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)  # fmt: skip
+    assert usage.returncode == 2 and "usage: sbatch" in usage.stderr

@@ -103,10 +103,7 @@ class SharedFolders(L.Callback):
                 marker.unlink(missing_ok=True)
         blind = [(rank, host, unseen) for rank, host, unseen in everyone if unseen]
         if blind:
-            lines = "; ".join(
-                f"rank {rank} on {host} does not see {', '.join(unseen)}"
-                for rank, host, unseen in blind
-            )
+            lines = "; ".join(f"rank {rank} on {host} does not see {', '.join(unseen)}" for rank, host, unseen in blind)
             raise NodeLaunchError(
                 f"the run's folders are not shared by all its ranks ({lines}; rank 0 runs on {everyone[0][1]}). "
                 "Under FSDP2 every rank writes its shard of a checkpoint into the checkpoint folder, and every rank "

@@ -43,6 +43,8 @@ from p2o_lightning.data import PromptDataModule
 from p2o_lightning.module import P2OModule
 from p2o_lightning.nodes import SharedFolders
 from p2o_lightning.outputs import ExportPolicy, MetricsPlot
+from p2o_lightning.prompt.schedule import ScheduleSettings
+from p2o_lightning.prompt.search import SearchSettings
 from p2o_lightning.runs import RunCSVLogger, RunFolder
 from p2o_lightning.sharded import FSDP2Strategy
 
@@ -60,18 +62,20 @@ class ParityReward(P2OModule):  # rewarded 1 for an odd-length prompt: templates
 class Record(L.Callback):  # where each process stood, and what its P²O callback saw
     def on_fit_end(self, trainer, pl_module):
         p2o = next(c for c in trainer.callbacks if isinstance(c, P2OCallback))
+        searches = p2o.schedule.searches
         record = {"global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
                   "world_size": trainer.world_size, "environment": type(trainer.strategy.cluster_environment).__name__,
-                  "assignments": pl_module.template_assignments, "searches": len(p2o.searches),
-                  "examples_scored": p2o.examples_scored, "metric_calls": [s.metric_calls for s in p2o.searches]}
+                  "assignments": pl_module.template_assignments, "searches": len(searches),
+                  "examples_scored": p2o.examples_scored, "metric_calls": [s.metric_calls for s in searches]}
         (root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 L.seed_everything(0)
 module = ParityReward(model=world, num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-p2o = P2OCallback(trigger="steps", every_n_steps=2, min_hard_samples=4, dev_size=4, max_metric_calls=40,
-                  parents_per_iteration=2, template_lifetime="forever", clear_pool_after_search=False)
+p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=4,
+                                            template_lifetime="forever", clear_pool_after_search=False),
+                  search=SearchSettings(dev_size=4, max_metric_calls=40, parents_per_iteration=2))
 run = root / "run"
 checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, every_n_train_steps=2, save_top_k=0)
 if options.get("node_disk") and trainer_rank() == 1:  # rank 1's shards land on its own node's disk, not the shared one
@@ -220,8 +224,9 @@ trainer:
     - class_path: p2o_lightning.outputs.MetricsPlot
     - class_path: p2o_lightning.runs.RunFolder
     - class_path: p2o_lightning.callbacks.P2OCallback
-      init_args: {trigger: steps, every_n_steps: 2, min_hard_samples: 4, dev_size: 4, max_metric_calls: 24,
-                  parents_per_iteration: 2}
+      init_args:
+        schedule: {trigger: steps, every_n_steps: 2, min_hard_samples: 4}
+        search: {dev_size: 4, max_metric_calls: 24, parents_per_iteration: 2}
 model: {num_rollouts: 4, max_new_tokens: 8, micro_batch_size: 8, val_num_samples: 0}
 data: {batch_size: 2}
 """

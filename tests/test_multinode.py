@@ -11,6 +11,8 @@ a second search record, or ranks that disagree. Each "node" is a process launche
   ``RANK`` / ``LOCAL_RANK`` / ``GROUP_RANK`` it sets (``TorchElasticEnvironment``).
 - SLURM: the variables ``srun`` gives each task of ``--nodes 2 --ntasks-per-node 1`` (``SLURM_PROCID``,
   ``SLURM_LOCALID``, ``SLURM_NODEID``, ``SLURM_NTASKS`` ...), no launcher (``SLURMEnvironment``).
+- by hand: ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` on each node, Lightning's own launch
+  (``LightningEnvironment``).
 
 The launch scripts themselves (``scripts/launch_torchrun.sh``, ``scripts/launch_slurm.sbatch``) run the CLI the same
 way, through a stand-in ``srun`` for SLURM; the second launch of the same command resumes the run (``--ckpt_path
@@ -118,6 +120,11 @@ def _slurm_task(rank: int, port: int) -> dict[str, str]:
     }  # fmt: skip
 
 
+def _by_hand(node: int, port: int) -> dict[str, str]:
+    """What Lightning's own multi-node launch reads on each node (its "bare bones cluster"): no launcher."""
+    return {"NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
     """Wait for every process (killing the rest if one hangs past ``timeout``); returns their logs."""
     try:
@@ -174,19 +181,21 @@ def _two_nodes(world: Path, tmp: Path, launcher: str, disks=None, **options) -> 
     if launcher == "torchrun":  # the same command on both "nodes": the c10d rendezvous gives each its node rank
         procs = [_start([*_torchrun(port), *args], disks[n], _env(), logs[n]) for n in (0, 1)]
     else:
-        procs = [_start([sys.executable, *args], disks[n], _env(**_slurm_task(n, port)), logs[n]) for n in (0, 1)]
+        env = _slurm_task if launcher == "slurm" else _by_hand
+        procs = [_start([sys.executable, *args], disks[n], _env(**env(n, port)), logs[n]) for n in (0, 1)]
     out = _wait_all(procs, logs, timeout=300)
     return [(proc.returncode, log) for proc, log in zip(procs, out)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm", "by-hand"])
 def test_fsdp2_and_a_p2o_search_on_two_nodes(tiny_world, tmp_path, launcher):
     out = _two_nodes(tiny_world, tmp_path, launcher)
     assert [rc for rc, _ in out] == [0, 0], "\n".join(log[-3000:] for _, log in out)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    environment = {"torchrun": "TorchElasticEnvironment", "slurm": "SLURMEnvironment"}[launcher]
+    environment = dict(torchrun="TorchElasticEnvironment", slurm="SLURMEnvironment")
+    environment = environment.get(launcher, "LightningEnvironment")
     for r, rank in enumerate(ranks):  # two nodes of one process: both are local rank 0
         assert (rank["global_rank"], rank["local_rank"], rank["node_rank"]) == (r, 0, r), rank
         assert rank["world_size"] == 2 and rank["environment"] == environment

@@ -11,7 +11,8 @@
 #
 # Every run is launched with --ckpt_path last: the first launch starts the run (Lightning notes there is no
 # checkpoint yet), a later launch of the same command resumes it from its last checkpoint, and with
-# MAX_RESTARTS > 0 torchrun relaunches every process of the run after a failure, which resume the same way.
+# MAX_RESTARTS > 0 torchrun relaunches every process of the run after a failure, which resume the same way
+# (--overwrite is refused: each relaunch would start the run over).
 # The run folder, its checkpoints included, must be one folder that every node sees (a shared filesystem): under
 # FSDP2 each rank writes its own shard of a checkpoint into it and reads them all on resume. Metrics, P²O
 # searches, the exported policy and the summary are written by global rank 0 only.
@@ -26,6 +27,13 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
 fi
 config=$1
 shift
+for arg in "$@"; do
+  if [[ "$arg" == --overwrite* ]]; then
+    echo "$0: no --overwrite here: a restart runs this same command again and would start the run over" \
+      "each time. Remove the old run folder first, or give the run another one (--trainer.logger.init_args.name)." >&2
+    exit 2
+  fi
+done
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${NPROC_PER_NODE:?set NPROC_PER_NODE, the processes (GPUs) per node}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT, host:port of the rendezvous that every node reaches}"

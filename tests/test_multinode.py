@@ -367,3 +367,7 @@ def test_launch_scripts_refuse_a_launch_without_what_they_need(tmp_path):
     usage = subprocess.run(["bash", str(REPO / "scripts" / "launch_slurm.sbatch")], env=env, cwd=tmp_path,
                            capture_output=True, text=True)  # fmt: skip
     assert usage.returncode == 2 and "usage: sbatch" in usage.stderr
+    for script in ("launch_torchrun.sh", "launch_slurm.sbatch"):  # a relaunch would wipe the run it should resume
+        overwrite = subprocess.run(["bash", str(REPO / "scripts" / script), "c.yaml", "--overwrite=true"], env=env,
+                                   cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert overwrite.returncode == 2 and "no --overwrite here: a re" in overwrite.stderr, script

@@ -11,8 +11,10 @@ environment's ``main_address:main_port``, which the process group was built on):
 rank's counter every ``period_s``. When a collective fails on a rank (Lightning's ``on_exception``), it reads every
 counter, waits ``3 × period_s`` and reads them again: the ranks whose counters did not move are lost, and the rank
 raises :class:`LostRankError` naming them (chained to the collective's error). If the store itself cannot be reached,
-its host is what was lost: rank 0 under Lightning's own launcher, the master node's agent under torchrun. An error
-that is not a failed collective, or a failed collective while every rank still beats, passes through unchanged.
+its host is what was lost, and no rank is named: rank 0's process under Lightning's own launcher or SLURM, the
+master node's agent under torchrun (which also closes it when it stops the run's workers to restart them after one
+failed, ``--max-restarts``). An error that is not a failed collective, or a failed collective while every rank
+still beats, passes through unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import timedelta
 
 import lightning as L
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
 
 KEY = "p2o_lightning/heartbeat/{rank}"
 # what a collective says when a peer is gone (gloo) or silent (a timeout); NCCL's errors are DistBackendErrors
@@ -59,6 +62,7 @@ class LostRanks(L.Callback):
         self._thread: threading.Thread | None = None
         self._where: tuple[str, int] | None = None
         self.rank, self.world = 0, 1
+        self.torchrun = False  # the store is hosted by torchrun's agent, not by rank 0's process
 
     def _client(self, timeout_s: float) -> dist.TCPStore:
         host, port = self._where
@@ -72,6 +76,7 @@ class LostRanks(L.Callback):
             return
         self._where = (env.main_address, int(env.main_port))
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        self.torchrun = isinstance(env, TorchElasticEnvironment)
         store = self._client(timeout_s=60)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, args=(store,), name="p2o-heartbeat", daemon=True)
@@ -86,8 +91,10 @@ class LostRanks(L.Callback):
                 return
             self._stop.wait(self.period_s)
 
-    def lost_ranks(self) -> tuple[list[int], str]:
-        """The ranks whose heartbeat stopped, and what was seen; ``[0]`` with a note if the store is unreachable."""
+    def lost_ranks(self) -> tuple[list[int] | None, str]:
+        """The ranks whose heartbeat stopped, and what was seen; None and what that means if the store is unreachable
+        (its host is what was lost, not a rank that can be named).
+        """
         host, port = self._where
         try:
             store = self._client(timeout_s=max(2.0, 4 * self.period_s))
@@ -95,10 +102,13 @@ class LostRanks(L.Callback):
             time.sleep(3 * self.period_s)
             moved = [store.add(KEY.format(rank=r), 0) != c for r, c in enumerate(counts)]
         except Exception:
-            return [0], (
-                f"the run's rendezvous store at {host}:{port} no longer answers: its host is gone (rank 0's process "
-                "under Lightning's launcher, the master node's agent under torchrun)"
+            host_is = (
+                "the master node's torchrun agent, which closes it when it stops the run's workers (another worker "
+                "failed: with --max-restarts it restarts them) or when its node goes down"
+                if self.torchrun
+                else "rank 0's process, which is gone (killed, out of memory, or its node went down)"
             )
+            return None, f"the run's rendezvous store at {host}:{port} no longer answers: its host is {host_is}"
         lost = [r for r in range(self.world) if not moved[r] and r != self.rank]
         return lost, f"{'its' if len(lost) == 1 else 'their'} heartbeat in the store at {host}:{port} stopped"
 
@@ -107,6 +117,11 @@ class LostRanks(L.Callback):
             return
         lost, seen = self.lost_ranks()
         self.teardown(trainer, pl_module, "fit")
+        if lost is None:
+            raise LostRankError(
+                f"{seen}. Rank {self.rank} of {self.world} stops too; the other ranks' logs say which failed first. "
+                "Resume the run with `--ckpt_path last`."
+            ) from exception
         if not lost:
             return
         names = ", ".join(map(str, lost))

@@ -9,10 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from helpers import REPO, free_port
+
+from p2o_lightning.ranks import LostRankError, LostRanks
 
 SCRIPT = """
 import json, os, signal, sys
@@ -84,3 +87,20 @@ def test_lost_rank_is_named_by_the_other_within_the_timeout(tiny_world, tmp_path
     assert ranks[0].returncode not in (0, None), out0[-3000:]
     assert "LostRankError: rank 1 of 2 is lost (its heartbeat" in out0, out0[-3000:]
     assert elapsed < 240  # the stopped rank: within the 20 s timeout, not Lightning's default 30 min
+
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["lightning-or-slurm", "torchrun"])
+def test_an_unreachable_store_names_its_host_not_a_rank(torchrun):
+    """Under torchrun the store is the master node's agent's, which closes it when it restarts the run's workers
+    (``--max-restarts``): rank 0 saw it gone and said "rank 0 of 2 is lost" of itself. No rank is named now."""
+    callback = LostRanks(period_s=0.1)
+    callback._where, callback.rank, callback.world, callback.torchrun = ("127.0.0.1", free_port()), 0, 2, torchrun
+    callback._thread = threading.current_thread()  # as after setup: the heartbeat runs
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:18624")
+    with pytest.raises(LostRankError) as err:
+        callback.on_exception(None, None, gloo)
+    message = str(err.value)
+    assert message.startswith(f"the run's rendezvous store at 127.0.0.1:{callback._where[1]} no longer answers: its")
+    assert ("torchrun agent" in message) == torchrun and ("rank 0's process" in message) != torchrun
+    assert "Rank 0 of 2 stops too" in message and "is lost" not in message
+    assert err.value.__cause__ is gloo

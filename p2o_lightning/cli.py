@@ -46,7 +46,7 @@ from p2o_lightning.module import P2OModule
 from p2o_lightning.nodes import SharedFolders, check_node_launch
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
 from p2o_lightning.ranks import LostRanks
-from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run
+from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run, run_paths
 
 PROG = "python -m p2o_lightning"
 
@@ -90,7 +90,9 @@ class P2OCLI(LightningCLI):
         """
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
-        extra = [cls() for cls in (LostRanks, SharedFolders) if not any(isinstance(c, cls) for c in callbacks)]
+        extra = [] if any(isinstance(c, LostRanks) for c in callbacks) else [LostRanks()]
+        if not any(isinstance(c, SharedFolders) for c in callbacks):
+            extra.append(SharedFolders(run_paths))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             extra.append(progress_bar())
         if extra:

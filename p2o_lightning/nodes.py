@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -74,19 +75,17 @@ class SharedFolders(L.Callback):
     """Stops a run of several ranks at setup when some rank does not see the folders rank 0 writes into.
 
     Args:
-        folders: what to check, ``{what: path}``; by default :func:`~p2o_lightning.runs.run_paths` (the run folder,
-            ``trainer.default_root_dir``, each callback's ``dirpath``).
+        folders: the trainer's folders to check, ``{what: path}``: :func:`~p2o_lightning.runs.run_paths` (the run
+            folder, ``trainer.default_root_dir``, each callback's ``dirpath``) is what the CLI gives.
     """
 
-    def __init__(self, folders: dict[str, str | os.PathLike] | None = None) -> None:
+    def __init__(self, folders: Callable[[L.Trainer], dict[str, str | os.PathLike]]) -> None:
         self.folders = folders
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size < 2 or not dist.is_initialized():
             return
-        from p2o_lightning.runs import run_paths  # here: runs -> outputs -> sharded imports this module
-
-        folders = {k: Path(v).absolute() for k, v in (self.folders or run_paths(trainer)).items()}
+        folders = {k: Path(v).absolute() for k, v in self.folders(trainer).items()}
         token = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else None)
         markers = {what: path / f".p2o-shared-{token}" for what, path in folders.items()}
         if trainer.is_global_zero:

@@ -47,7 +47,7 @@ from p2o_lightning.nodes import SharedFolders
 from p2o_lightning.outputs import ExportPolicy, MetricsPlot
 from p2o_lightning.prompt.schedule import ScheduleSettings
 from p2o_lightning.prompt.search import SearchSettings
-from p2o_lightning.runs import RunCSVLogger, RunFolder
+from p2o_lightning.runs import RunCSVLogger, RunFolder, run_paths
 from p2o_lightning.sharded import FSDP2Strategy
 
 world, root, train, options = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
@@ -85,7 +85,7 @@ if options.get("node_disk") and trainer_rank() == 1:  # rank 1's shards land on 
 
     save = model_parallel._distributed_checkpoint_save
     model_parallel._distributed_checkpoint_save = lambda state, path: save(state, Path(options["node_disk"], path.name))
-shared = [SharedFolders()] if options.get("shared_check") else []
+shared = [SharedFolders(run_paths)] if options.get("shared_check") else []
 trainer = L.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy=FSDP2Strategy(), max_steps=4,
                     logger=RunCSVLogger(root, name="run"),
                     callbacks=[*shared, RunFolder(), checkpoints, ExportPolicy(), MetricsPlot(), p2o, Record()],

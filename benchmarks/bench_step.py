@@ -64,6 +64,7 @@ from common import TimedCall, environment  # noqa: E402
 
 from p2o_lightning.data import PromptDataModule  # noqa: E402
 from p2o_lightning.module import P2OModule  # noqa: E402
+from p2o_lightning.settings import RolloutSettings, UpdateSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("generate", "grade", "logprob", "update")  # generate + grade = the module's time/rollout_s
@@ -125,7 +126,7 @@ class PhaseTimes(Callback):
         row["forward_positions"], self.positions = float(self.positions), 0
         row.update(self.cpu_s)
         self.cpu_s = dict.fromkeys(self.cpu_s, 0.0)
-        row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.hparams.num_rollouts
+        row["response_tokens"] = float(m["train/response_length"]) * len(batch) * pl_module.rollout.num_rollouts
         self.rows.append(row)
 
 
@@ -172,16 +173,15 @@ def run_steps(args, tmp: Path) -> dict:
     if args.model == "bpe":
         model, train = build_bpe_model(tmp)
         task, data = "math", {"train_file": train, "val_files": {"dev": train}}
+    vllm_options = {"kv_cache_memory_bytes": 256 * 2**20} if args.engine == "vllm" else None
     module = P2OModule(
         model=model,
         task=task,
-        num_rollouts=args.num_rollouts,
-        max_new_tokens=args.max_new_tokens,
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
-        micro_batch_size=64,
-        rollout_engine=args.engine,
-        vllm_options={"kv_cache_memory_bytes": 256 * 2**20} if args.engine == "vllm" else None,
-    )
+        rollout=RolloutSettings(args.num_rollouts, max_new_tokens=args.max_new_tokens, engine=args.engine,
+                                vllm_options=vllm_options),
+        update=UpdateSettings(micro_batch_size=64),
+    )  # fmt: skip
     fused = {"on": True, "off": False, "auto": None}[getattr(args, "fused_head", "auto")]  # auto: the step decides
     module.ppo.logprob = dataclasses.replace(module.ppo.logprob, fused_head=fused, head_dtype=args.head_dtype)
     if getattr(args, "variant", None):
@@ -425,7 +425,7 @@ def setup_variant(module: P2OModule, variant: str) -> None:
     if rows == "p2o":
         from p2o_lightning.tasks.addition import world_splits
 
-        k = module.hparams.num_rollouts
+        k = module.rollout.num_rollouts
         module.template_assignments = {p.prompt: ["Out digits."] * k for p in world_splits()["train"]}
     if passes != "fused":
         module.ppo.fuses_old_logprobs = lambda batch: False

@@ -213,7 +213,9 @@ def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
     from torch.utils.data import DataLoader
 
     import p2o_lightning.module as module_mod
+    from p2o_lightning.loss import LossSettings
     from p2o_lightning.module import P2OModule
+    from p2o_lightning.settings import ComputeSettings, RolloutSettings, UpdateSettings, ValidationSettings
 
     clock = log.clock
     torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step, "optimizer")
@@ -273,10 +275,11 @@ def run_ours(args: argparse.Namespace, path: str, log: StepLog) -> dict:
 
     L.seed_everything(args.seed)
     module = P2OModule(
-        model=path, num_rollouts=args.k, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0), max_grad_norm=1.0, kl_coef=0.0,
-        ppo_epochs=1, micro_batch_size=args.micro_batch, val_num_samples=0, dtype="float32",
-        gradient_checkpointing=False,
+        model=path, optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
+        rollout=RolloutSettings(args.k, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens),
+        update=UpdateSettings(ppo_epochs=1, micro_batch_size=args.micro_batch, max_grad_norm=1.0),
+        loss=LossSettings(kl_coef=0.0), compute=ComputeSettings(dtype="float32", gradient_checkpointing=False),
+        validation=ValidationSettings(num_samples=0),
     )  # fmt: skip
     loader = DataLoader(step_rows(args), batch_size=args.prompts, shuffle=False, collate_fn=list)
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,7 +89,7 @@ def fit_command(strategy: str, steps: int, out: Path, dry_run: bool) -> list[str
         sys.executable, "-m", "p2o_lightning", "fit", "--config", str(REPO / "configs" / "toy.yaml"),
         "--trainer.accelerator", "cpu" if dry_run else "gpu", "--trainer.devices", "1",
         "--trainer.strategy", strategy, "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--model.max_grad_norm", str(MAX_NORM), "--trainer.default_root_dir", str(out / strategy),
+        "--model.update.max_grad_norm", str(MAX_NORM), "--trainer.default_root_dir", str(out / strategy),
         "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", f"fsdp1_{strategy}",
     ]  # fmt: skip
     return command + (["--print_config"] if dry_run else [])

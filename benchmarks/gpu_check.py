@@ -223,7 +223,7 @@ def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
         for callback in cfg["trainer"]["callbacks"]:
             if callback["class_path"].endswith("P2OCallback"):
                 callback["init_args"]["search"]["max_metric_calls"] = 300
-        cfg["model"]["anchor_weight"] = 1.0
+        cfg["model"]["loss"]["anchor_weight"] = 1.0
         cfg["model"]["optimizer"]["init_args"]["lr"] = 6e-5
         config = out / "p2o-gpu-check.yaml"
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -231,8 +231,8 @@ def train_command(name: str, out: Path, dry_run: bool) -> list[str]:
     return [
         sys.executable, "-m", "p2o_lightning", "fit", "--config", str(config),
         "--trainer.accelerator", "cpu" if dry_run else "gpu", "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(steps), "--model.backend", "torch" if dry_run else "triton",
-        "--model.rollout_engine", "loop",  # our decode loop (the default, named so the check says what it ran)
+        "--trainer.val_check_interval", str(steps), "--model.compute.backend", "torch" if dry_run else "triton",
+        "--model.rollout.engine", "loop",  # our decode loop (the default, named so the check says what it ran)
         "--trainer.default_root_dir", str(out / "runs" / name), "--trainer.logger.init_args.save_dir",
         str(out / "runs"), "--trainer.logger.init_args.name", name,
     ]  # fmt: skip

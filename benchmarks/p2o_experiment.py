@@ -3,25 +3,25 @@
 Every run is the real trainer through the user's command (``python -m p2o_lightning fit``) with the same number
 of optimizer steps, data, learning rate and validation; only the method differs:
 
-| setting              | config               | overrides                                                    |
-|----------------------|----------------------|--------------------------------------------------------------|
-| grpo_k               | configs/toy.yaml     | K rollouts                                                   |
-| grpo_2k              | configs/toy.yaml     | 2K rollouts                                                  |
-| p2o                  | configs/p2o-toy.yaml | none: the skill anchor, the lean search (what it ships)      |
-| p2o_paper_loss       | configs/p2o-toy.yaml | ``model.anchor_weight=0`` (the paper's loss)                 |
-| p2o_no_distill       | configs/p2o-toy.yaml | ``model.distill=false`` (gradient on the templated prompt)   |
-| p2o_one_template     | configs/p2o-toy.yaml | one template for all K rollouts of a prompt                  |
-| p2o_all_templated    | configs/p2o-toy.yaml | ``model.plain_rollouts=0`` (all K rollouts templated)        |
-| p2o_paper            | configs/p2o-toy.yaml | the paper's loss and the full search (dev 300, 1,500 calls)  |
-| p2o_no_ratio_mask    | configs/p2o-toy.yaml | p2o_paper and ``model.context_ratio_bounds=null``            |
-| p2o_plain0           | configs/p2o-toy.yaml | p2o_paper and ``model.plain_rollouts=0`` (all K templated)   |
-| p2o_forever          | configs/p2o-toy.yaml | p2o_paper and ``schedule.template_lifetime: forever``        |
-| p2o_drop_failed      | configs/p2o-toy.yaml | p2o_paper and ``model.drop_failed_templated=true``           |
-| p2o_anchor           | configs/p2o-toy.yaml | the skill anchor with the full search                        |
-| p2o_anchor_no_mask   | configs/p2o-toy.yaml | p2o_anchor and ``model.context_ratio_bounds=null``           |
-| p2o_anchor_tau1 ...  | configs/p2o-toy.yaml | p2o_anchor and one change (tau1, nonneg, plain1)             |
-| p2o_anchor_lean      | configs/p2o-toy.yaml | the skill anchor and the lean search (= p2o)                 |
-| dapo                 | configs/toy.yaml     | DAPO's dynamic sampling: ``model.dynamic_sampling=filter``   |
+| setting             | config               | overrides                                                          |
+|---------------------|----------------------|--------------------------------------------------------------------|
+| grpo_k              | configs/toy.yaml     | K rollouts                                                         |
+| grpo_2k             | configs/toy.yaml     | 2K rollouts                                                        |
+| p2o                 | configs/p2o-toy.yaml | none: the skill anchor, the lean search (what it ships)            |
+| p2o_paper_loss      | configs/p2o-toy.yaml | ``model.loss.anchor_weight=0`` (the paper's loss)                  |
+| p2o_no_distill      | configs/p2o-toy.yaml | ``model.p2o.distill=false`` (gradient on the templated prompt)     |
+| p2o_one_template    | configs/p2o-toy.yaml | one template for all K rollouts of a prompt                        |
+| p2o_all_templated   | configs/p2o-toy.yaml | ``model.p2o.plain_rollouts=0`` (all K rollouts templated)          |
+| p2o_paper           | configs/p2o-toy.yaml | the paper's loss and the full search (dev 300, 1,500 calls)        |
+| p2o_no_ratio_mask   | configs/p2o-toy.yaml | p2o_paper and ``model.loss.context_ratio_bounds=null``             |
+| p2o_plain0          | configs/p2o-toy.yaml | p2o_paper and ``model.p2o.plain_rollouts=0`` (all K templated)     |
+| p2o_forever         | configs/p2o-toy.yaml | p2o_paper and ``schedule.template_lifetime: forever``              |
+| p2o_drop_failed     | configs/p2o-toy.yaml | p2o_paper and ``model.p2o.drop_failed_templated=true``             |
+| p2o_anchor          | configs/p2o-toy.yaml | the skill anchor with the full search                              |
+| p2o_anchor_no_mask  | configs/p2o-toy.yaml | p2o_anchor and ``model.loss.context_ratio_bounds=null``            |
+| p2o_anchor_tau1 ... | configs/p2o-toy.yaml | p2o_anchor and one change (tau1, nonneg, plain1)                   |
+| p2o_anchor_lean     | configs/p2o-toy.yaml | the skill anchor and the lean search (= p2o)                       |
+| dapo                | configs/toy.yaml     | DAPO's dynamic sampling: ``model.rollout.dynamic_sampling=filter`` |
 
     python benchmarks/p2o_experiment.py [--seeds 0 1 2] [--settings ...] [--lr 6e-5] [--max-steps 240]
     python benchmarks/p2o_experiment.py --sweep-lr 2e-5 6e-5 1e-4 2e-4 --seeds 0   # GRPO K at each lr
@@ -68,7 +68,7 @@ def _set(path: str, value):
         *keys, leaf = path.split(".")
         node = config
         for key in keys:
-            node = node[key]
+            node = node.setdefault(key, {})  # a settings group the config leaves at its defaults
         node[leaf] = value(args) if callable(value) else value
 
     return edit
@@ -94,39 +94,39 @@ FULL_SEARCH = [
     _callback_arg("search.search_patience", None),
     _callback_arg("search.cache_evaluation", False),
 ]
-PAPER_LOSS = [_set("model.anchor_weight", 0.0)]
-ANCHOR = [_set("model.anchor_weight", 1.0), *FULL_SEARCH]
+PAPER_LOSS = [_set("model.loss.anchor_weight", 0.0)]
+ANCHOR = [_set("model.loss.anchor_weight", 1.0), *FULL_SEARCH]
 
 SETTINGS = {
     "grpo_k": ("toy.yaml", []),
-    "grpo_2k": ("toy.yaml", [_set("model.num_rollouts", lambda a: 2 * a.k)]),
+    "grpo_2k": ("toy.yaml", [_set("model.rollout.num_rollouts", lambda a: 2 * a.k)]),
     # P²O as configs/p2o-toy.yaml ships it (the skill anchor, the lean search) and the paper's ablations of it
     "p2o": ("p2o-toy.yaml", []),
     "p2o_paper_loss": ("p2o-toy.yaml", PAPER_LOSS),
-    "p2o_no_distill": ("p2o-toy.yaml", [_set("model.distill", False)]),
+    "p2o_no_distill": ("p2o-toy.yaml", [_set("model.p2o.distill", False)]),
     "p2o_one_template": ("p2o-toy.yaml", [_callback_arg("search.group_diversity", False)]),
-    "p2o_all_templated": ("p2o-toy.yaml", [_set("model.plain_rollouts", 0)]),  # all K rollouts templated
+    "p2o_all_templated": ("p2o-toy.yaml", [_set("model.p2o.plain_rollouts", 0)]),  # all K rollouts templated
     # the earlier runs' settings: the paper's loss with the full search, and its variations
     "p2o_paper": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH]),
-    "p2o_no_ratio_mask": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.context_ratio_bounds", None)]),
-    "p2o_plain0": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.plain_rollouts", 0)]),
+    "p2o_no_ratio_mask": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.loss.context_ratio_bounds", None)]),
+    "p2o_plain0": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.p2o.plain_rollouts", 0)]),
     "p2o_forever": (
         "p2o-toy.yaml",
         [*PAPER_LOSS, *FULL_SEARCH, _callback_arg("schedule.template_lifetime", "forever")],
     ),
-    "p2o_drop_failed": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.drop_failed_templated", True)]),
+    "p2o_drop_failed": ("p2o-toy.yaml", [*PAPER_LOSS, *FULL_SEARCH, _set("model.p2o.drop_failed_templated", True)]),
     "p2o_anchor": ("p2o-toy.yaml", ANCHOR),
-    "p2o_anchor_no_mask": ("p2o-toy.yaml", [*ANCHOR, _set("model.context_ratio_bounds", None)]),
+    "p2o_anchor_no_mask": ("p2o-toy.yaml", [*ANCHOR, _set("model.loss.context_ratio_bounds", None)]),
     # the valley (issue 17), one change at a time from p2o_anchor
     "p2o_anchor_tau1": ("p2o-toy.yaml", [*ANCHOR, _callback_arg("schedule.tau", 1)]),
-    "p2o_anchor_nonneg": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_advantage", "nonnegative")]),
-    "p2o_anchor_plain1": ("p2o-toy.yaml", [*ANCHOR, _set("model.plain_rollouts", 1)]),
+    "p2o_anchor_nonneg": ("p2o-toy.yaml", [*ANCHOR, _set("model.p2o.plain_advantage", "nonnegative")]),
+    "p2o_anchor_plain1": ("p2o-toy.yaml", [*ANCHOR, _set("model.p2o.plain_rollouts", 1)]),
     # the search's cost (issue 17): a 64-problem dev set, 1,000 metric calls, a stop after 12 iterations without a
     # better best dev score, gepa's evaluation cache: what configs/p2o-toy.yaml ships
     "p2o_anchor_lean": (
         "p2o-toy.yaml",
         [
-            _set("model.anchor_weight", 1.0),
+            _set("model.loss.anchor_weight", 1.0),
             _callback_arg("search.dev_size", 64),
             _callback_arg("search.max_metric_calls", 1000),
             _callback_arg("search.search_patience", 12),
@@ -134,7 +134,10 @@ SETTINGS = {
         ],
     ),
     # the paper's DAPO baseline: clip-higher and token-mean are the toy config's already; filter_groups, 3 rounds
-    "dapo": ("toy.yaml", [_set("model.dynamic_sampling", "filter"), _set("model.max_sampling_rounds", 3)]),
+    "dapo": (
+        "toy.yaml",
+        [_set("model.rollout.dynamic_sampling", "filter"), _set("model.rollout.max_sampling_rounds", 3)],
+    ),
 }
 DEFAULT_SETTINGS = ["grpo_k", "grpo_2k", "p2o", "p2o_paper_loss", "p2o_no_distill", "p2o_one_template"]
 SPLITS = ("in_dist", "hard", "ood")
@@ -155,7 +158,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace, lr: float, name: 
     config = yaml.safe_load((REPO / "configs" / config_name).read_text())
     config["seed_everything"] = seed
     config["data"]["seed"] = seed
-    config["model"]["num_rollouts"] = args.k
+    config["model"]["rollout"]["num_rollouts"] = args.k
     config["model"]["optimizer"]["init_args"]["lr"] = lr
     if args.world is not None:  # another world: its weights, and the data splits of its recipe's seed
         config["model"]["model"] = str(args.world)
@@ -491,7 +494,8 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true", help="run nothing: summarise the finished runs")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="one change on top of every P²O setting (a lever): a dotted config key "
-                             "(model.kl_coef=0.05) or p2o.<key> (the P²O callback's: p2o.schedule.tau=1)")  # fmt: skip
+                             "(model.loss.kl_coef=0.05) or p2o.<key> (the P²O callback's: "
+                             "p2o.schedule.tau=1)")  # fmt: skip
     args = parser.parse_args()
     import yaml
 

@@ -50,9 +50,9 @@ class P2OCallback(L.Callback):
         self.examples_scored = 0  # search examples this rank scored (its share of every evaluation); not saved
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        k = pl_module.hparams.num_rollouts
+        k = pl_module.rollout.num_rollouts
         self.schedule.settings.check_group_size(k)
-        self.scoring_tokens = self.max_new_tokens or pl_module.hparams.max_new_tokens
+        self.scoring_tokens = self.max_new_tokens or pl_module.rollout.max_new_tokens
         if self.template_pool is not None and not self.schedule.assignments:
             self.schedule.assignments = read_assignments(self.template_pool, k)
         if stage == "fit" and trainer.is_global_zero:
@@ -97,7 +97,7 @@ class P2OCallback(L.Callback):
             return
         record, scored = run_search(
             pl_module, schedule.hard_pool, self.reflection, self.search_settings, schedule.searches, seed=self.seed,
-            num_rollouts=pl_module.hparams.num_rollouts, max_new_tokens=self.scoring_tokens, rollout_step=step,
+            num_rollouts=pl_module.rollout.num_rollouts, max_new_tokens=self.scoring_tokens, rollout_step=step,
             epoch=epoch, folder=run_dir(trainer) / "p2o",
         )  # fmt: skip
         self.examples_scored += scored

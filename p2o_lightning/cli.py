@@ -1,20 +1,20 @@
 """The command line: ``python -m p2o_lightning fit | validate | test --config …`` through ``LightningCLI``.
 
-Every constructor argument of :class:`~p2o_lightning.module.P2OModule` and
-:class:`~p2o_lightning.data.PromptDataModule` is a config key, documented by its docstring (``--help`` shows it),
-and an unknown key is an error before anything is loaded; so is a key given twice in one YAML mapping (PyYAML
-would silently keep the last, e.g. a ``val_files`` split named twice), and a callback's key given flat that moved
-into one of its settings groups (the error names its new place). ``data.task`` is linked to ``model.task``
-so the two can never disagree. ``fit`` refuses a run folder that holds another run unless told ``--ckpt_path
-last`` (resume) or ``--overwrite`` (start over), and every subcommand refuses a run folder whose path goes through a
-file, before anything loads (:mod:`p2o_lightning.runs`). The progress is :func:`~p2o_lightning.console.progress_bar`'s
-(a live bar on a terminal, plain lines in a log) unless the config names another; on several ranks a rank that is
-lost is named (:class:`~p2o_lightning.ranks.LostRanks`), and a run across nodes without a launcher or without a run
-folder every rank sees is refused (:mod:`p2o_lightning.nodes`). Checkpoints are written atomically and checked when
-loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`; a distributed one by
-:class:`~p2o_lightning.sharded.FSDP2Strategy`). Two extra sub-commands are not Lightning's: ``world`` (check, measure
-or rebuild the shipped embedded world) and ``report`` (plots of finished runs); ``--help`` lists them below
-Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is an error, not a guess
+Every constructor argument of :class:`~p2o_lightning.module.P2OModule` (its settings groups as nested keys,
+``model.loss.clip_high``) and :class:`~p2o_lightning.data.PromptDataModule` is a config key, documented by its docstring
+(``--help`` shows it), and an unknown key is an error before anything is loaded; so is a key given twice in one YAML
+mapping (PyYAML would silently keep the last, e.g. a ``val_files`` split named twice), and a key given flat that moved
+into one of the settings groups of a callback or of the module (``--model.clip_high``: the error names
+``model.loss.clip_high``). ``data.task`` is linked to ``model.task`` so the two can never disagree. ``fit`` refuses a
+run folder that holds another run unless told ``--ckpt_path last`` (resume) or ``--overwrite`` (start over), and every
+subcommand refuses a run folder whose path goes through a file, before anything loads (:mod:`p2o_lightning.runs`). The
+progress is :func:`~p2o_lightning.console.progress_bar`'s (a live bar on a terminal, plain lines in a log) unless the
+config names another; on several ranks a rank that is lost is named (:class:`~p2o_lightning.ranks.LostRanks`), and a run
+across nodes without a launcher or without a run folder every rank sees is refused (:mod:`p2o_lightning.nodes`).
+Checkpoints are written atomically and checked when loaded (:class:`~p2o_lightning.outputs.AtomicCheckpointIO`; a
+distributed one by :class:`~p2o_lightning.sharded.FSDP2Strategy`). Two extra sub-commands are not Lightning's: ``world``
+(check, measure or rebuild the shipped embedded world) and ``report`` (plots of finished runs); ``--help`` lists them
+below Lightning's, under the name ``python -m p2o_lightning``. An abbreviated option is an error, not a guess
 (``allow_abbrev=False``: argparse's default expands a prefix of one key to that key).
 
 A ``--ckpt_path`` file or folder is checked as soon as the command line is parsed: LightningCLI reads its
@@ -47,6 +47,7 @@ from p2o_lightning.nodes import SharedFolders, check_node_launch
 from p2o_lightning.outputs import AtomicCheckpointIO, run_dir
 from p2o_lightning.ranks import LostRanks
 from p2o_lightning.runs import check_run_folder, check_run_paths, clear_run, run_paths
+from p2o_lightning.settings import moved_key_error
 
 PROG = "python -m p2o_lightning"
 
@@ -73,9 +74,13 @@ class P2OCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check ``--ckpt_path`` (:func:`~p2o_lightning.checks.check_checkpoint_file`) before
-        LightningCLI reads the checkpoint's hyperparameters: a truncated or foreign file is an error naming it.
+        """Refuse a flat model option of before the settings groups, naming its new place (:func:`moved_options`);
+        parse; then check ``--ckpt_path`` (:func:`~p2o_lightning.checks.check_checkpoint_file`) before LightningCLI
+        reads the checkpoint's hyperparameters: a truncated or foreign file is an error naming it.
         """
+        moved = moved_options(sys.argv[1:] if args is None else args) if args is None or isinstance(args, list) else []
+        if moved:
+            parser.error("; ".join(moved))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -157,6 +162,7 @@ def _yaml_load_rejecting_duplicates(stream):
                 nodes.extend(node.value)
     loaded = _DEFAULT_YAML_LOAD(stream)
     _reject_moved_keys(loaded)
+    _reject_moved_model_keys(loaded)
     return loaded
 
 
@@ -193,6 +199,27 @@ def _reject_moved_keys(node: Any) -> None:
             problem=f"{class_path}: {', '.join(map(repr, moved))} moved into settings groups; write "
             + ", ".join(places[key] for key in moved)
         )
+
+
+def _reject_moved_model_keys(config: Any) -> None:
+    """A flat key of a config's ``model`` mapping that moved into one of the module's settings groups is an error
+    naming its new place (``model.clip_high moved to model.loss.clip_high``; :data:`~p2o_lightning.settings.MOVED`,
+    which also names the renamed ones: ``rollout_engine`` is ``rollout.engine``).
+    """
+    import yaml
+
+    model = config.get("model") if isinstance(config, dict) else None
+    moved = [error for key in model if (error := moved_key_error(key))] if isinstance(model, dict) else []
+    if moved:
+        raise yaml.constructor.ConstructorError(problem="; ".join(moved))
+
+
+def moved_options(args: list[str]) -> list[str]:
+    """An error for each command-line option ``--model.<key>`` of a flat setting of before the module's settings
+    groups, naming its new place (jsonargparse would only call the option unrecognized).
+    """
+    keys = [arg.removeprefix("--model.").split("=", 1)[0] for arg in args if arg.startswith("--model.")]
+    return [error for key in keys if (error := moved_key_error(key))]
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> P2OCLI:

@@ -255,8 +255,8 @@ class PromptDataModule(L.LightningDataModule):
         world_seed: seed of the embedded world's splits.
         max_prompt_length: the most tokens a prompt may have (as the rollout engine encodes it: chat template and
             special tokens included). None: the model's positions (``max_position_embeddings``, or vLLM's
-            ``max_model_len``) minus ``model.max_new_tokens`` (``val_max_new_tokens`` for validation splits), which
-            also caps a larger value. Checked for every split when the model is set up.
+            ``max_model_len``) minus ``model.rollout.max_new_tokens`` (``model.validation.max_new_tokens`` for
+            validation splits), which also caps a larger value. Checked for every split when the model is set up.
         filter_overlong_prompts: drop the prompts longer than that, with a warning counting them per file (verl's
             ``filter_overlong_prompts``). False: such a prompt is an error naming its file and row.
     """

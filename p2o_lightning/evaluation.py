@@ -27,17 +27,17 @@ def add_val_metrics(module, names: list[str]) -> None:
 
 def evaluate(module, batch: list[dict], prefix: str) -> None:
     """Score one validation / test batch of ``module`` and update (and log) its split's metrics."""
-    hp = module.hparams
+    val, rollout = module.validation, module.rollout
     prompts = [row["prompt"] for row in batch]
     answers = [row["answer"] for row in batch]
-    max_new = hp.val_max_new_tokens or hp.max_new_tokens
+    max_new = val.max_new_tokens or rollout.max_new_tokens
     with torch.random.fork_rng(devices=[module.device] if module.device.type == "cuda" else []):
-        torch.manual_seed(hp.seed * 7919 + module.global_step * 31 + batch[0]["index"])
+        torch.manual_seed(module.seed * 7919 + module.global_step * 31 + batch[0]["index"])
         greedy = [reward for _, reward, _ in greedy_scores(module, prompts, answers, max_new, batch_size=None)]
         _update(module, prefix, batch, "greedy", torch.tensor(greedy, device=module.device))
-        if hp.val_num_samples > 0:
-            n = hp.val_num_samples
-            _, grade = module.sample(prompts, answers, SamplingParams(n, hp.val_temperature, hp.top_p, max_new))
+        if val.num_samples > 0:
+            n = val.num_samples
+            _, grade = module.sample(prompts, answers, SamplingParams(n, val.temperature, rollout.top_p, max_new))
             rewards = torch.tensor(grade.rewards, device=module.device).view(len(prompts), n).mean(dim=1)
             _update(module, prefix, batch, "mean_at_k", rewards)
 
@@ -61,14 +61,12 @@ def _update_one(module, prefix: str, split: str, kind: str, values: Tensor) -> N
     key = f"{split}_{kind}"
     metric = module.val_metrics[key]
     metric.update(values)
-    module.log(
-        metric_name(prefix, key, module.hparams.val_num_samples), metric, on_epoch=True, add_dataloader_idx=False
-    )
+    module.log(metric_name(prefix, key, module.validation.num_samples), metric, on_epoch=True, add_dataloader_idx=False)
 
 
 def log_sanity_check(module) -> None:
     """Lightning keeps no logs of the sanity check; log it as the step-0 point of the learning curves."""
-    k = module.hparams.val_num_samples
+    k = module.validation.num_samples
     values = {metric_name("val", key, k): m.compute() for key, m in module.val_metrics.items() if m.update_called}
     for logger in module.loggers:
         logger.log_metrics({key: float(v) for key, v in values.items()}, step=module.global_step)

@@ -23,6 +23,7 @@ from p2o_lightning.loss import LossSettings
 from p2o_lightning.module import P2OModule
 from p2o_lightning.outputs import AtomicCheckpointIO
 from p2o_lightning.runs import RunCSVLogger, RunFolder
+from p2o_lightning.settings import GROUPS, MOVED
 from p2o_lightning.tasks.addition import world_splits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +44,28 @@ def with_loss_settings(op):
     return call
 
 
+def grouped(**settings):
+    """P2OModule's keyword arguments from flat setting names, each put in its group as
+    :data:`~p2o_lightning.settings.MOVED` places it (``kl_coef=0.1`` -> ``loss={"kl_coef": 0.1}``): the tests'
+    shorthand for cases that vary a few settings of several groups. ``model``, ``task``, ``optimizer`` and ``seed``
+    pass as they are; a group given whole merges with the flat settings routed to it.
+    """
+    args: dict = {}
+    for key, value in settings.items():
+        if key in MOVED:
+            name, field = MOVED[key].split(".")
+            args.setdefault(name, {})[field] = value
+        elif key in GROUPS and isinstance(value, dict):
+            args[key] = {**args.get(key, {}), **value}
+        else:
+            args[key] = value
+    return args
+
+
 def small_module(world, **kw):
     args = dict(model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8, val_num_samples=2)
     args.update(kw)
-    return P2OModule(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **args)
+    return P2OModule(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **grouped(**args))
 
 
 def small_data(**kw):
@@ -85,9 +104,9 @@ def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), 
     """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
     L.seed_everything(0)
     module = ParityReward(
-        model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.5), **kw,
-    )  # fmt: skip
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        **grouped(model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None, **kw),
+    )
     if not fuse:  # force the separate no-grad π_old pass that a single update otherwise skips
         module.ppo.fuses_old_logprobs = lambda batch: False
     # every training prompt holds templates: distilled rows, the context ratio mask, and plain rows ("")

@@ -538,8 +538,9 @@ class ParityReward(P2OModule):
 def _one_rl_step(world, root: Path, backend: str) -> P2OModule:
     L.seed_everything(0)
     module = ParityReward(
-        model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8, backend=backend, kl_coef=0.05,
-        clip_ratio_c=3.0, ppo_mini_batch_size=2, max_grad_norm=None,
+        model=str(world), rollout={"num_rollouts": 4, "max_new_tokens": 12}, compute={"backend": backend},
+        loss={"kl_coef": 0.05, "clip_ratio_c": 3.0},
+        update={"micro_batch_size": 8, "ppo_mini_batch_size": 2, "max_grad_norm": None},
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),  # Adam's first step is sign(grad): too forgiving
     )  # fmt: skip
     # 4 prompts in mini-batches of 2: two optimizer steps, the second with ratio ≠ 1 and KL ≠ 0

@@ -40,8 +40,8 @@ class Lose(L.Callback):  # rank 1 is lost in the middle of RL step 2: after its 
 
 
 L.seed_everything(0)
-module = P2OModule(model=world, num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
-                   optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+module = P2OModule(model=world, rollout={"num_rollouts": 4, "max_new_tokens": 8}, update={"micro_batch_size": 8},
+                   validation={"num_samples": 0}, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(timeout=timedelta(seconds=20)),
                     max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,

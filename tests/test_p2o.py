@@ -151,8 +151,8 @@ def test_p2o_fit_rescues_hard_prompts(default_world, tmp_path):
         search=SearchSettings(dev_size=300, max_metric_calls=300, parents_per_iteration=4), seed=0,
     )  # fmt: skip
     module = P2OModule(
-        model=str(default_world), num_rollouts=8, max_new_tokens=48, micro_batch_size=64,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), val_num_samples=0,
+        model=str(default_world), rollout={"num_rollouts": 8, "max_new_tokens": 48}, update={"micro_batch_size": 64},
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), validation={"num_samples": 0},
     )  # fmt: skip
     data = PromptDataModule(train_file=str(train), val_files={"dev": str(train)}, batch_size=16)
     t = trainer(tmp_path, max_steps=4, callbacks=[callback], limit_val_batches=0)
@@ -219,7 +219,7 @@ def test_callback_wires_the_schedule_to_the_trainer(monkeypatch, tmp_path):
 
     logged = {}
     module = SimpleNamespace(
-        hparams=SimpleNamespace(num_rollouts=2, max_new_tokens=8),
+        rollout=SimpleNamespace(num_rollouts=2, max_new_tokens=8),
         device=torch.device("cpu"),
         template_assignments={},
         rollout_steps=0,

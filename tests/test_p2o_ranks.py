@@ -48,8 +48,8 @@ class Record(L.Callback):
 
 
 L.seed_everything(0)
-module = ParityReward(model=world, num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
-                   optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+module = ParityReward(model=world, rollout={"num_rollouts": 4, "max_new_tokens": 8}, update={"micro_batch_size": 8},
+                   validation={"num_samples": 0}, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
 p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=4,
                                             template_lifetime="forever", clear_pool_after_search=False),
                   search=SearchSettings(dev_size=4, max_metric_calls=40, parents_per_iteration=2))

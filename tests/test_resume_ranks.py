@@ -89,8 +89,9 @@ if cfg.get("die_in_save"):  # kill -9 in that save, once DCP has written every s
     dcp.save = dying_save
 
 L.seed_everything(0)
-module = ParityReward(model=cfg["world"], num_rollouts=4, max_new_tokens=8, micro_batch_size=8, val_num_samples=0,
-                      warmup_steps=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+module = ParityReward(model=cfg["world"], rollout={"num_rollouts": 4, "max_new_tokens": 8},
+                      update={"micro_batch_size": 8, "warmup_steps": 2}, validation={"num_samples": 0},
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
 p2o = P2OCallback(schedule=ScheduleSettings(trigger="steps", every_n_steps=2, min_hard_samples=2,
                                             template_lifetime="forever", clear_pool_after_search=False),
                   search=SearchSettings(dev_size=4, max_metric_calls=24, parents_per_iteration=2))

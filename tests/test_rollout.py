@@ -20,6 +20,7 @@ from p2o_lightning.module import P2OModule
 from p2o_lightning.ops import policy_loss, tis_weights
 from p2o_lightning.policy import resolve_model_path
 from p2o_lightning.rollout import HFRolloutEngine, SamplingParams
+from p2o_lightning.settings import RolloutSettings, UpdateSettings, ValidationSettings
 from p2o_lightning.tasks.math import MathTask
 from p2o_lightning.tasks.math_data import KINDS, write_math_jsonl
 
@@ -119,7 +120,7 @@ def test_model_path_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="notes.*no config.json"):
         resolve_model_path(str(tmp_path / "notes"))
     with pytest.raises(ValueError, match="tis_cap"):
-        P2OModule(model="embedded", tis_cap=-1.0)
+        P2OModule(model="embedded", rollout=RolloutSettings(tis_cap=-1.0))
 
 
 def test_math_problems_are_mixed_and_graded(math_rows, tmp_path):
@@ -152,8 +153,10 @@ def test_math_steps_on_a_bpe_checkpoint_log_the_rollout_mismatch(bpe_checkpoint,
     dev = write_math_jsonl(tmp_path / "dev.jsonl", n=8, seed=2)
     L.seed_everything(0)
     module = P2OModule(
-        model=str(bpe_checkpoint), task="math", num_rollouts=2, max_new_tokens=12, micro_batch_size=8,
-        val_num_samples=0, tis_cap=2.0, reward_timeout=5.0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        model=str(bpe_checkpoint), task="math",
+        rollout=RolloutSettings(num_rollouts=2, max_new_tokens=12, tis_cap=2.0, reward_timeout=5.0),
+        update=UpdateSettings(micro_batch_size=8), validation=ValidationSettings(num_samples=0),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
     )  # fmt: skip
     data = PromptDataModule(task="math", train_file=str(train), val_files={"dev": str(dev)}, batch_size=4)
     trainer = L.Trainer(
@@ -179,10 +182,12 @@ def test_the_8gpu_config_carries_the_paper_s_settings():
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "qwen3-4b-deepscaler-8gpu.yaml").read_text())
     model, trainer = config["model"], config["trainer"]
     assert trainer["devices"] == 8 and trainer["strategy"]["class_path"] == "p2o_lightning.sharded.FSDP2Strategy"
-    assert (model["num_rollouts"], model["temperature"], model["max_new_tokens"]) == (6, 0.6, 12288)
-    assert model["optimizer"]["init_args"]["lr"] == 1e-6 and model["warmup_steps"] == 0.05 and model["kl_coef"] == 0.0
-    assert config["data"]["batch_size"] * 8 == 128 and model["ppo_mini_batch_size"] * 8 == 64
-    assert model["rollout_engine"] == "vllm" and model["tis_cap"] == 2.0 and trainer["max_epochs"] == 10
+    rollout, update = model["rollout"], model["update"]
+    assert (rollout["num_rollouts"], rollout["temperature"], rollout["max_new_tokens"]) == (6, 0.6, 12288)
+    assert model["optimizer"]["init_args"]["lr"] == 1e-6 and update["warmup_steps"] == 0.05
+    assert model["loss"]["kl_coef"] == 0.0
+    assert config["data"]["batch_size"] * 8 == 128 and update["ppo_mini_batch_size"] * 8 == 64
+    assert rollout["engine"] == "vllm" and rollout["tis_cap"] == 2.0 and trainer["max_epochs"] == 10
     p2o = next(c for c in trainer["callbacks"] if c["class_path"].endswith("P2OCallback"))["init_args"]
     schedule, search = p2o["schedule"], p2o["search"]
     assert (schedule["tau"], schedule["min_hard_samples"], search["dev_size"], search["parents_per_iteration"]) == (

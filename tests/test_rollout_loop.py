@@ -140,7 +140,7 @@ def test_a_cache_that_corrupts_decode_steps_is_caught_on_the_first_batch(default
 
     monkeypatch.setattr(PreallocatedLayer, "update", corrupted)
     engine = LoopRolloutEngine(*load(default_world))  # trained: the tiny world answers "=" whatever it sees
-    with pytest.raises(RuntimeError, match=rf"transformers {re.escape(transformers.__version__)}.*rollout_engine hf"):
+    with pytest.raises(RuntimeError, match=rf"transformers {re.escape(transformers.__version__)}.*rollout\.engine hf"):
         engine.generate(["12+34=", "5+6=", "123+4567=", "9+0="], SamplingParams(2, 1.0, 1.0, 6))
     assert not engine.checked
 

@@ -16,7 +16,7 @@ from p2o_lightning.runs import RunFolderError, check_folder_path, check_run_fold
 # the checkpoint at the epoch's end and the killed run's first row of epoch 1 is replaced
 ARGS = [
     "--trainer.max_steps=9", "--trainer.val_check_interval=4", "--data.batch_size=64", "--data.max_val_samples=8",
-    "--model.num_rollouts=2", "--model.max_new_tokens=8", "--model.val_num_samples=2",
+    "--model.rollout.num_rollouts=2", "--model.rollout.max_new_tokens=8", "--model.validation.num_samples=2",
 ]  # fmt: skip
 # toy.yaml's callbacks, checkpointing every 3 steps (the last at the end of epoch 0), and the kill -9
 CALLBACKS = """
@@ -132,7 +132,7 @@ def test_overwrite_starts_over(tiny_world, tmp_path, monkeypatch):
     (folder / "metrics.csv").write_text("epoch,step,train/reward\n0,0,0.5\n0,1,0.5\n0,2,0.5\n")
     args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}"]
     small = ["--trainer.max_steps=1", "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0"]
-    small += ["--data.batch_size=2", "--model.num_rollouts=2", "--model.max_new_tokens=4"]
+    small += ["--data.batch_size=2", "--model.rollout.num_rollouts=2", "--model.rollout.max_new_tokens=4"]
     with pytest.raises(RunFolderError, match="runs/toy already holds a run"):
         cli_main(args + small)
     cli_main(args + small + ["--overwrite=true"])
@@ -144,8 +144,8 @@ def test_console_in_a_log_file(tiny_world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(REPO / "configs" / "toy.yaml"), f"--model.model={tiny_world}"]
     args += ["--trainer.max_steps=40", "--trainer.val_check_interval=20", "--data.batch_size=2"]
-    args += ["--data.max_val_samples=4", "--model.num_rollouts=2", "--model.max_new_tokens=4"]
-    args += ["--model.val_num_samples=0"]
+    args += ["--data.max_val_samples=4", "--model.rollout.num_rollouts=2", "--model.rollout.max_new_tokens=4"]
+    args += ["--model.validation.num_samples=0"]
     cli_main(args)  # stdout is pytest's capture, not a terminal: the progress is plain lines
     captured = capsys.readouterr()
     console = captured.out + captured.err

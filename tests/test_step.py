@@ -30,7 +30,7 @@ def _distilled_batch(module, n_prompts=3):
     module.configure_model()
     prompts = [p.prompt for p in world_splits()["train"][:n_prompts]]
     answers = [p.answer for p in world_splits()["train"][:n_prompts]]
-    k = module.hparams.num_rollouts
+    k = module.rollout.num_rollouts
     assignments = {p: ["Add.", "Carry.", "", "Add."][:k] for p in prompts}
     torch.manual_seed(0)
     sample_groups = GroupSampler(module.sample, SamplingParams(k, 1.0, 1.0, 8), assignments)
@@ -279,8 +279,8 @@ def test_fp16_overflow_skips_the_step_and_logs_it(tiny_world, tmp_path):
 
     L.seed_everything(0)
     module = ParityReward(
-        model=str(tiny_world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8, max_grad_norm=1.0,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        model=str(tiny_world), rollout={"num_rollouts": 4, "max_new_tokens": 12},
+        update={"micro_batch_size": 8, "max_grad_norm": 1.0}, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )  # fmt: skip
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # so large that the first backward overflows fp16
     skipped = []

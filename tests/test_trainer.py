@@ -9,7 +9,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, KillAt, read_csv, small_data, small_module, trainer
+from helpers import REPO, KillAt, grouped, read_csv, small_data, small_module, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from p2o_lightning.cli import cli_main, main
@@ -93,7 +93,9 @@ class NaNAfter(P2OModule):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_world, tmp_path):
-    module = NaNAfter(2, model=str(tiny_world), num_rollouts=4, max_new_tokens=12, micro_batch_size=8)
+    module = NaNAfter(
+        2, model=str(tiny_world), rollout={"num_rollouts": 4, "max_new_tokens": 12}, update={"micro_batch_size": 8}
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
     t = trainer(tmp_path, max_steps=5, callbacks=[ckpt], limit_val_batches=0)
     with pytest.raises(FloatingPointError, match="non-finite loss .* at global step 2"):
@@ -136,8 +138,11 @@ def test_a_callback_key_that_moved_into_a_settings_group_names_its_new_place(tmp
 @pytest.mark.parametrize(
     ("args", "unrecognized"),
     [
-        # --model.lr is a prefix of --model.lr_schedule only: argparse's default would set the schedule to "2e-5"
-        (["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--model.lr", "2e-5", "--print_config"], "--model.lr"),
+        # --model.loss.anchor is a prefix of --model.loss.anchor_weight only: argparse's default would set the weight
+        (
+            ["fit", "--config", str(REPO / "configs" / "toy.yaml"), "--model.loss.anchor", "0.5", "--print_config"],
+            "--model.loss.anchor",
+        ),
         (["world", "--rep"], "--rep"),  # argparse's default would take it for --report
     ],
     ids=["fit", "world"],
@@ -148,7 +153,7 @@ def test_an_abbreviated_option_is_an_error_not_a_guess(args, unrecognized, capsy
     assert exit_info.value.code == 2
     out = capsys.readouterr()
     assert f"unrecognized arguments: {unrecognized}" in out.err
-    assert "lr_schedule: 2e-5" not in out.out
+    assert "anchor_weight: 0.5" not in out.out
 
 
 def test_help_names_every_command_the_readme_uses(capsys):
@@ -179,7 +184,7 @@ def test_help_names_every_command_the_readme_uses(capsys):
 )
 def test_bad_module_arguments_fail_before_loading(kwargs, message):
     with pytest.raises((ValueError, ImportError), match=message):
-        P2OModule(model="/does/not/exist", **kwargs)
+        P2OModule(model="/does/not/exist", **grouped(**kwargs))
 
 
 def test_data_row_without_answer_fails_before_training(tiny_world, tmp_path):
@@ -209,7 +214,7 @@ def test_two_cpu_processes_via_cli(tiny_world, tmp_path, strategy):
         sys.executable, "-m", "p2o_lightning", "fit", "--config", str(REPO / "configs" / "toy.yaml"),
         f"--model.model={tiny_world}", f"--trainer.strategy={strategy}", "--trainer.devices=2", "--trainer.max_steps=2",
         "--trainer.val_check_interval=2", "--trainer.num_sanity_val_steps=0", "--data.batch_size=2",
-        "--data.max_val_samples=4", "--model.num_rollouts=4", "--model.max_new_tokens=8",
+        "--data.max_val_samples=4", "--model.rollout.num_rollouts=4", "--model.rollout.max_new_tokens=8",
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip

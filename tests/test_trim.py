@@ -12,6 +12,7 @@ from helpers import small_module
 
 from p2o_lightning.backend import get_ops
 from p2o_lightning.loss import LossSettings
+from p2o_lightning.settings import UpdateSettings
 from p2o_lightning.step.batch import RolloutBatch
 from p2o_lightning.step.logprobs import LogProbSettings, micro_batches, rollout_logprobs, trimmed_widths
 from p2o_lightning.step.plan import RolloutPlan
@@ -49,8 +50,8 @@ def test_micro_batches_by_rows_and_by_tokens():
     assert by_tokens(24) == [[3, 0], [5, 1, 2], [4]]  # 2 x (5 + 6), 3 x (5 + 3); a 4th row: 4 x 8 > 24
     assert by_tokens(100) == [[3, 0, 5, 1], [2, 4]]  # at most micro_batch_size rows
     assert by_tokens(9) == [[3], [0], [5], [1], [2], [4]]  # no two rows fit; row 3 (10 tokens) runs alone
-    with pytest.raises(ValueError, match="micro_batch_tokens"):
-        LogProbSettings(1.0, 8, 4, micro_batch_tokens=0)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):  # checked by the module's update settings
+        UpdateSettings(micro_batch_tokens=0)
 
 
 def test_micro_batches_by_tokens_are_as_many_on_every_rank(monkeypatch):

@@ -58,17 +58,6 @@ class LogProbSettings:
     # "bfloat16" (fp32 softmax and accumulation; for CPUs with AMX / AVX512-BF16 units and GPUs; not timed on one)
     head_dtype: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
-            raise ValueError(f"micro_batch_tokens={self.micro_batch_tokens} must be >= 1 (or None: by rows)")
-        if self.head_dtype not in (None, *HEAD_DTYPES):
-            raise ValueError(f"head_dtype={self.head_dtype!r} is unknown; choose None or one of {tuple(HEAD_DTYPES)}")
-        if self.head_dtype is not None and self.fused_head is False:
-            raise ValueError(
-                f"head_dtype={self.head_dtype!r} sets the fused head's matmuls: it needs fused_head True or None (the "
-                "log-prob passes of the unfused path compute in float32 on CPU, in the model's dtype on GPU)"
-            )
-
     @property
     def head_torch_dtype(self):
         return None if self.head_dtype is None else HEAD_DTYPES[self.head_dtype]

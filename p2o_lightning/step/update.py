@@ -63,23 +63,13 @@ KL_ROWS = ("all", "plain", "untemplated")
 
 @dataclass(frozen=True)
 class PPOSettings:
+    """The update's own settings, from the module's checked groups (:mod:`p2o_lightning.settings`)."""
+
     ppo_epochs: int  # passes over one rollout batch
     mini_batch_groups: int | None  # groups (prompts) per optimizer step; None: the whole batch
     opening_tokens: int = 0  # P²O's opening gate (step/distill.py): distilled rows' first n tokens wait for ...
     opening_gate: float = 0.5  # ... a geometric-mean context ratio of their continuation of at least this
     kl_rows: str = "all"  # the KL term's rows: all | plain (not distilled) | untemplated (groups without templates)
-
-    def __post_init__(self) -> None:
-        if self.ppo_epochs < 1:
-            raise ValueError(f"ppo_epochs={self.ppo_epochs} must be >= 1")
-        if self.mini_batch_groups is not None and self.mini_batch_groups < 1:
-            raise ValueError(f"ppo_mini_batch_size={self.mini_batch_groups} must be >= 1 (or None: the whole batch)")
-        if self.opening_tokens < 0:
-            raise ValueError(f"opening_tokens={self.opening_tokens} must be >= 0 (0: no opening gate)")
-        if not 0 < self.opening_gate <= 1:
-            raise ValueError(f"opening_gate={self.opening_gate} must be in (0, 1] (a context ratio)")
-        if self.kl_rows not in KL_ROWS:
-            raise ValueError(f"kl_rows={self.kl_rows!r} is unknown; choose one of {KL_ROWS}")
 
     def check_batch_size(self, batch_size: int | None) -> None:
         """Every PPO update must see the same number of prompts: the mini-batch divides the data's batch."""

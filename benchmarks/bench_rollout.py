@@ -9,8 +9,9 @@ EOS, as the trainer counts them). ``qwen3-151k`` is Qwen's 151,936-token vocabul
 (``bench_vs_trl.py`` builds it once): its rows rarely stop early, so every row decodes ``--new-tokens`` tokens.
 
 The second table times one decode step's sampling alone on [M, V] float32 logits: ``torch.multinomial`` over
-``exp(log_softmax)`` (what the loop did before issue 26) against :func:`~p2o_lightning.rollout.loop.sample_tokens`,
-which draws the same tokens from the same random stream without multinomial's checks and copies.
+``exp(log_softmax)`` (what the loop did before issue 26: V exponential draws a row) against
+:func:`~p2o_lightning.rollout.loop.sample_tokens` (inverse transform sampling, one uniform a row, in the logits'
+memory). They draw different tokens from the same distribution ("same draws" says whether they coincide here).
 
 Run it at one thread (``OMP_NUM_THREADS=1``) on a quiet machine; on a shared one the numbers move with the load.
 

@@ -11,7 +11,7 @@ from helpers import response_logprobs, small_data, small_module, trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from p2o_lightning.rollout import HFRolloutEngine, LoopRolloutEngine, SamplingParams
-from p2o_lightning.rollout.loop import PreallocatedLayer, preallocated_cache, sample_tokens
+from p2o_lightning.rollout.loop import PreallocatedLayer, inverse_cdf, preallocated_cache, sample_tokens
 
 
 def load(path):
@@ -155,20 +155,33 @@ def test_a_cache_the_model_does_not_take_is_caught(tiny_world, monkeypatch):
         engine.generate(["12+34="], SamplingParams(2, 1.0, 1.0, 6))
 
 
+def test_inverse_cdf_picks_the_first_token_past_u_and_never_one_of_mass_zero():
+    """The two-level search against a full float64 cumulative sum, on vocabularies of one block, several and
+    Qwen's 151,936, with half the tokens masked (mass 0) and u at 0 and just below 1."""
+    for seed, (n, vocab) in enumerate([(3, 7), (5, 1024), (4, 5000), (2, 151936)]):
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.randn(n, vocab, generator=gen) * 3
+        scores[torch.rand(n, vocab, generator=gen) < 0.5] = float("-inf")  # what top-p leaves out
+        scores[:, vocab // 2] = 0.0
+        probs = (scores - scores.amax(-1, keepdim=True)).exp()
+        for u in (torch.rand(n, dtype=torch.float64, generator=gen), torch.zeros(n), torch.full((n,), 1 - 1e-16)):
+            token, total = inverse_cdf(probs.clone(), u)
+            cum = probs.double().cumsum(-1)
+            target = torch.minimum(u.double() * cum[:, -1], torch.nextafter(cum[:, -1], torch.zeros(n).double()))
+            expected = torch.searchsorted(cum, target[:, None], right=True).squeeze(1)  # u -> 1: the last token of mass
+            assert torch.equal(token, expected) and (probs.gather(1, token[:, None]) > 0).all()
+            torch.testing.assert_close(total, cum[:, -1])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampled_tokens_are_torch_multinomial_s_draws(temperature):
-    """sample_tokens draws what torch.multinomial draws from the same RNG state (the runs before it are reproduced),
-    and its log-probs are the log-softmax's, on [n, V] logits of several shapes (151,936: Qwen's vocabulary)."""
-    for seed, (n, vocab) in enumerate([(1, 7), (5, 100), (64, 4099), (3, 151936)]):
-        logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 4
-        logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-        torch.manual_seed(seed)
-        expected = torch.multinomial(logp.exp(), num_samples=1).squeeze(1)
-        after_multinomial = torch.rand(3)
-        torch.manual_seed(seed)
-        token, token_logp = sample_tokens(logits.clone(), temperature, 1.0)
-        assert torch.equal(token, expected) and torch.equal(torch.rand(3), after_multinomial)  # the same stream
-        assert torch.equal(token_logp, logp.gather(1, expected[:, None]).squeeze(1))
+def test_sampled_log_probs_are_the_log_softmax_s(temperature):
+    """The sampled token's log-prob from the sampler's own sums equals the float64 log-softmax at V = 151,936 (as
+    close as a float32 log-softmax of the tempered logits is)."""
+    logits = torch.randn(8, 151936, generator=torch.Generator().manual_seed(0)) * 4
+    torch.manual_seed(0)
+    token, logp = sample_tokens(logits.clone(), temperature, 1.0)
+    expected = torch.log_softmax(logits.double() / temperature, -1).gather(1, token[:, None]).squeeze(1)
+    torch.testing.assert_close(logp.double(), expected, atol=1e-5, rtol=0)
 
 
 def test_non_finite_logits_stop_the_loop_with_an_error(tiny_world):
@@ -179,3 +192,12 @@ def test_non_finite_logits_stop_the_loop_with_an_error(tiny_world):
         model.get_output_embeddings().weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or inf"):
         engine.generate(["12+34=", "5+6="], SamplingParams(2, 1.0, 1.0, 4))
+
+
+def test_greedy_decoding_draws_no_random_numbers(tiny_world):
+    """Greedy rollouts (validation, the first-batch check, the search's scoring) leave the RNG where it was: a run
+    resumed from a checkpoint, whose new engine checks itself again, samples what the uninterrupted run sampled."""
+    model, tok = load(tiny_world)
+    state = torch.get_rng_state()
+    LoopRolloutEngine(model, tok).generate(["12+34=", "5+6="], SamplingParams(2, 0.0, 1.0, 8))
+    assert torch.equal(torch.get_rng_state(), state)

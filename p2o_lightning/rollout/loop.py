@@ -13,10 +13,11 @@ row-steps decode padding. This loop:
    ``max_cache_len`` ``StaticCache`` attends over);
 3. drops finished rows: when rows emit an EOS the batch, its cache, mask and positions are compacted to the live
    rows, so every decode step computes only rows still generating;
-4. samples from the processed distribution (temperature, top-p as HF's ``TopPLogitsWarper``) with one log-softmax
-   of the [n, V] logits row per step and a gather of the sampled token: ``sampling_logp`` needs no [R, M, V] scores;
-   the draw is ``torch.multinomial``'s without its checks and copies (:func:`sample_tokens`), and the one host sync
-   a step is the one that asks whether a row ended (the batch's rows, and so the next draws, depend on it).
+4. samples from the processed distribution (temperature, top-p as HF's ``TopPLogitsWarper``) by inverse transform
+   sampling, one uniform per row (:func:`sample_tokens`): a max, e^(s − max) in place and block sums over the
+   [n, V] logits, no copy of them and no random draw per vocabulary entry (``torch.multinomial`` draws V
+   exponentials a row); the sampled token's log-prob comes from the same sums: ``sampling_logp`` needs no
+   [R, M, V] scores. The one host sync a step asks whether a row ended (it decides the next step's batch).
 
 It runs on the policy's own parameters (no weight sync, like :class:`~p2o_lightning.rollout.hf.HFRolloutEngine`) and
 returns exactly what that engine returns: same left-padded prompts (``PromptEncoder``), responses cut at the first
@@ -108,17 +109,51 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
+BLOCK = 1024  # vocabulary columns per block of the two-level inverse-CDF search
+
+
+def inverse_cdf(probs: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
+    """``(token, total)``: for each row of ``probs`` [n, V] (non-negative, unnormalised) the first token whose
+    cumulative mass exceeds ``uniform`` [n] (in [0, 1)) times the row's total, and that total [n] (float64).
+
+    Two levels, one pass over the vocabulary: the sums of its blocks of :data:`BLOCK` tokens (accumulated in float64),
+    the block where the cumulative sum passes u·total, then the cumulative sum inside that block alone. The target
+    is kept below each level's own total, so rounding between the two sums can never pick a token of mass 0.
+    """
+    n, vocab = probs.shape
+    full, rest = divmod(vocab, BLOCK)
+    blocks = probs.new_zeros(n, full + (rest > 0), dtype=torch.float64)  # [n, nb]
+    if full:
+        blocks[:, :full] = probs[:, : full * BLOCK].view(n, full, BLOCK).sum(-1, dtype=torch.float64)
+    if rest:
+        blocks[:, full] = probs[:, full * BLOCK :].sum(-1, dtype=torch.float64)
+    cdf = blocks.cumsum(-1)  # [n, nb]
+    total = cdf[:, -1]
+    zero = torch.zeros_like(total)
+    target = torch.minimum(uniform.double() * total, torch.nextafter(total, zero))  # [n] in [0, total)
+    block = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # [n]
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), zero)
+    cols = block[:, None] * BLOCK + torch.arange(BLOCK, device=probs.device)  # [n, BLOCK]
+    inside = probs.gather(1, cols.clamp(max=vocab - 1)).double() * (cols < vocab)  # [n, BLOCK]
+    cum = inside.cumsum(-1)
+    within = torch.minimum(target - before, torch.nextafter(cum[:, -1], zero))
+    pos = torch.searchsorted(cum, within[:, None], right=True).squeeze(1).clamp(max=BLOCK - 1)
+    return (block * BLOCK + pos).clamp(max=vocab - 1), total
+
+
+def sample_tokens(
+    logits: Tensor, temperature: float, top_p: float, uniform: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Next tokens [n] and their log-probs [n] (float32) under the processed distribution of ``logits`` [n, V]; the
     loop owns its logits, so their memory is reused (overwritten).
 
     Greedy (``temperature <= 0``): the argmax and its log-softmax, as the HF engine records it. Otherwise the logits
     are divided by T, cut to the top-p nucleus (HF's ``TopPLogitsWarper``: the smallest set of tokens whose mass
-    reaches ``top_p``), and a token is drawn from their softmax p with the global torch RNG by the exponential race
-    argmax_i p_i / E_i, E_i ~ Exp(1), which picks i with probability p_i: the draw ``torch.multinomial(p, 1)`` makes,
-    the same tokens from the same random stream, without its input checks (three full-vocabulary reductions and two
-    host syncs a step; :meth:`LoopRolloutEngine._decode` checks the sampled log-probs once instead) and without a
-    copy for p (written over the spent scores): one log-softmax row and one row of Exp(1) draws per step.
+    reaches ``top_p``), and a token is drawn from their softmax by inverse transform sampling with one uniform per
+    row (``uniform`` [n], else drawn from the global torch RNG; :func:`inverse_cdf`). All in the scores' memory:
+    one pass for the max, e^(s − max) in place, one pass for the block sums; the sampled token's log-prob is
+    log e^(s_t − max) − log Σ e^(s − max). No full-vocabulary copy (beyond a 16-bit model's fp32 logits) and no
+    random draw per vocabulary entry.
     """
     if temperature <= 0:
         token = logits.argmax(dim=-1)
@@ -131,11 +166,12 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float) -> tuple[Ten
         from transformers import TopPLogitsWarper
 
         scores = TopPLogitsWarper(top_p)(None, scores)
-    logp = torch.log_softmax(scores, dim=-1)  # [n, V], the one full-vocabulary row of log-probs per step
-    race = torch.empty_like(logp).exponential_(1)  # [n, V] E_i ~ Exp(1), drawn as torch.multinomial draws them
-    probs = torch.exp(logp, out=scores)  # [n, V] p, in the spent scores' memory
-    token = torch.div(probs, race, out=race).argmax(dim=-1)  # [n]
-    return token, logp.gather(1, token[:, None]).squeeze(1)
+    if uniform is None:
+        uniform = torch.rand(scores.shape[0], dtype=torch.float64, device=scores.device)
+    probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # [n, V] e^(s - max) in place, unnormalised
+    token, total = inverse_cdf(probs, uniform)
+    logp = probs.gather(1, token[:, None]).squeeze(1).double().log() - total.log()
+    return token, logp.float()
 
 
 class LoopRolloutEngine(PolicyEngine):
@@ -189,7 +225,10 @@ class LoopRolloutEngine(PolicyEngine):
         rows = torch.arange(m, device=prompt_ids.device)  # live row -> its row in the output
         steps = 0
         for t in range(r):
-            token, logp = sample_tokens(logits, sampling.temperature, sampling.top_p)  # [n], [n]
+            uniform = None  # greedy draws nothing; sampling draws one uniform per output row and step, so that a
+            if sampling.temperature > 0:  # row's draw does not depend on which other rows are still live
+                uniform = torch.rand(m, dtype=torch.float64, device=prompt_ids.device)[rows]  # [n]
+            token, logp = sample_tokens(logits, sampling.temperature, sampling.top_p, uniform)  # [n], [n]
             responses[rows, t], logps[rows, t] = token, logp
             steps = t + 1
             live = ~torch.isin(token, eos)

@@ -101,8 +101,9 @@ class ParityReward(P2OModule):
 
 
 def one_step(world, root, fuse: bool, templates=("Add.", "", "Carry.", "Add."), callbacks=(), **kw):
-    """One RL step from seed 0 with SGD (the update is −lr·grad: equal parameters mean equal gradients)."""
-    L.seed_everything(0)
+    """One RL step from seed 1 with SGD (the update is −lr·grad: equal parameters mean equal gradients); under seed 1
+    the parity rewards spread within groups in every case the tests run (a step of collapsed groups has loss 0)."""
+    L.seed_everything(1)
     module = ParityReward(
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
         **grouped(model=str(world), num_rollouts=4, max_new_tokens=12, micro_batch_size=3, max_grad_norm=None, **kw),

@@ -216,7 +216,7 @@ class LoopRolloutEngine(PolicyEngine):
             raise RuntimeError(
                 f"rollout_engine 'loop': the model did not fill the loop's KV cache under transformers "
                 f"{transformers.__version__} (its forward takes the cache as {self.cache_argument!r}?); use "
-                "`--model.rollout_engine hf` or the transformers version of constraints.txt"
+                "`--model.rollout.engine hf` or the transformers version of constraints.txt"
             )
         cache.batch_repeat_interleave(k)  # the K rollouts of a prompt share its prefill
         logits = out.logits[:, -1].repeat_interleave(k, dim=0)  # [M, V]
@@ -306,6 +306,6 @@ def check_against_uncached(engine: LoopRolloutEngine, prompt_ids: Tensor, prompt
         f"not the argmax of the model's forward without a cache (first: row {row}, token {t}: the loop chose {ours} "
         f"{name(ours)!r}, the forward {theirs} {name(theirs)!r}, {float(best[row, t] - chosen[row, t]):.3g} logits "
         "higher). The loop's KV cache subclasses transformers' DynamicLayer, whose contract this version may have "
-        "changed: use `--model.rollout_engine hf` (transformers generate), or the transformers version of "
+        "changed: use `--model.rollout.engine hf` (transformers generate), or the transformers version of "
         "constraints.txt"
     )

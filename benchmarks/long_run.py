@@ -264,6 +264,7 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         "load1_max": max(float(s["load1"]) for s in samples),
         "rss_warm_mb": median(warm), "rss_late_mb": median(tail), "rss_max_after_warm_mb": max(after, default=0.0),
         "rss_peak_mb": max(float(s["hwm_mb"]) for s in samples),
+        "rss_peak_warm_mb": max(float(s["hwm_mb"]) for s in samples if int(s["step"]) < 2 * tenth),
         "cpu_per_token_step_early_us": 1e6 * per_token(early, "step_cpu_s"),
         "cpu_per_token_step_late_us": 1e6 * per_token(late, "step_cpu_s"),
         "cpu_per_token_all_early_us": 1e6 * per_token(early, "run_cpu_delta_s"),
@@ -272,6 +273,8 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         "wall_per_token_all_late_us": 1e6 * per_token(late, "run_wall_delta_s"),
         "load1_early": median([float(s["load1"]) for s in samples if int(s["step"]) < tenth]),
         "load1_late": median([float(s["load1"]) for s in samples if int(s["step"]) >= last - tenth]),
+        "cpu_per_step_early_s": sum(r["step_cpu_s"] for r in early) / len(early),
+        "cpu_per_step_late_s": sum(r["step_cpu_s"] for r in late) / len(late),
         "tokens_per_step_early": sum(r["tokens"] for r in early) / len(early),
         "tokens_per_step_late": sum(r["tokens"] for r in late) / len(late),
         "run_cpu_s": last and steps[-1]["run_cpu_s"], "run_wall_s": steps[-1]["run_wall_s"],
@@ -372,6 +375,8 @@ def report(args: argparse.Namespace) -> None:
                 "control_steps": control[-1]["step"],
                 "control_load1_median": median([float(s["load1"]) for s in control_samples]),
                 "cpu_per_token_step_control_us": 1e6 * per_token(control, "step_cpu_s"),
+                "cpu_per_step_control_s": sum(r["step_cpu_s"] for r in control) / len(control),
+                "tokens_per_step_control": sum(r["tokens"] for r in control) / len(control),
                 "cpu_per_token_all_control_us": 1e6 * per_token(control, "run_cpu_delta_s"),
             }
         summaries.append(summary)
@@ -402,8 +407,12 @@ def table(summaries: list[dict]) -> list[str]:
         ("**RSS growth after warm-up**", lambda s: f"**{s['rss_growth_pct']:+.1f}%**"),
         ("RSS max after warm-up (growth)", lambda s: f"{s['rss_max_after_warm_mb']:.0f} MB "
                                                      f"({s['rss_max_growth_pct']:+.1f}%)"),
+        ("peak RSS (VmHWM) by the end of warm-up → at the end, MB", lambda s: f"{s['rss_peak_warm_mb']:.0f} → "
+                                                                              f"{s['rss_peak_mb']:.0f}"),
         ("generated tokens / step, first / last 10%", lambda s: f"{s['tokens_per_step_early']:.0f} / "
                                                                f"{s['tokens_per_step_late']:.0f}"),
+        ("RL step CPU s / step, first / last 10%", lambda s: f"{s['cpu_per_step_early_s']:.3f} / "
+                                                             f"{s['cpu_per_step_late_s']:.3f}"),
         ("RL step CPU µs / token, first / last 10%", lambda s: f"{s['cpu_per_token_step_early_us']:.0f} / "
             f"{s['cpu_per_token_step_late_us']:.0f} ({s['cpu_per_token_step_change_pct']:+.1f}%)"),
         ("whole-process CPU µs / token, first / last 10%", lambda s: f"{s['cpu_per_token_all_early_us']:.0f} / "
@@ -415,6 +424,8 @@ def table(summaries: list[dict]) -> list[str]:
         ("control: a fresh run's first steps, RL step / whole-process CPU µs / token (load)", lambda s: (
             f"{s['cpu_per_token_step_control_us']:.0f} / {s['cpu_per_token_all_control_us']:.0f} "
             f"({s['control_steps']} steps, load {s['control_load1_median']:.1f})") if "control_steps" in s else "-"),
+        ("control: CPU s / step, tokens / step", lambda s: f"{s['cpu_per_step_control_s']:.3f}, "
+            f"{s['tokens_per_step_control']:.0f}" if "control_steps" in s else "-"),
         ("run CPU s / wall s", lambda s: f"{s['run_cpu_s']:.0f} / {s['run_wall_s']:.0f}"),
         ("searches run / search records on disk", lambda s: f"{s['searches']} / {s['search_records']}"),
         ("metrics.csv rows", lambda s: f"{s['metrics_rows']}"),
@@ -423,8 +434,8 @@ def table(summaries: list[dict]) -> list[str]:
                                                         f"{s['checkpoint_bytes_last'] / 1e6:.2f}"),
     ]  # fmt: skip
     for part in PARTS:
-        rows.append((f"{part} growth after warm-up, MB", lambda s, p=part: (
-            f"{s['growth'][p]['from'] / 1e6:.2f} → {s['growth'][p]['to'] / 1e6:.2f} "
+        rows.append((f"{part}: bytes after warm-up → at the end", lambda s, p=part: (
+            f"{s['growth'][p]['from']:,} → {s['growth'][p]['to']:,} "
             f"(from step {s['growth'][p]['from_step']})")))  # fmt: skip
     lines = ["| | " + " | ".join(s["arm"].upper() for s in summaries) + " |", "|---" * (len(summaries) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(s) for s in summaries) + " |" for name, fmt in rows]

@@ -391,6 +391,18 @@ def report(args: argparse.Namespace) -> None:
             writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in steps)
     (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
     lines = table(summaries)
+    if (work / "probe.csv").exists():  # does the same work cost more CPU time when the machine is busier?
+        rows = read_csv(work / "probe.csv")
+        (out_dir / "probe.csv").write_text((work / "probe.csv").read_text())
+        bands = [(0, 4), (4, 8), (8, 1000)]
+        cells = []
+        for lo, hi in bands:
+            cpu = [float(r["probe_cpu_s"]) for r in rows if lo <= float(r["load1"]) < hi]
+            cells.append(f"load {lo}-{hi if hi < 1000 else '∞'}: {median(cpu):.3f} s ({len(cpu)} samples)")
+        lines += [
+            "",
+            "Probe (the CPU time of a fixed piece of work at one thread, by the machine's load): " + "; ".join(cells),
+        ]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

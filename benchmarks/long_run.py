@@ -249,6 +249,7 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     last = steps[-1]["step"]
     tenth = max(1, last // 10)
     early, late = steps[:tenth], steps[-tenth:]
+    tenths = [steps[i * tenth : (i + 1) * tenth] for i in range(10)]
     # warm-up: the first 10% of the steps (allocator pools, the first validation, the first search, the first save)
     warm = [float(s["rss_mb"]) for s in samples if tenth <= int(s["step"]) < 2 * tenth]
     tail = [float(s["rss_mb"]) for s in samples if int(s["step"]) >= last - tenth]
@@ -273,6 +274,8 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
         "wall_per_token_all_late_us": 1e6 * per_token(late, "run_wall_delta_s"),
         "load1_early": median([float(s["load1"]) for s in samples if int(s["step"]) < tenth]),
         "load1_late": median([float(s["load1"]) for s in samples if int(s["step"]) >= last - tenth]),
+        "cpu_per_token_step_tenths_us": [1e6 * per_token(part, "step_cpu_s") for part in tenths],
+        "tokens_per_step_tenths": [sum(r["tokens"] for r in part) / len(part) for part in tenths],
         "cpu_per_step_early_s": sum(r["step_cpu_s"] for r in early) / len(early),
         "cpu_per_step_late_s": sum(r["step_cpu_s"] for r in late) / len(late),
         "tokens_per_step_early": sum(r["tokens"] for r in early) / len(early),
@@ -427,6 +430,10 @@ def table(summaries: list[dict]) -> list[str]:
                                                              f"{s['cpu_per_step_late_s']:.3f}"),
         ("RL step CPU µs / token, first / last 10%", lambda s: f"{s['cpu_per_token_step_early_us']:.0f} / "
             f"{s['cpu_per_token_step_late_us']:.0f} ({s['cpu_per_token_step_change_pct']:+.1f}%)"),
+        ("RL step CPU µs / token, by tenth of the run", lambda s: " ".join(
+            f"{v:.0f}" for v in s["cpu_per_token_step_tenths_us"])),
+        ("generated tokens / step, by tenth of the run", lambda s: " ".join(
+            f"{v:.0f}" for v in s["tokens_per_step_tenths"])),
         ("whole-process CPU µs / token, first / last 10%", lambda s: f"{s['cpu_per_token_all_early_us']:.0f} / "
             f"{s['cpu_per_token_all_late_us']:.0f} ({s['cpu_per_token_all_change_pct']:+.1f}%)"),
         ("wall µs / token, first / last 10% (shared machine)", lambda s: f"{s['wall_per_token_all_early_us']:.0f} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gzip
 import json
 import os
 import statistics
@@ -388,7 +389,7 @@ def report(args: argparse.Namespace) -> None:
             writer = csv.DictWriter(f, fieldnames=SAMPLE_COLUMNS)
             writer.writeheader()
             writer.writerows(samples)
-        with open(out_dir / f"{arm}_steps.csv", "w", newline="") as f:
+        with gzip.open(out_dir / f"{arm}_steps.csv.gz", "wt", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(steps[0]))
             writer.writeheader()
             writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in steps)

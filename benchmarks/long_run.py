@@ -245,6 +245,9 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     """The numbers of one arm: RSS growth after warm-up, time per token early vs late, folder growth by part."""
     meta = json.loads((arm_dir / "meta.json").read_text()) if (arm_dir / "meta.json").exists() else {}
     meta = {"config": ARMS[arm], "steps": "?", "commit": "unknown", "threads": "?", "start": "?"} | meta
+    command = meta.get("command", [])
+    configs = [Path(command[i + 1]).name for i, a in enumerate(command[:-1]) if a == "--config"]
+    meta["config"] = " + ".join(configs) or meta["config"]  # a second --config (a variant) is named too
     samples = [s for s in read_csv(arm_dir / "samples.csv") if s["step"] != "" and s["rss_mb"] != "nan"]
     steps = step_rows(arm_dir / "run" / "metrics.csv")
     last = steps[-1]["step"]
@@ -402,11 +405,8 @@ def report(args: argparse.Namespace) -> None:
         cells = []
         for lo, hi in bands:
             cpu = [float(r["probe_cpu_s"]) for r in rows if lo <= float(r["load1"]) < hi]
-            cells.append(f"load {lo}-{hi if hi < 1000 else '∞'}: {median(cpu):.3f} s ({len(cpu)} samples)")
-        lines += [
-            "",
-            "Probe (the CPU time of a fixed piece of work at one thread, by the machine's load): " + "; ".join(cells),
-        ]
+            cells.append(f"- load {lo}-{hi if hi < 1000 else '∞'}: {median(cpu):.3f} s ({len(cpu)} samples)")
+        lines += ["", "Probe (the CPU time of a fixed piece of work at one thread, by the machine's load):", *cells]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -33,14 +33,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_csv  # noqa: E402
+from common import QWEN_VOCAB, environment, write_csv  # noqa: E402
 
 from p2o_lightning.fused_head import RatioOneLoss, fused_linear_policy_loss  # noqa: E402
 from p2o_lightning.loss import LossSettings  # noqa: E402
 from p2o_lightning.ops import policy_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-QWEN_VOCAB = 151936
 
 
 def embedded_inputs(n_texts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ def load(model: str, device: torch.device | None = None, dtype: torch.dtype = to
     if model == "qwen3-0.6b":
         return random_qwen3_06b(device, dtype, dry_run)
     if model == "qwen3-151k":
-        from bench_vs_trl import qwen3_151k_path
+        from common import qwen3_151k_path
 
         path = qwen3_151k_path()
     else:

@@ -167,7 +167,7 @@ def run_steps(args, tmp: Path) -> dict:
     devices = getattr(args, "devices", 1)
     model, task, data = args.model, "addition", {}
     if args.model == "qwen3-151k":  # Qwen's vocabulary, random weights (bench_vs_trl.py builds it once)
-        from bench_vs_trl import qwen3_151k_path
+        from common import qwen3_151k_path
 
         model = str(qwen3_151k_path())
     if args.model == "bpe":

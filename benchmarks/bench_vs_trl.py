@@ -69,11 +69,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import PeakRSS, TimedCall, environment, rss_mb, write_csv  # noqa: E402
+from common import PeakRSS, TimedCall, environment, qwen3_151k_path, rss_mb, write_csv  # noqa: E402
 from vs_trl import LOGGING, PHASES, PhaseClock, eos_rule, prompts_digest, step_prompts, summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_vs_trl"
-QWEN_VOCAB = 151936
 PRECISION = {"fp32": {"ours": "32-true", "trl_bf16": False}, "bf16": {"ours": "bf16-mixed", "trl_bf16": True}}
 PACKAGES = ("torch", "transformers", "lightning", "trl", "accelerate")
 VARIANTS = ("ours", "ours-other-head", "trl")  # ours: every default; ours-other-head: the fused head the other way
@@ -152,29 +151,6 @@ class StepLog:
             "peak_how": self.memory.how,
             "versions": versions,
         }
-
-
-def qwen3_151k_path() -> Path:
-    """Build (once, seeded) the random 151,936-vocabulary Qwen3 with the embedded world's tokenizer."""
-    from transformers import AutoTokenizer
-
-    from p2o_lightning.tasks.qwen3 import random_qwen3
-    from p2o_lightning.tasks.shipped_world import shipped_world
-    from p2o_lightning.tasks.world import default_cache_dir
-
-    path = default_cache_dir() / "bench_vs_trl" / "qwen3-151k-v1"
-    if (path / "config.json").exists():
-        return path
-    tok = AutoTokenizer.from_pretrained(shipped_world())
-    model = random_qwen3(
-        vocab_size=QWEN_VOCAB, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0,
-    )  # fmt: skip
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def model_path(setting: str) -> str:

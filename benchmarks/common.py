@@ -1,6 +1,6 @@
 """What every benchmark here shares: the columns a result row starts with (date, device, versions, commit), an
-append-only CSV writer and this process's resident memory (now, and its peak since a reset). Not an entry script:
-``bench_*.py`` import it.
+append-only CSV writer, this process's resident memory (now, and its peak since a reset) and the random
+151,936-vocabulary Qwen3 the CPU benchmarks time at Qwen's vocabulary. Not an entry script: ``bench_*.py`` import it.
 """
 
 from __future__ import annotations
@@ -151,3 +151,29 @@ class TimedCall:
 
     def __call__(self, *args, **kwargs):
         return self.timed(*args, **kwargs)
+
+
+QWEN_VOCAB = 151936  # Qwen2.5 / Qwen3's vocabulary
+
+
+def qwen3_151k_path() -> Path:
+    """Build (once, seeded) the random 151,936-vocabulary Qwen3 with the embedded world's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from p2o_lightning.tasks.qwen3 import random_qwen3
+    from p2o_lightning.tasks.shipped_world import shipped_world
+    from p2o_lightning.tasks.world import default_cache_dir
+
+    path = default_cache_dir() / "bench_vs_trl" / "qwen3-151k-v1"
+    if (path / "config.json").exists():
+        return path
+    tok = AutoTokenizer.from_pretrained(shipped_world())
+    model = random_qwen3(
+        vocab_size=QWEN_VOCAB, hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0,
+    )  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -48,7 +48,7 @@ def test_every_flat_setting_has_one_new_place():
     [
         (RolloutSettings, dict(num_rollouts=1), "num_rollouts=1: GRPO needs at least 2"),
         (RolloutSettings, dict(top_p=0.0), "top_p=0.0 must be in"),
-        (RolloutSettings, dict(engine="sglang"), "rollout_engine='sglang' is unknown"),
+        (RolloutSettings, dict(engine="sglang"), "model.rollout.engine='sglang' is unknown"),
         (RolloutSettings, dict(tis_cap=0.0), "tis_cap=0.0 must be > 0"),
         (RolloutSettings, dict(dynamic_sampling="sometimes"), "dynamic_sampling='sometimes' is unknown"),
         (UpdateSettings, dict(ppo_epochs=0), "ppo_epochs=0 must be >= 1"),

@@ -214,8 +214,8 @@ ROLLOUT_ENGINES = ("loop", "hf", "vllm")  # loop: our own decode loop (rollout/l
 
 
 def check_rollout_engine(name: str) -> None:
-    """Validate the ``rollout_engine`` setting before any model is loaded."""
+    """Validate the ``model.rollout.engine`` setting before any model is loaded."""
     if name not in ROLLOUT_ENGINES:
-        raise ValueError(f"rollout_engine={name!r} is unknown; choose one of {ROLLOUT_ENGINES}")
+        raise ValueError(f"model.rollout.engine={name!r} is unknown; choose one of {ROLLOUT_ENGINES}")
     if name == "vllm":
-        require_extra("vllm", "vllm", "rollout_engine='vllm'")
+        require_extra("vllm", "vllm", "model.rollout.engine='vllm'")

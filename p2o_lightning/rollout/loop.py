@@ -214,7 +214,7 @@ class LoopRolloutEngine(PolicyEngine):
         )  # fmt: skip
         if cache.get_seq_length() != p:  # the model ran on a cache of its own: every decode step would lose the prompt
             raise RuntimeError(
-                f"rollout_engine 'loop': the model did not fill the loop's KV cache under transformers "
+                f"rollout engine 'loop': the model did not fill the loop's KV cache under transformers "
                 f"{transformers.__version__} (its forward takes the cache as {self.cache_argument!r}?); use "
                 "`--model.rollout.engine hf` or the transformers version of constraints.txt"
             )
@@ -249,7 +249,7 @@ class LoopRolloutEngine(PolicyEngine):
         responses, logps = responses[:, :steps], logps[:, :steps]
         if not bool(torch.isfinite(logps).all()):  # a NaN / inf logit makes its row's log-probs NaN (one sync a batch)
             raise RuntimeError(
-                "rollout_engine 'loop': the model's logits hold NaN or inf (non-finite sampling log-probs in "
+                "rollout engine 'loop': the model's logits hold NaN or inf (non-finite sampling log-probs in "
                 f"{int((~torch.isfinite(logps)).any(1).sum())} of {m} rows): the policy's weights or its forward "
                 "went non-finite"
             )
@@ -301,7 +301,7 @@ def check_against_uncached(engine: LoopRolloutEngine, prompt_ids: Tensor, prompt
     ours, theirs = int(tokens[row, t]), int(logits[row, t].argmax())
     name = engine.tokenizer.convert_ids_to_tokens
     raise RuntimeError(
-        f"rollout_engine 'loop' decodes tokens the model does not choose, under transformers "
+        f"rollout engine 'loop' decodes tokens the model does not choose, under transformers "
         f"{transformers.__version__}: {int(wrong.sum())} of {int(counted.sum())} greedy tokens of its first batch are "
         f"not the argmax of the model's forward without a cache (first: row {row}, token {t}: the loop chose {ours} "
         f"{name(ours)!r}, the forward {theirs} {name(theirs)!r}, {float(best[row, t] - chosen[row, t]):.3g} logits "

@@ -70,7 +70,7 @@ class VLLMRolloutEngine(RolloutEngine):
         kv_cache_memory_bytes: int | None = None,
         sleep: bool = True,
     ) -> None:
-        require_extra("vllm", "vllm", "rollout_engine='vllm'")
+        require_extra("vllm", "vllm", "model.rollout.engine='vllm'")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights sync by reference
         from transformers import GenerationConfig
 

@@ -40,7 +40,7 @@ def make_engine(name: str, lm, tokenizer, model_path: str, strategy, **vllm_opti
 
     if type(strategy).__name__ == "FSDPStrategy":
         raise ValueError(
-            "rollout_engine='vllm' syncs full tensors from FSDP2 (FSDP2Strategy, a ModelParallelStrategy) or "
+            "model.rollout.engine='vllm' syncs full tensors from FSDP2 (FSDP2Strategy, a ModelParallelStrategy) or "
             "unsharded policies; FSDPStrategy (FSDP1) shards flat parameters it cannot hand over: use "
             "p2o_lightning.sharded.FSDP2Strategy"
         )

@@ -253,7 +253,7 @@ def summarize(arm: str, arm_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     last = steps[-1]["step"]
     tenth = max(1, last // 10)
     early, late = steps[:tenth], steps[-tenth:]
-    tenths = [steps[i * tenth : (i + 1) * tenth] for i in range(10)]
+    tenths = [part for part in (steps[i * tenth : (i + 1) * tenth] for i in range(10)) if part]  # < 10 in short runs
     # warm-up: the first 10% of the steps (allocator pools, the first validation, the first search, the first save)
     warm = [float(s["rss_mb"]) for s in samples if tenth <= int(s["step"]) < 2 * tenth]
     tail = [float(s["rss_mb"]) for s in samples if int(s["step"]) >= last - tenth]

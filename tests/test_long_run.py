@@ -71,3 +71,45 @@ def test_step_rows_tokens_and_cpu(long_run, tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and [r["tokens"] for r in steps] == [600, 500]
     assert steps[0]["step_cpu_s"] == pytest.approx(0.7) and steps[1]["run_cpu_delta_s"] == pytest.approx(1.5)
     assert long_run.per_token(steps, "run_cpu_delta_s") == pytest.approx(2.5 / 1100)
+
+
+def test_summary_of_a_short_run(long_run, tmp_path):
+    """A run of fewer than 10 steps (a smoke run) is summarized too: no empty tenth, the folder parts at the end."""
+    arm = tmp_path / "grpo"
+    (arm / "run").mkdir(parents=True)
+    columns = ["epoch", "step", "time/rollout_s", "time/rollout_cpu_s", "time/rollout_tokens_per_s", "time/run_cpu_s"]
+    with open(arm / "run" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(
+            {
+                "epoch": 0,
+                "step": i,
+                "time/rollout_s": 0.5,
+                "time/rollout_cpu_s": 0.25,
+                "time/rollout_tokens_per_s": 1000,
+                "time/run_cpu_s": 0.5 * (i + 1),
+            }
+            for i in range(5)
+        )
+    with open(arm / "samples.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=long_run.SAMPLE_COLUMNS, restval=0)
+        writer.writeheader()
+        writer.writerows(
+            {
+                "t_s": i,
+                "step": i,
+                "rss_mb": 100 + i,
+                "hwm_mb": 110,
+                "cpu_s": i,
+                "load1": 1.0,
+                "bytes_checkpoints": 10,
+                "files_checkpoints": 1,
+            }
+            for i in range(5)
+        )
+    summary, samples, steps = long_run.summarize("grpo", arm)
+    assert summary["steps_done"] == 5 and len(summary["cpu_per_token_step_tenths_us"]) == 5
+    assert summary["cpu_per_token_step_early_us"] == pytest.approx(500.0)  # 0.25 CPU s / 500 tokens
+    assert summary["rss_late_mb"] == 104 and summary["checkpoint_bytes_last"] == 10
+    assert summary["exit"] is None  # no meta.json: a run still going, reported as partial

@@ -83,12 +83,13 @@ def test_collapse_trigger_reads_a_full_window_and_keeps_its_gap():
     assert schedule.recent_all_wrong == [0.0, 0.0, 0.0]  # the last collapse_window steps only
 
 
-def test_a_search_needs_min_hard_samples_and_the_epoch_trigger_collects_per_epoch():
+def test_a_search_needs_min_hard_samples_and_the_epoch_trigger_collects_per_epoch(caplog):
     schedule = P2OSchedule(ScheduleSettings(min_hard_samples=3))
     schedule.collect([("a", "1"), ("b", "2")], 0.0)
     schedule.collect([("a", "1")], 0.0)  # a prompt hard again is one hard sample
     assert schedule.hard_pool == {"a": "1", "b": "2"}
     assert not schedule.start_search(step=7) and schedule.last_search_step == 7
+    assert "search due at RL step 7 skipped: 2 hard samples < min_hard_samples=3" in caplog.text  # said, not silent
     assert schedule.hard_pool == {}  # the reference collects hard samples per epoch, searched or not
     steps = P2OSchedule(ScheduleSettings(trigger="steps", min_hard_samples=3))
     steps.collect([("a", "1"), ("b", "2")], 0.0)

@@ -161,7 +161,11 @@ class P2OSchedule:
         self.last_search_step = step
         if len(self.hard_pool) >= s.min_hard_samples:
             return True
-        log.info(f"P²O: {len(self.hard_pool)} hard samples < min_hard_samples={s.min_hard_samples}; no search")
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:  # said once, like a search
+            log.warning(
+                f"P²O search due at RL step {step} skipped: {len(self.hard_pool)} hard samples < "
+                f"min_hard_samples={s.min_hard_samples}"
+            )
         if s.clear_pool_after_search and s.trigger == "epoch":
             self.hard_pool = {}
         return False

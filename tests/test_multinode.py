@@ -188,7 +188,14 @@ def _two_nodes(world: Path, tmp: Path, launcher: str, disks=None, **options) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "slurm", "by-hand"])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun",
+        pytest.param("slurm", marks=pytest.mark.multinode),
+        pytest.param("by-hand", marks=pytest.mark.multinode),
+    ],
+)
 def test_fsdp2_and_a_p2o_search_on_two_nodes(tiny_world, tmp_path, launcher):
     out = _two_nodes(tiny_world, tmp_path, launcher)
     assert [rc for rc, _ in out] == [0, 0], "\n".join(log[-3000:] for _, log in out)
@@ -284,6 +291,7 @@ def _launch(launcher: str, cwd: Path, args: list[str], port: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_launch_script_trains_on_two_nodes_and_resumes(tiny_world, tmp_path, launcher):
     config = tmp_path / "two-nodes.yaml"
@@ -315,6 +323,7 @@ def _disks(tmp: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_run_folders_on_disks_the_nodes_do_not_share_are_refused_at_setup(tiny_world, tmp_path):
     disks = _disks(tmp_path)
     out = _two_nodes(tiny_world, tmp_path, "slurm", disks=disks, shared_check=True)
@@ -325,6 +334,7 @@ def test_run_folders_on_disks_the_nodes_do_not_share_are_refused_at_setup(tiny_w
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_checkpoint_missing_a_node_s_shards_is_not_swapped_in(tiny_world, tmp_path):
     """Without the setup check (the Python API, no SharedFolders), the first save finds the shard of the node that
     wrote elsewhere missing, swaps in no broken checkpoint and stops every rank."""

@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = sys.argv[1:] if argv is None else argv
+    sys.argv[0] = PROG  # the parsers jsonargparse makes on its own (--trainer.callbacks.help CLASS) call it this too
     if args and args[0] == "world":
         from p2o_lightning.tasks.world_command import main as world_main
 

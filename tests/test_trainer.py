@@ -167,6 +167,9 @@ def test_help_names_every_command_the_readme_uses(capsys):
     help_text = capsys.readouterr().out
     assert help_text.startswith("usage: python -m p2o_lightning ")
     assert not [command for command in used if not re.search(rf"\b{command}\b", help_text)]
+    with pytest.raises(SystemExit):  # a class's own help, a parser jsonargparse makes itself
+        main(["fit", "--trainer.callbacks.help", "p2o_lightning.callbacks.P2OCallback"])
+    assert capsys.readouterr().out.startswith("usage: python -m p2o_lightning ")
 
 
 @pytest.mark.parametrize(

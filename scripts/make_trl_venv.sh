@@ -23,7 +23,8 @@ fi
 if [ -n "${TRL_BASE_VENV:-}" ]; then
     base_site=$("$TRL_BASE_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     venv_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    echo "$base_site" > "$venv_site/_trl_base_venv.pth"
+    # addsitedir, not a bare path: the base's own .pth files (this project's editable install) apply too
+    echo "import site; site.addsitedir('$base_site')" > "$venv_site/_trl_base_venv.pth"
     "$VENV/bin/pip" uninstall -q -y setuptools  # the venv's own would shadow the base's locked one
     "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt "trl==${TRL_VERSION}" requests
 else
